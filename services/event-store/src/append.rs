@@ -1,0 +1,393 @@
+//! Appending to one aggregate: events, claims and the idempotency record in one transaction.
+
+use std::fmt;
+
+use sqlx::{PgConnection, Row};
+use ulid::Ulid;
+use uuid::Uuid;
+
+use crate::error::{AppendError, StoreError, is_unique_violation};
+use crate::event::{NewEvent, Position};
+use crate::{EventStore, MAX_EVENTS_PER_APPEND};
+
+/// The version an append expects its aggregate to be at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// Whatever it is; only a concurrent append to the same aggregate conflicts.
+    Any,
+    /// The aggregate has no events yet.
+    NoStream,
+    /// Exactly this version (its last event's version).
+    Exact(u32),
+}
+
+impl ExpectedVersion {
+    fn as_sql(self) -> Option<i32> {
+        match self {
+            ExpectedVersion::Any => None,
+            ExpectedVersion::NoStream => Some(0),
+            ExpectedVersion::Exact(v) => Some(i32::try_from(v).unwrap_or(i32::MAX)),
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::Exact(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// A unique key that the appended aggregate takes (e.g. kind `github_id`, value `1234`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Claim {
+    pub kind: String,
+    pub value: String,
+}
+
+/// Identifies one command of one caller (AIP-155).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey {
+    pub caller: String,
+    pub request_id: String,
+}
+
+/// The answer to store with the events, returned to any later append with the same key.
+#[derive(Clone, Debug)]
+pub struct IdempotencyRecord {
+    pub key: IdempotencyKey,
+    pub outcome: serde_json::Value,
+}
+
+/// One append: events to one aggregate, the claims they take, and the command's idempotency record.
+#[derive(Clone, Debug)]
+pub struct Append {
+    pub aggregate_id: Uuid,
+    pub aggregate_type: String,
+    pub expected: ExpectedVersion,
+    pub events: Vec<NewEvent>,
+    pub claims: Vec<Claim>,
+    pub idempotency: Option<IdempotencyRecord>,
+}
+
+/// What a committed append wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub aggregate_id: Uuid,
+    /// The aggregate's version after the append.
+    pub version: u32,
+    /// One per event, in order.
+    pub positions: Vec<Position>,
+    pub event_ids: Vec<Ulid>,
+}
+
+impl Appended {
+    /// The position of the last event written: a read-your-writes token.
+    pub fn last_position(&self) -> Position {
+        self.positions.last().copied().unwrap_or(Position::ZERO)
+    }
+}
+
+/// The answer an earlier command with the same idempotency key stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredOutcome {
+    pub outcome: serde_json::Value,
+    pub aggregate_id: Uuid,
+    pub version: u32,
+    pub position: Position,
+}
+
+/// The result of an append that did not fail.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AppendOutcome {
+    /// The events were committed.
+    Appended(Appended),
+    /// The idempotency key was already used: nothing was written, here is the first answer.
+    Replayed(StoredOutcome),
+}
+
+/// Inserts the events at the aggregate's next versions, if it is at the expected one, and returns the
+/// aggregate's version before the append with the rows written. Positions are `xid8 * 2^16 + index`.
+const INSERT_EVENTS: &str = r#"
+WITH current AS (
+    SELECT coalesce(max(event_version), 0) AS version FROM events WHERE aggregate_id = $1
+), inserted AS (
+    INSERT INTO events (id, aggregate_id, aggregate_type, event_type, event_version, event_data, metadata,
+                        occurred_at, position)
+    SELECT e.id, $1, $2, e.event_type, current.version + e.ord::integer, e.data, e.metadata, e.occurred_at,
+           (pg_current_xact_id()::text::bigint << 16) + (e.ord - 1)
+    FROM current,
+         unnest($4::varchar[], $5::varchar[], $6::jsonb[], $7::jsonb[], $8::timestamptz[])
+             WITH ORDINALITY AS e(id, event_type, data, metadata, occurred_at, ord)
+    WHERE $3::integer IS NULL OR current.version = $3::integer
+    ORDER BY e.ord
+    RETURNING event_version, position
+)
+SELECT current.version AS current_version, inserted.event_version, inserted.position
+FROM current LEFT JOIN inserted ON true
+ORDER BY inserted.position
+"#;
+
+impl EventStore {
+    /// Appends in one transaction of its own (see [`append_in_transaction`] for the order of its steps).
+    pub async fn append(&self, append: &Append) -> Result<AppendOutcome, AppendError> {
+        let mut tx = self.pool.begin().await?;
+        match append_in_transaction(&mut tx, append).await {
+            Ok(AppendOutcome::Appended(appended)) => {
+                tx.commit().await?;
+                Ok(AppendOutcome::Appended(appended))
+            }
+            other => {
+                tx.rollback().await?;
+                other
+            }
+        }
+    }
+
+    /// The answer stored for an idempotency key, if any.
+    pub async fn stored_outcome(
+        &self,
+        key: &IdempotencyKey,
+    ) -> Result<Option<StoredOutcome>, StoreError> {
+        stored_outcome(&self.pool, key).await
+    }
+
+    /// The aggregate that holds a claim, if any.
+    pub async fn claim_owner(&self, claim: &Claim) -> Result<Option<Uuid>, StoreError> {
+        let owner =
+            sqlx::query_scalar("SELECT owner_id FROM claims WHERE kind = $1 AND value = $2")
+                .bind(&claim.kind)
+                .bind(&claim.value)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(owner)
+    }
+
+    /// Deletes idempotency records older than `keep`; returns how many went.
+    pub async fn prune_idempotency_records(
+        &self,
+        keep: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let seconds = i64::try_from(keep.as_secs()).unwrap_or(i64::MAX);
+        let result = sqlx::query(
+            "DELETE FROM idempotency_records WHERE created_at < now() - make_interval(secs => $1::double precision)",
+        )
+        .bind(seconds as f64)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected())
+    }
+}
+
+/// Appends inside the caller's transaction, which must be rolled back unless the result is
+/// [`AppendOutcome::Appended`].
+///
+/// The order matters: the idempotency key first (so a concurrent repeat waits for this transaction and then
+/// replays its answer), then the claims in a fixed order (so two appends cannot deadlock on them), then the
+/// events, then the stored answer. Nothing here calls the network; keep the transaction short, since an open
+/// transaction holds back every reader of the log (see [`EventStore::read_all_after`]).
+pub async fn append_in_transaction(
+    tx: &mut PgConnection,
+    append: &Append,
+) -> Result<AppendOutcome, AppendError> {
+    if append.events.is_empty() {
+        return Err(AppendError::Invalid("an append needs at least one event"));
+    }
+    if append.events.len() > MAX_EVENTS_PER_APPEND {
+        return Err(AppendError::Invalid("too many events in one append"));
+    }
+    if let Some(record) = &append.idempotency
+        && !reserve_idempotency_key(tx, record, append.aggregate_id).await?
+    {
+        // The key's first user has committed (the insert waited for it), so its answer is visible to this
+        // statement's snapshot.
+        return match stored_outcome(&mut *tx, &record.key).await? {
+            Some(stored) => Ok(AppendOutcome::Replayed(stored)),
+            None => Err(StoreError::Corrupt {
+                table: "idempotency_records",
+                detail: "record not found after a key conflict".to_owned(),
+            }
+            .into()),
+        };
+    }
+    if let Some(refused) = take_claims(tx, append).await? {
+        return Err(refused);
+    }
+    let appended = insert_events(tx, append).await?;
+    if let Some(record) = &append.idempotency {
+        sqlx::query(
+            "UPDATE idempotency_records SET version = $3, position = $4 WHERE caller = $1 AND request_id = $2",
+        )
+        .bind(&record.key.caller)
+        .bind(&record.key.request_id)
+        .bind(i32::try_from(appended.version).unwrap_or(i32::MAX))
+        .bind(appended.last_position().as_i64())
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(AppendOutcome::Appended(appended))
+}
+
+async fn stored_outcome(
+    executor: impl sqlx::PgExecutor<'_>,
+    key: &IdempotencyKey,
+) -> Result<Option<StoredOutcome>, StoreError> {
+    let row = sqlx::query(
+        "SELECT outcome, aggregate_id, version, position FROM idempotency_records \
+         WHERE caller = $1 AND request_id = $2",
+    )
+    .bind(&key.caller)
+    .bind(&key.request_id)
+    .fetch_optional(executor)
+    .await?;
+    row.map(|row| {
+        Ok(StoredOutcome {
+            outcome: row.try_get("outcome")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            version: u32::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0),
+            position: Position::from_i64(row.try_get("position")?),
+        })
+    })
+    .transpose()
+}
+
+/// Inserts the idempotency key with a placeholder answer. Returns false when the key is already used; if its
+/// first user has not committed yet, PostgreSQL makes us wait for it first.
+async fn reserve_idempotency_key(
+    tx: &mut PgConnection,
+    record: &IdempotencyRecord,
+    aggregate_id: Uuid,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency_records (caller, request_id, outcome, aggregate_id, version, position) \
+         VALUES ($1, $2, $3, $4, 0, 0) ON CONFLICT DO NOTHING",
+    )
+    .bind(&record.key.caller)
+    .bind(&record.key.request_id)
+    .bind(&record.outcome)
+    .bind(aggregate_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+/// Takes every claim of the append for its aggregate, or returns the first one that another aggregate holds.
+async fn take_claims(
+    tx: &mut PgConnection,
+    append: &Append,
+) -> Result<Option<AppendError>, sqlx::Error> {
+    if append.claims.is_empty() {
+        return Ok(None);
+    }
+    let mut claims = append.claims.clone();
+    claims.sort();
+    claims.dedup();
+    let kinds: Vec<&str> = claims.iter().map(|c| c.kind.as_str()).collect();
+    let values: Vec<&str> = claims.iter().map(|c| c.value.as_str()).collect();
+    // ON CONFLICT DO NOTHING waits for a concurrent claimant to finish and skips the row only if it committed,
+    // so the claims table decides the race and we learn the winner without aborting the transaction.
+    let taken: Vec<(String, String)> = sqlx::query_as(
+        "INSERT INTO claims (kind, value, owner_id) \
+         SELECT kind, value, $3 FROM unnest($1::varchar[], $2::varchar[]) WITH ORDINALITY AS c(kind, value, ord) \
+         ORDER BY ord ON CONFLICT DO NOTHING RETURNING kind, value",
+    )
+    .bind(&kinds)
+    .bind(&values)
+    .bind(append.aggregate_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    for claim in &claims {
+        if taken
+            .iter()
+            .any(|(k, v)| *k == claim.kind && *v == claim.value)
+        {
+            continue;
+        }
+        let owner: Uuid =
+            sqlx::query_scalar("SELECT owner_id FROM claims WHERE kind = $1 AND value = $2")
+                .bind(&claim.kind)
+                .bind(&claim.value)
+                .fetch_one(&mut *tx)
+                .await?;
+        return Ok(Some(AppendError::ClaimRefused {
+            kind: claim.kind.clone(),
+            value: claim.value.clone(),
+            owner,
+        }));
+    }
+    Ok(None)
+}
+
+async fn insert_events(tx: &mut PgConnection, append: &Append) -> Result<Appended, AppendError> {
+    let event_ids: Vec<Ulid> = append.events.iter().map(|_| Ulid::new()).collect();
+    let ids: Vec<String> = event_ids.iter().map(Ulid::to_string).collect();
+    let types: Vec<&str> = append
+        .events
+        .iter()
+        .map(|e| e.event_type.as_str())
+        .collect();
+    let data: Vec<&serde_json::Value> = append.events.iter().map(|e| &e.data).collect();
+    let metadata: Vec<serde_json::Value> = append
+        .events
+        .iter()
+        .map(|e| serde_json::to_value(&e.metadata))
+        .collect::<Result<_, _>>()
+        .map_err(|e| StoreError::Corrupt {
+            table: "events",
+            detail: format!("metadata does not serialize: {e}"),
+        })?;
+    let occurred: Vec<_> = append.events.iter().map(|e| e.occurred_at).collect();
+
+    let rows = sqlx::query(INSERT_EVENTS)
+        .bind(append.aggregate_id)
+        .bind(&append.aggregate_type)
+        .bind(append.expected.as_sql())
+        .bind(&ids)
+        .bind(&types)
+        .bind(&data)
+        .bind(&metadata)
+        .bind(&occurred)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|error| {
+            if is_unique_violation(&error, "events_aggregate_version_key") {
+                // A concurrent append took the same version between our read of the current version and our
+                // insert. Its version is not visible to us yet; report the one we expected to build on.
+                AppendError::Conflict {
+                    aggregate_id: append.aggregate_id,
+                    expected: append.expected,
+                    actual: None,
+                }
+            } else {
+                AppendError::from(error)
+            }
+        })?;
+
+    let mut positions = Vec::with_capacity(rows.len());
+    let mut version = 0u32;
+    let mut current = 0i32;
+    for row in &rows {
+        current = row.try_get("current_version")?;
+        if let Some(position) = row.try_get::<Option<i64>, _>("position")? {
+            positions.push(Position::from_i64(position));
+            version = u32::try_from(row.try_get::<i32, _>("event_version")?).unwrap_or(0);
+        }
+    }
+    if positions.len() != append.events.len() {
+        return Err(AppendError::Conflict {
+            aggregate_id: append.aggregate_id,
+            expected: append.expected,
+            actual: u32::try_from(current).ok(),
+        });
+    }
+    Ok(Appended {
+        aggregate_id: append.aggregate_id,
+        version,
+        positions,
+        event_ids,
+    })
+}

@@ -1,0 +1,48 @@
+//! kiroku's event store: the only crate that knows the SQL of the log.
+//!
+//! - [`EventStore::append`] writes events to one aggregate at an expected version, together with the uniqueness
+//!   claims and the idempotency record that guard them, in one short transaction with no network call inside.
+//! - [`EventStore::read_stream`] reads one aggregate in version order; [`EventStore::read_all_after`] reads the
+//!   whole log by global [`Position`], never past a position below which something could still commit.
+//!
+//! The invariant this crate owns: a reader that follows [`EventStore::read_all_after`] from any position sees every
+//! committed event exactly once, in one stable order, whatever the concurrency of writers (see ARCHITECTURE.md).
+
+mod append;
+mod checkpoint;
+mod error;
+mod event;
+mod migrate;
+mod read;
+
+pub use append::{
+    Append, AppendOutcome, Appended, Claim, ExpectedVersion, IdempotencyKey, IdempotencyRecord,
+    StoredOutcome, append_in_transaction,
+};
+pub use error::{AppendError, StoreError};
+pub use event::{EventMetadata, NewEvent, Position, RecordedEvent};
+pub use migrate::migrate;
+
+use sqlx::PgPool;
+
+/// The channel on which PostgreSQL announces committed appends (see the `events_notify` trigger).
+pub const EVENTS_CHANNEL: &str = "kiroku_events";
+
+/// The most events one append may write: the position reserves 16 bits for the index in the transaction.
+pub const MAX_EVENTS_PER_APPEND: usize = 1 << 16;
+
+/// A handle on the event store; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct EventStore {
+    pool: PgPool,
+}
+
+impl EventStore {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}

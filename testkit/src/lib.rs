@@ -1,0 +1,225 @@
+//! Per-test isolation over the real servers: every test gets its own PostgreSQL database (migrated, dropped when
+//! the test ends, even by panic) and its own Redis database (leased from 1..=15, flushed before use, never
+//! `FLUSHALL`), plus a unique key prefix.
+//!
+//! Servers: `KIROKU_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`, used only to
+//! create and drop databases) and `KIROKU_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`).
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fred::prelude::*;
+use fred::types::{Expiration, SetOptions};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, Executor, PgPool};
+use ulid::Ulid;
+
+/// The server that test databases are created on.
+pub fn admin_database_url() -> String {
+    std::env::var("KIROKU_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+fn redis_base_url() -> String {
+    std::env::var("KIROKU_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+fn with_database(url: &str, database: &str) -> String {
+    match url.rfind('/') {
+        Some(slash) if slash > "postgres://".len() => format!("{}/{database}", &url[..slash]),
+        _ => format!("{url}/{database}"),
+    }
+}
+
+const TEST_DB_PREFIX: &str = "kiroku_test_";
+
+/// A migrated database of its own, dropped when this value is.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn create() -> Result<TestDb> {
+        let admin_url = admin_database_url();
+        let mut admin = sqlx::PgConnection::connect(&admin_url).await?;
+        drop_stale_databases(&mut admin).await;
+        let name = format!("{TEST_DB_PREFIX}{}", Ulid::new().to_string().to_lowercase());
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await
+            .context("create test database")?;
+        let url = with_database(&admin_url, &name);
+        let pool = PgPoolOptions::new()
+            .max_connections(40)
+            .connect(&url)
+            .await?;
+        kiroku_event_store::migrate(&pool)
+            .await
+            .context("migrate test database")?;
+        Ok(TestDb { name, url, pool })
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime, which cannot block on itself: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_database_url()).await {
+                    let _ = admin
+                        .execute(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Drops test databases left by runs that were killed, judged by the time in their ULID (older than two hours).
+async fn drop_stale_databases(admin: &mut sqlx::PgConnection) {
+    let Ok(names) =
+        sqlx::query_scalar::<_, String>("SELECT datname FROM pg_database WHERE datname LIKE $1")
+            .bind(format!("{TEST_DB_PREFIX}%"))
+            .fetch_all(&mut *admin)
+            .await
+    else {
+        return;
+    };
+    let now = std::time::SystemTime::now();
+    for name in names {
+        let Ok(ulid) = Ulid::from_string(&name[TEST_DB_PREFIX.len()..].to_uppercase()) else {
+            continue;
+        };
+        let stale = now
+            .duration_since(ulid.datetime())
+            .map(|age| age > Duration::from_secs(7200))
+            .unwrap_or(false);
+        if stale {
+            let _ = admin
+                .execute(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .await;
+        }
+    }
+}
+
+/// A Redis database leased for one test, and a key prefix of its own.
+pub struct TestRedis {
+    pub db: u8,
+    pub url: String,
+    pub prefix: String,
+    pub client: Client,
+    lease_token: String,
+}
+
+const LEASE_TTL: Duration = Duration::from_secs(900);
+
+fn lease_key(db: u8) -> String {
+    format!("kiroku-test:lease:{db}")
+}
+
+impl TestRedis {
+    /// Leases one of the databases 1..=15 (database 0 holds only the leases), waiting while all are taken.
+    pub async fn acquire() -> Result<TestRedis> {
+        let base = redis_base_url();
+        let leases = connect(&format!("{base}/0")).await?;
+        let token = Ulid::new().to_string();
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            for db in 1..=15u8 {
+                let won: Option<String> = leases
+                    .set(
+                        lease_key(db),
+                        token.as_str(),
+                        Some(Expiration::PX(LEASE_TTL.as_millis() as i64)),
+                        Some(SetOptions::NX),
+                        false,
+                    )
+                    .await?;
+                if won.is_some() {
+                    let url = format!("{base}/{db}");
+                    let client = connect(&url).await?;
+                    let _: () = client
+                        .custom(fred::cmd!("FLUSHDB"), Vec::<String>::new())
+                        .await?;
+                    leases.quit().await?;
+                    return Ok(TestRedis {
+                        db,
+                        url,
+                        prefix: format!("kt{}", &token[16..].to_lowercase()),
+                        client,
+                        lease_token: token,
+                    });
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no Redis database free for ten minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn events_stream(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let key = lease_key(self.db);
+        let token = self.lease_token.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                if let Ok(leases) = connect(&format!("{}/0", redis_base_url())).await {
+                    let held: Option<String> = leases.get(&key).await.unwrap_or(None);
+                    if held.as_deref() == Some(token.as_str()) {
+                        let _: Result<i64, _> = leases.del(&key).await;
+                    }
+                    let _ = leases.quit().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A connected fred client for a Redis URL.
+pub async fn connect(url: &str) -> Result<Client> {
+    let client = Builder::from_config(Config::from_url(url)?).build()?;
+    client.init().await.context("connect to Redis")?;
+    Ok(client)
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or fails after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
