@@ -7,11 +7,8 @@ use std::path::PathBuf;
 
 use protox::prost::Message as _;
 
-const KIROKU_PROTOS: &[&str] = &[
-    "proto/kiroku/v1/event.proto",
-    "proto/kiroku/v1/command.proto",
-    "proto/kiroku/v1/query.proto",
-];
+const KIROKU_PROTOS: &[&str] =
+    &["proto/kiroku/v1/event.proto", "proto/kiroku/v1/command.proto", "proto/kiroku/v1/query.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
@@ -20,15 +17,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut reflected: Vec<&str> = KIROKU_PROTOS.to_vec();
     reflected.push("proto/google/rpc/error_details.proto");
     let reflection_set = protox::compile(&reflected, ["proto"])?;
-    std::fs::write(
-        out_dir.join("kiroku_descriptor.bin"),
-        reflection_set.encode_to_vec(),
-    )?;
+    std::fs::write(out_dir.join("kiroku_descriptor.bin"), reflection_set.encode_to_vec())?;
 
     let codegen_set = protox::compile(KIROKU_PROTOS, ["proto"])?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(codegen_set)?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(codegen_set)?;
     Ok(())
 }

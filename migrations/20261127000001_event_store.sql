@@ -23,20 +23,6 @@ CREATE TABLE events (
     CONSTRAINT events_position_positive CHECK (position > 0)
 );
 
--- Wakes the relay (and any other follower) at commit: notifications are delivered only when the appending
--- transaction commits, and identical ones in one transaction are folded into one.
-CREATE FUNCTION kiroku_notify_events() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('kiroku_events', '');
-    RETURN NULL;
-END;
-$$;
-
-CREATE TRIGGER events_notify
-AFTER INSERT ON events
-FOR EACH STATEMENT EXECUTE FUNCTION kiroku_notify_events();
-
 -- A unique key (an Auth0 subject, a GitHub id) held by one aggregate. Written in the same transaction as the
 -- events it guards, so a uniqueness rule cannot race.
 CREATE TABLE claims (

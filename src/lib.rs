@@ -11,5 +11,4 @@ pub mod v1 {
 
 /// The encoded `FileDescriptorSet` of kiroku's protos plus `google/rpc/error_details.proto`, for server
 /// reflection: with it, `grpcurl -format-error` prints error details readably.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/kiroku_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kiroku_descriptor.bin"));

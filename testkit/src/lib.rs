@@ -42,23 +42,22 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A fresh database with every migration applied.
     pub async fn create() -> Result<TestDb> {
+        let db = TestDb::create_empty().await?;
+        kiroku_event_store::migrate(&db.pool).await.context("migrate test database")?;
+        Ok(db)
+    }
+
+    /// A fresh database without any table.
+    pub async fn create_empty() -> Result<TestDb> {
         let admin_url = admin_database_url();
         let mut admin = sqlx::PgConnection::connect(&admin_url).await?;
         drop_stale_databases(&mut admin).await;
         let name = format!("{TEST_DB_PREFIX}{}", Ulid::new().to_string().to_lowercase());
-        admin
-            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .await
-            .context("create test database")?;
+        admin.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).await.context("create test database")?;
         let url = with_database(&admin_url, &name);
-        let pool = PgPoolOptions::new()
-            .max_connections(40)
-            .connect(&url)
-            .await?;
-        kiroku_event_store::migrate(&pool)
-            .await
-            .context("migrate test database")?;
+        let pool = PgPoolOptions::new().max_connections(40).connect(&url).await?;
         Ok(TestDb { name, url, pool })
     }
 }
@@ -68,16 +67,11 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // Drop runs inside the test's runtime, which cannot block on itself: use a thread with its own.
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async move {
                 if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_database_url()).await {
                     let _ = admin
-                        .execute(sqlx::AssertSqlSafe(format!(
-                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                        )))
+                        .execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
                         .await;
                 }
             });
@@ -88,11 +82,10 @@ impl Drop for TestDb {
 
 /// Drops test databases left by runs that were killed, judged by the time in their ULID (older than two hours).
 async fn drop_stale_databases(admin: &mut sqlx::PgConnection) {
-    let Ok(names) =
-        sqlx::query_scalar::<_, String>("SELECT datname FROM pg_database WHERE datname LIKE $1")
-            .bind(format!("{TEST_DB_PREFIX}%"))
-            .fetch_all(&mut *admin)
-            .await
+    let Ok(names) = sqlx::query_scalar::<_, String>("SELECT datname FROM pg_database WHERE datname LIKE $1")
+        .bind(format!("{TEST_DB_PREFIX}%"))
+        .fetch_all(&mut *admin)
+        .await
     else {
         return;
     };
@@ -101,16 +94,9 @@ async fn drop_stale_databases(admin: &mut sqlx::PgConnection) {
         let Ok(ulid) = Ulid::from_string(&name[TEST_DB_PREFIX.len()..].to_uppercase()) else {
             continue;
         };
-        let stale = now
-            .duration_since(ulid.datetime())
-            .map(|age| age > Duration::from_secs(7200))
-            .unwrap_or(false);
+        let stale = now.duration_since(ulid.datetime()).map(|age| age > Duration::from_secs(7200)).unwrap_or(false);
         if stale {
-            let _ = admin
-                .execute(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .await;
+            let _ = admin.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).await;
         }
     }
 }
@@ -151,9 +137,7 @@ impl TestRedis {
                 if won.is_some() {
                     let url = format!("{base}/{db}");
                     let client = connect(&url).await?;
-                    let _: () = client
-                        .custom(fred::cmd!("FLUSHDB"), Vec::<String>::new())
-                        .await?;
+                    let _: () = client.custom(fred::cmd!("FLUSHDB"), Vec::<String>::new()).await?;
                     leases.quit().await?;
                     return Ok(TestRedis {
                         db,
@@ -181,10 +165,7 @@ impl Drop for TestRedis {
         let key = lease_key(self.db);
         let token = self.lease_token.clone();
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async move {
                 if let Ok(leases) = connect(&format!("{}/0", redis_base_url())).await {
                     let held: Option<String> = leases.get(&key).await.unwrap_or(None);
@@ -221,5 +202,51 @@ where
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The path of one of the workspace's binaries, next to the running test executable (`target/<profile>/`).
+/// The README's test command builds them before the tests run.
+pub fn binary_path(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    // target/debug/deps/<test>-<hash> → target/debug/<name>
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("tests run from target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+/// A child process of one of kiroku's binaries, killed (SIGKILL) when dropped.
+pub struct ServiceProcess {
+    pub child: tokio::process::Child,
+}
+
+impl ServiceProcess {
+    /// Starts `name` with exactly the given environment (plus PATH and a quiet RUST_LOG).
+    pub fn spawn(name: &str, env: &[(&str, String)]) -> Result<ServiceProcess> {
+        let mut command = tokio::process::Command::new(binary_path(name));
+        command.env_clear();
+        if let Ok(path) = std::env::var("PATH") {
+            command.env("PATH", path);
+        }
+        command.env("RUST_LOG", std::env::var("KIROKU_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()));
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        command.kill_on_drop(true).stdin(std::process::Stdio::null());
+        Ok(ServiceProcess { child: command.spawn().with_context(|| format!("spawn {name}"))? })
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, then the exit status (or an error after `timeout`).
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let pid = self.child.id().context("process already gone")?;
+        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        Ok(tokio::time::timeout(timeout, self.child.wait()).await.context("no exit before the timeout")??)
     }
 }

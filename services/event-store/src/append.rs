@@ -134,10 +134,19 @@ ORDER BY inserted.position
 impl EventStore {
     /// Appends in one transaction of its own (see [`append_in_transaction`] for the order of its steps).
     pub async fn append(&self, append: &Append) -> Result<AppendOutcome, AppendError> {
+        validate(append)?;
+        if append.claims.is_empty() && append.idempotency.is_none() {
+            // One statement is its own transaction: no BEGIN and COMMIT round trips.
+            let mut conn = self.pool.acquire().await?;
+            let appended = insert_events(&mut conn, append).await?;
+            self.announce_commit();
+            return Ok(AppendOutcome::Appended(appended));
+        }
         let mut tx = self.pool.begin().await?;
         match append_in_transaction(&mut tx, append).await {
             Ok(AppendOutcome::Appended(appended)) => {
                 tx.commit().await?;
+                self.announce_commit();
                 Ok(AppendOutcome::Appended(appended))
             }
             other => {
@@ -148,29 +157,22 @@ impl EventStore {
     }
 
     /// The answer stored for an idempotency key, if any.
-    pub async fn stored_outcome(
-        &self,
-        key: &IdempotencyKey,
-    ) -> Result<Option<StoredOutcome>, StoreError> {
+    pub async fn stored_outcome(&self, key: &IdempotencyKey) -> Result<Option<StoredOutcome>, StoreError> {
         stored_outcome(&self.pool, key).await
     }
 
     /// The aggregate that holds a claim, if any.
     pub async fn claim_owner(&self, claim: &Claim) -> Result<Option<Uuid>, StoreError> {
-        let owner =
-            sqlx::query_scalar("SELECT owner_id FROM claims WHERE kind = $1 AND value = $2")
-                .bind(&claim.kind)
-                .bind(&claim.value)
-                .fetch_optional(&self.pool)
-                .await?;
+        let owner = sqlx::query_scalar("SELECT owner_id FROM claims WHERE kind = $1 AND value = $2")
+            .bind(&claim.kind)
+            .bind(&claim.value)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(owner)
     }
 
     /// Deletes idempotency records older than `keep`; returns how many went.
-    pub async fn prune_idempotency_records(
-        &self,
-        keep: std::time::Duration,
-    ) -> Result<u64, StoreError> {
+    pub async fn prune_idempotency_records(&self, keep: std::time::Duration) -> Result<u64, StoreError> {
         let seconds = i64::try_from(keep.as_secs()).unwrap_or(i64::MAX);
         let result = sqlx::query(
             "DELETE FROM idempotency_records WHERE created_at < now() - make_interval(secs => $1::double precision)",
@@ -183,22 +185,14 @@ impl EventStore {
 }
 
 /// Appends inside the caller's transaction, which must be rolled back unless the result is
-/// [`AppendOutcome::Appended`].
+/// [`AppendOutcome::Appended`]. After committing, call [`EventStore::announce_commit`].
 ///
 /// The order matters: the idempotency key first (so a concurrent repeat waits for this transaction and then
 /// replays its answer), then the claims in a fixed order (so two appends cannot deadlock on them), then the
 /// events, then the stored answer. Nothing here calls the network; keep the transaction short, since an open
 /// transaction holds back every reader of the log (see [`EventStore::read_all_after`]).
-pub async fn append_in_transaction(
-    tx: &mut PgConnection,
-    append: &Append,
-) -> Result<AppendOutcome, AppendError> {
-    if append.events.is_empty() {
-        return Err(AppendError::Invalid("an append needs at least one event"));
-    }
-    if append.events.len() > MAX_EVENTS_PER_APPEND {
-        return Err(AppendError::Invalid("too many events in one append"));
-    }
+pub async fn append_in_transaction(tx: &mut PgConnection, append: &Append) -> Result<AppendOutcome, AppendError> {
+    validate(append)?;
     if let Some(record) = &append.idempotency
         && !reserve_idempotency_key(tx, record, append.aggregate_id).await?
     {
@@ -218,17 +212,25 @@ pub async fn append_in_transaction(
     }
     let appended = insert_events(tx, append).await?;
     if let Some(record) = &append.idempotency {
-        sqlx::query(
-            "UPDATE idempotency_records SET version = $3, position = $4 WHERE caller = $1 AND request_id = $2",
-        )
-        .bind(&record.key.caller)
-        .bind(&record.key.request_id)
-        .bind(i32::try_from(appended.version).unwrap_or(i32::MAX))
-        .bind(appended.last_position().as_i64())
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query("UPDATE idempotency_records SET version = $3, position = $4 WHERE caller = $1 AND request_id = $2")
+            .bind(&record.key.caller)
+            .bind(&record.key.request_id)
+            .bind(i32::try_from(appended.version).unwrap_or(i32::MAX))
+            .bind(appended.last_position().as_i64())
+            .execute(&mut *tx)
+            .await?;
     }
     Ok(AppendOutcome::Appended(appended))
+}
+
+fn validate(append: &Append) -> Result<(), AppendError> {
+    if append.events.is_empty() {
+        return Err(AppendError::Invalid("an append needs at least one event"));
+    }
+    if append.events.len() > MAX_EVENTS_PER_APPEND {
+        return Err(AppendError::Invalid("too many events in one append"));
+    }
+    Ok(())
 }
 
 async fn stored_outcome(
@@ -276,10 +278,7 @@ async fn reserve_idempotency_key(
 }
 
 /// Takes every claim of the append for its aggregate, or returns the first one that another aggregate holds.
-async fn take_claims(
-    tx: &mut PgConnection,
-    append: &Append,
-) -> Result<Option<AppendError>, sqlx::Error> {
+async fn take_claims(tx: &mut PgConnection, append: &Append) -> Result<Option<AppendError>, sqlx::Error> {
     if append.claims.is_empty() {
         return Ok(None);
     }
@@ -301,23 +300,15 @@ async fn take_claims(
     .fetch_all(&mut *tx)
     .await?;
     for claim in &claims {
-        if taken
-            .iter()
-            .any(|(k, v)| *k == claim.kind && *v == claim.value)
-        {
+        if taken.iter().any(|(k, v)| *k == claim.kind && *v == claim.value) {
             continue;
         }
-        let owner: Uuid =
-            sqlx::query_scalar("SELECT owner_id FROM claims WHERE kind = $1 AND value = $2")
-                .bind(&claim.kind)
-                .bind(&claim.value)
-                .fetch_one(&mut *tx)
-                .await?;
-        return Ok(Some(AppendError::ClaimRefused {
-            kind: claim.kind.clone(),
-            value: claim.value.clone(),
-            owner,
-        }));
+        let owner: Uuid = sqlx::query_scalar("SELECT owner_id FROM claims WHERE kind = $1 AND value = $2")
+            .bind(&claim.kind)
+            .bind(&claim.value)
+            .fetch_one(&mut *tx)
+            .await?;
+        return Ok(Some(AppendError::ClaimRefused { kind: claim.kind.clone(), value: claim.value.clone(), owner }));
     }
     Ok(None)
 }
@@ -325,20 +316,11 @@ async fn take_claims(
 async fn insert_events(tx: &mut PgConnection, append: &Append) -> Result<Appended, AppendError> {
     let event_ids: Vec<Ulid> = append.events.iter().map(|_| Ulid::new()).collect();
     let ids: Vec<String> = event_ids.iter().map(Ulid::to_string).collect();
-    let types: Vec<&str> = append
-        .events
-        .iter()
-        .map(|e| e.event_type.as_str())
-        .collect();
+    let types: Vec<&str> = append.events.iter().map(|e| e.event_type.as_str()).collect();
     let data: Vec<&serde_json::Value> = append.events.iter().map(|e| &e.data).collect();
-    let metadata: Vec<serde_json::Value> = append
-        .events
-        .iter()
-        .map(|e| serde_json::to_value(&e.metadata))
-        .collect::<Result<_, _>>()
-        .map_err(|e| StoreError::Corrupt {
-            table: "events",
-            detail: format!("metadata does not serialize: {e}"),
+    let metadata: Vec<serde_json::Value> =
+        append.events.iter().map(|e| serde_json::to_value(&e.metadata)).collect::<Result<_, _>>().map_err(|e| {
+            StoreError::Corrupt { table: "events", detail: format!("metadata does not serialize: {e}") }
         })?;
     let occurred: Vec<_> = append.events.iter().map(|e| e.occurred_at).collect();
 
@@ -357,11 +339,7 @@ async fn insert_events(tx: &mut PgConnection, append: &Append) -> Result<Appende
             if is_unique_violation(&error, "events_aggregate_version_key") {
                 // A concurrent append took the same version between our read of the current version and our
                 // insert. Its version is not visible to us yet; report the one we expected to build on.
-                AppendError::Conflict {
-                    aggregate_id: append.aggregate_id,
-                    expected: append.expected,
-                    actual: None,
-                }
+                AppendError::Conflict { aggregate_id: append.aggregate_id, expected: append.expected, actual: None }
             } else {
                 AppendError::from(error)
             }
@@ -384,10 +362,5 @@ async fn insert_events(tx: &mut PgConnection, append: &Append) -> Result<Appende
             actual: u32::try_from(current).ok(),
         });
     }
-    Ok(Appended {
-        aggregate_id: append.aggregate_id,
-        version,
-        positions,
-        event_ids,
-    })
+    Ok(Appended { aggregate_id: append.aggregate_id, version, positions, event_ids })
 }

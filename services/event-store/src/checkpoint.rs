@@ -7,11 +7,10 @@ use crate::event::Position;
 impl EventStore {
     /// The checkpoint saved under `name`, or [`Position::ZERO`] when there is none.
     pub async fn load_checkpoint(&self, name: &str) -> Result<Position, StoreError> {
-        let position: Option<i64> =
-            sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
-                .bind(name)
-                .fetch_optional(&self.pool)
-                .await?;
+        let position: Option<i64> = sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(position.map(Position::from_i64).unwrap_or(Position::ZERO))
     }
 

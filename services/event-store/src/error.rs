@@ -17,11 +17,7 @@ pub enum AppendError {
     },
     /// A unique key is already held by another aggregate.
     #[error("{kind} is already claimed by {owner}")]
-    ClaimRefused {
-        kind: String,
-        value: String,
-        owner: Uuid,
-    },
+    ClaimRefused { kind: String, value: String, owner: Uuid },
     /// The append itself is malformed (no events, too many events): a bug in the caller.
     #[error("invalid append: {0}")]
     Invalid(&'static str),
@@ -47,9 +43,7 @@ impl From<sqlx::Error> for AppendError {
 /// SQLSTATE 23505 on the named constraint.
 pub(crate) fn is_unique_violation(error: &sqlx::Error, constraint: &str) -> bool {
     match error {
-        sqlx::Error::Database(db) => {
-            db.code().as_deref() == Some("23505") && db.constraint() == Some(constraint)
-        }
+        sqlx::Error::Database(db) => db.code().as_deref() == Some("23505") && db.constraint() == Some(constraint),
         _ => false,
     }
 }

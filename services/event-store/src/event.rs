@@ -10,9 +10,7 @@ use uuid::Uuid;
 /// The global position of an event: unique, strictly increasing in delivery order, with gaps.
 ///
 /// `Position::ZERO` is "before every event".
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Position(u64);
 

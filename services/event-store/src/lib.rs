@@ -13,19 +13,24 @@ mod checkpoint;
 mod error;
 mod event;
 mod migrate;
+mod notify;
 mod read;
 
 pub use append::{
-    Append, AppendOutcome, Appended, Claim, ExpectedVersion, IdempotencyKey, IdempotencyRecord,
-    StoredOutcome, append_in_transaction,
+    Append, AppendOutcome, Appended, Claim, ExpectedVersion, IdempotencyKey, IdempotencyRecord, StoredOutcome,
+    append_in_transaction,
 };
 pub use error::{AppendError, StoreError};
 pub use event::{EventMetadata, NewEvent, Position, RecordedEvent};
 pub use migrate::migrate;
 
+use std::sync::Arc;
+
 use sqlx::PgPool;
 
-/// The channel on which PostgreSQL announces committed appends (see the `events_notify` trigger).
+use crate::notify::CommitAnnouncer;
+
+/// The channel on which appends are announced after they commit (coalesced; see `notify.rs`).
 pub const EVENTS_CHANNEL: &str = "kiroku_events";
 
 /// The most events one append may write: the position reserves 16 bits for the index in the transaction.
@@ -35,11 +40,17 @@ pub const MAX_EVENTS_PER_APPEND: usize = 1 << 16;
 #[derive(Clone, Debug)]
 pub struct EventStore {
     pool: PgPool,
+    announcer: Arc<CommitAnnouncer>,
 }
 
 impl EventStore {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self { pool, announcer: Arc::default() }
+    }
+
+    /// Wakes followers listening on [`EVENTS_CHANNEL`] (soon, and coalesced with other commits).
+    pub fn announce_commit(&self) {
+        self.announcer.committed(&self.pool);
     }
 
     pub fn pool(&self) -> &PgPool {

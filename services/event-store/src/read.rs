@@ -22,8 +22,7 @@ const READ_ALL_AFTER: &str = "SELECT position, id, aggregate_id, aggregate_type,
     ORDER BY position LIMIT $2";
 
 /// The highest position that is final: every event at or below it has committed (and is visible) or never will.
-const SAFE_HORIZON: &str =
-    "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1";
+const SAFE_HORIZON: &str = "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1";
 
 impl EventStore {
     /// One aggregate's events with a version above `after_version`, in version order, at most `limit`.
@@ -44,45 +43,34 @@ impl EventStore {
 
     /// Up to `limit` events with a position above `after`, in position order, never skipping one that commits
     /// later (see [`READ_ALL_AFTER`]). An empty answer means "nothing more is final yet", not "the end".
-    pub async fn read_all_after(
-        &self,
-        after: Position,
-        limit: u32,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(READ_ALL_AFTER)
-            .bind(after.as_i64())
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
+    pub async fn read_all_after(&self, after: Position, limit: u32) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows =
+            sqlx::query(READ_ALL_AFTER).bind(after.as_i64()).bind(i64::from(limit)).fetch_all(&self.pool).await?;
         rows.iter().map(decode).collect()
     }
 
     /// The highest position that is final now: no event at or below it can still commit.
     pub async fn safe_horizon(&self) -> Result<Position, StoreError> {
-        let horizon: i64 = sqlx::query_scalar(SAFE_HORIZON)
-            .fetch_one(&self.pool)
-            .await?;
+        let horizon: i64 = sqlx::query_scalar(SAFE_HORIZON).fetch_one(&self.pool).await?;
         Ok(Position::from_i64(horizon))
     }
 
     /// The current version of an aggregate (0 when it has no events).
     pub async fn stream_version(&self, aggregate_id: Uuid) -> Result<u32, StoreError> {
-        let version: i32 = sqlx::query_scalar(
-            "SELECT coalesce(max(event_version), 0) FROM events WHERE aggregate_id = $1",
-        )
-        .bind(aggregate_id)
-        .fetch_one(&self.pool)
-        .await?;
+        let version: i32 =
+            sqlx::query_scalar("SELECT coalesce(max(event_version), 0) FROM events WHERE aggregate_id = $1")
+                .bind(aggregate_id)
+                .fetch_one(&self.pool)
+                .await?;
         Ok(u32::try_from(version).unwrap_or(0))
     }
 }
 
 fn decode(row: &PgRow) -> Result<RecordedEvent, StoreError> {
     let id: String = row.try_get("id")?;
-    let event_id = id.parse().map_err(|e| StoreError::Corrupt {
-        table: "events",
-        detail: format!("id {id:?} is not a ULID: {e}"),
-    })?;
+    let event_id = id
+        .parse()
+        .map_err(|e| StoreError::Corrupt { table: "events", detail: format!("id {id:?} is not a ULID: {e}") })?;
     Ok(RecordedEvent {
         position: Position::from_i64(row.try_get("position")?),
         event_id,

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use kiroku_event_store::{
-    Append, AppendError, AppendOutcome, Appended, Claim, EventMetadata, EventStore,
-    ExpectedVersion, IdempotencyKey, IdempotencyRecord, NewEvent, Position, RecordedEvent,
-    append_in_transaction,
+    Append, AppendError, AppendOutcome, Appended, Claim, EventMetadata, EventStore, ExpectedVersion, IdempotencyKey,
+    IdempotencyRecord, NewEvent, Position, RecordedEvent, append_in_transaction,
 };
 use kiroku_testkit::TestDb;
 use serde_json::json;
@@ -31,14 +30,7 @@ fn event(event_type: &str, n: u64) -> NewEvent {
 }
 
 fn append_to(aggregate_id: Uuid, expected: ExpectedVersion, events: Vec<NewEvent>) -> Append {
-    Append {
-        aggregate_id,
-        aggregate_type: "Thing".to_owned(),
-        expected,
-        events,
-        claims: vec![],
-        idempotency: None,
-    }
+    Append { aggregate_id, aggregate_type: "Thing".to_owned(), expected, events, claims: vec![], idempotency: None }
 }
 
 fn appended(outcome: AppendOutcome) -> Appended {
@@ -68,40 +60,19 @@ async fn appended_events_read_back_in_version_and_position_order_with_their_meta
 
     let first = appended(
         store
-            .append(&append_to(
-                id,
-                ExpectedVersion::NoStream,
-                vec![event("Created", 1), event("Renamed", 2)],
-            ))
+            .append(&append_to(id, ExpectedVersion::NoStream, vec![event("Created", 1), event("Renamed", 2)]))
             .await
             .unwrap(),
     );
-    let second = appended(
-        store
-            .append(&append_to(
-                id,
-                ExpectedVersion::Exact(2),
-                vec![event("Renamed", 3)],
-            ))
-            .await
-            .unwrap(),
-    );
+    let second =
+        appended(store.append(&append_to(id, ExpectedVersion::Exact(2), vec![event("Renamed", 3)])).await.unwrap());
     assert_eq!(first.version, 2);
     assert_eq!(second.version, 3);
     assert!(first.positions[0] < first.positions[1] && first.positions[1] < second.positions[0]);
 
     let stream = store.read_stream(id, 0, 100).await.unwrap();
-    assert_eq!(
-        stream.iter().map(|e| e.version).collect::<Vec<_>>(),
-        [1, 2, 3]
-    );
-    assert_eq!(
-        stream
-            .iter()
-            .map(|e| e.event_type.as_str())
-            .collect::<Vec<_>>(),
-        ["Created", "Renamed", "Renamed"]
-    );
+    assert_eq!(stream.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(stream.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(), ["Created", "Renamed", "Renamed"]);
     assert_eq!(stream[0].data, json!({ "n": 1 }));
     assert_eq!(stream[0].aggregate_type, "Thing");
     assert_eq!(
@@ -109,23 +80,12 @@ async fn appended_events_read_back_in_version_and_position_order_with_their_meta
         json!({ "request_id": "req-1", "correlation_id": "corr-1", "causation_id": "cause-1", "schema_version": 1 })
     );
     assert_eq!(stream[0].event_id, first.event_ids[0]);
-    assert_eq!(
-        stream
-            .iter()
-            .map(|e| e.event_id)
-            .collect::<HashSet<_>>()
-            .len(),
-        3,
-        "event ids are unique"
-    );
+    assert_eq!(stream.iter().map(|e| e.event_id).collect::<HashSet<_>>().len(), 3, "event ids are unique");
     assert_eq!(store.read_stream(id, 2, 100).await.unwrap().len(), 1);
     assert_eq!(store.stream_version(id).await.unwrap(), 3);
 
     let all = read_everything(&store).await;
-    assert_eq!(
-        all, stream,
-        "the global read returns the same events in the same order"
-    );
+    assert_eq!(all, stream, "the global read returns the same events in the same order");
     assert!(store.safe_horizon().await.unwrap() >= second.positions[0]);
 }
 
@@ -134,49 +94,12 @@ async fn an_append_at_a_stale_version_is_a_conflict_and_writes_nothing() {
     let db = TestDb::create().await.unwrap();
     let store = EventStore::new(db.pool.clone());
     let id = Uuid::new_v4();
-    store
-        .append(&append_to(
-            id,
-            ExpectedVersion::NoStream,
-            vec![event("Created", 1)],
-        ))
-        .await
-        .unwrap();
+    store.append(&append_to(id, ExpectedVersion::NoStream, vec![event("Created", 1)])).await.unwrap();
 
-    let again = store
-        .append(&append_to(
-            id,
-            ExpectedVersion::NoStream,
-            vec![event("Created", 2)],
-        ))
-        .await;
-    assert!(
-        matches!(
-            again,
-            Err(AppendError::Conflict {
-                actual: Some(1),
-                ..
-            })
-        ),
-        "{again:?}"
-    );
-    let ahead = store
-        .append(&append_to(
-            id,
-            ExpectedVersion::Exact(5),
-            vec![event("Renamed", 3)],
-        ))
-        .await;
-    assert!(
-        matches!(
-            ahead,
-            Err(AppendError::Conflict {
-                actual: Some(1),
-                ..
-            })
-        ),
-        "{ahead:?}"
-    );
+    let again = store.append(&append_to(id, ExpectedVersion::NoStream, vec![event("Created", 2)])).await;
+    assert!(matches!(again, Err(AppendError::Conflict { actual: Some(1), .. })), "{again:?}");
+    let ahead = store.append(&append_to(id, ExpectedVersion::Exact(5), vec![event("Renamed", 3)])).await;
+    assert!(matches!(ahead, Err(AppendError::Conflict { actual: Some(1), .. })), "{ahead:?}");
     assert_eq!(store.read_stream(id, 0, 100).await.unwrap().len(), 1);
 }
 
@@ -186,37 +109,18 @@ async fn of_two_concurrent_appenders_at_one_expected_version_exactly_one_wins() 
     let store = EventStore::new(db.pool.clone());
     for round in 0..20u64 {
         let id = Uuid::new_v4();
-        store
-            .append(&append_to(
-                id,
-                ExpectedVersion::NoStream,
-                vec![event("Created", round)],
-            ))
-            .await
-            .unwrap();
+        store.append(&append_to(id, ExpectedVersion::NoStream, vec![event("Created", round)])).await.unwrap();
         let barrier = Arc::new(Barrier::new(2));
         let racers = (0..2).map(|n| {
             let (store, barrier) = (store.clone(), barrier.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
-                store
-                    .append(&append_to(
-                        id,
-                        ExpectedVersion::Exact(1),
-                        vec![event("Renamed", n)],
-                    ))
-                    .await
+                store.append(&append_to(id, ExpectedVersion::Exact(1), vec![event("Renamed", n)])).await
             })
         });
         let results = futures::future::join_all(racers).await;
-        let wins = results
-            .iter()
-            .filter(|r| matches!(r, Ok(Ok(AppendOutcome::Appended(_)))))
-            .count();
-        let conflicts = results
-            .iter()
-            .filter(|r| matches!(r, Ok(Err(AppendError::Conflict { .. }))))
-            .count();
+        let wins = results.iter().filter(|r| matches!(r, Ok(Ok(AppendOutcome::Appended(_))))).count();
+        let conflicts = results.iter().filter(|r| matches!(r, Ok(Err(AppendError::Conflict { .. })))).count();
         assert_eq!((wins, conflicts), (1, 1), "round {round}: {results:?}");
         assert_eq!(store.stream_version(id).await.unwrap(), 2);
     }
@@ -232,37 +136,20 @@ async fn a_reader_never_passes_an_open_transaction_that_has_appended() {
     let early = appended(
         append_in_transaction(
             &mut open,
-            &append_to(
-                Uuid::new_v4(),
-                ExpectedVersion::NoStream,
-                vec![event("Early", 1)],
-            ),
+            &append_to(Uuid::new_v4(), ExpectedVersion::NoStream, vec![event("Early", 1)]),
         )
         .await
         .unwrap(),
     );
     // The second writer appends and commits: a higher position, visible first.
     let late = appended(
-        store
-            .append(&append_to(
-                Uuid::new_v4(),
-                ExpectedVersion::NoStream,
-                vec![event("Late", 2)],
-            ))
-            .await
-            .unwrap(),
+        store.append(&append_to(Uuid::new_v4(), ExpectedVersion::NoStream, vec![event("Late", 2)])).await.unwrap(),
     );
     assert!(early.positions[0] < late.positions[0]);
 
     // While the first is open, a follower must not deliver the later event: it would then skip the earlier one.
     for _ in 0..5 {
-        assert!(
-            store
-                .read_all_after(Position::ZERO, 100)
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert!(store.read_all_after(Position::ZERO, 100).await.unwrap().is_empty());
         assert!(store.safe_horizon().await.unwrap() < early.positions[0]);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -281,39 +168,16 @@ async fn a_rolled_back_append_leaves_a_gap_that_readers_pass_over() {
     let db = TestDb::create().await.unwrap();
     let store = EventStore::new(db.pool.clone());
     let mut open = db.pool.begin().await.unwrap();
-    append_in_transaction(
-        &mut open,
-        &append_to(
-            Uuid::new_v4(),
-            ExpectedVersion::NoStream,
-            vec![event("Lost", 1)],
-        ),
-    )
-    .await
-    .unwrap();
+    append_in_transaction(&mut open, &append_to(Uuid::new_v4(), ExpectedVersion::NoStream, vec![event("Lost", 1)]))
+        .await
+        .unwrap();
     let late = appended(
-        store
-            .append(&append_to(
-                Uuid::new_v4(),
-                ExpectedVersion::NoStream,
-                vec![event("Kept", 2)],
-            ))
-            .await
-            .unwrap(),
+        store.append(&append_to(Uuid::new_v4(), ExpectedVersion::NoStream, vec![event("Kept", 2)])).await.unwrap(),
     );
-    assert!(
-        store
-            .read_all_after(Position::ZERO, 100)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(store.read_all_after(Position::ZERO, 100).await.unwrap().is_empty());
     open.rollback().await.unwrap();
     let delivered = read_everything(&store).await;
-    assert_eq!(
-        delivered.iter().map(|e| e.position).collect::<Vec<_>>(),
-        [late.positions[0]]
-    );
+    assert_eq!(delivered.iter().map(|e| e.position).collect::<Vec<_>>(), [late.positions[0]]);
 }
 
 #[tokio::test]
@@ -330,11 +194,7 @@ async fn sixteen_concurrent_writers_are_followed_without_a_skip_or_a_duplicate()
                 for n in 0..EACH {
                     let id = Uuid::new_v4();
                     store
-                        .append(&append_to(
-                            id,
-                            ExpectedVersion::NoStream,
-                            vec![event("Written", w * EACH + n)],
-                        ))
+                        .append(&append_to(id, ExpectedVersion::NoStream, vec![event("Written", w * EACH + n)]))
                         .await
                         .unwrap();
                 }
@@ -362,36 +222,20 @@ async fn sixteen_concurrent_writers_are_followed_without_a_skip_or_a_duplicate()
     for writer in writers {
         writer.await.unwrap();
     }
-    let followed = tokio::time::timeout(Duration::from_secs(120), follower)
-        .await
-        .unwrap()
-        .unwrap();
+    let followed = tokio::time::timeout(Duration::from_secs(120), follower).await.unwrap().unwrap();
 
     let distinct: HashSet<u64> = followed.iter().map(|(_, n)| *n).collect();
-    assert_eq!(
-        distinct.len() as u64,
-        WRITERS * EACH,
-        "every event exactly once"
-    );
-    let fresh: Vec<(Position, u64)> = read_everything(&store)
-        .await
-        .iter()
-        .map(|e| (e.position, e.data["n"].as_u64().unwrap()))
-        .collect();
-    assert_eq!(
-        fresh, followed,
-        "a fresh read from the start returns the same order"
-    );
+    assert_eq!(distinct.len() as u64, WRITERS * EACH, "every event exactly once");
+    let fresh: Vec<(Position, u64)> =
+        read_everything(&store).await.iter().map(|e| (e.position, e.data["n"].as_u64().unwrap())).collect();
+    assert_eq!(fresh, followed, "a fresh read from the start returns the same order");
 }
 
 #[tokio::test]
 async fn a_claim_taken_twice_concurrently_lets_exactly_one_transaction_commit() {
     let db = TestDb::create().await.unwrap();
     let store = EventStore::new(db.pool.clone());
-    let claim = Claim {
-        kind: "github_id".to_owned(),
-        value: "583231".to_owned(),
-    };
+    let claim = Claim { kind: "github_id".to_owned(), value: "583231".to_owned() };
     let claimed = |id: Uuid| Append {
         claims: vec![claim.clone()],
         ..append_to(id, ExpectedVersion::NoStream, vec![event("Claimed", 0)])
@@ -400,44 +244,29 @@ async fn a_claim_taken_twice_concurrently_lets_exactly_one_transaction_commit() 
     // Deterministically: the first claimant is open when the second arrives; the second waits and is refused.
     let first_id = Uuid::new_v4();
     let mut first = db.pool.begin().await.unwrap();
-    append_in_transaction(&mut first, &claimed(first_id))
-        .await
-        .unwrap();
+    append_in_transaction(&mut first, &claimed(first_id)).await.unwrap();
     let second = {
         let (store, append) = (store.clone(), claimed(Uuid::new_v4()));
         tokio::spawn(async move { store.append(&append).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        !second.is_finished(),
-        "the second claimant waits for the first to finish"
-    );
+    assert!(!second.is_finished(), "the second claimant waits for the first to finish");
     first.commit().await.unwrap();
     match second.await.unwrap() {
         Err(AppendError::ClaimRefused { kind, value, owner }) => {
-            assert_eq!(
-                (kind.as_str(), value.as_str(), owner),
-                ("github_id", "583231", first_id)
-            );
+            assert_eq!((kind.as_str(), value.as_str(), owner), ("github_id", "583231", first_id));
         }
         other => panic!("expected ClaimRefused, got {other:?}"),
     }
 
     // And by force of numbers: 30 claimants of a fresh key at once, one commits.
-    let contested = Claim {
-        kind: "auth0_subject".to_owned(),
-        value: "github|1".to_owned(),
-    };
+    let contested = Claim { kind: "auth0_subject".to_owned(), value: "github|1".to_owned() };
     let barrier = Arc::new(Barrier::new(30));
     let racers = (0..30).map(|_| {
         let (store, barrier) = (store.clone(), barrier.clone());
         let append = Append {
             claims: vec![contested.clone()],
-            ..append_to(
-                Uuid::new_v4(),
-                ExpectedVersion::NoStream,
-                vec![event("Claimed", 1)],
-            )
+            ..append_to(Uuid::new_v4(), ExpectedVersion::NoStream, vec![event("Claimed", 1)])
         };
         tokio::spawn(async move {
             barrier.wait().await;
@@ -458,38 +287,18 @@ async fn a_claim_taken_twice_concurrently_lets_exactly_one_transaction_commit() 
             assert_eq!(*owner, winners[0], "a refusal names the key's owner");
         }
     }
-    assert_eq!(
-        store.claim_owner(&contested).await.unwrap(),
-        Some(winners[0])
-    );
-    assert_eq!(
-        read_everything(&store)
-            .await
-            .iter()
-            .filter(|e| e.data["n"] == 1)
-            .count(),
-        1
-    );
+    assert_eq!(store.claim_owner(&contested).await.unwrap(), Some(winners[0]));
+    assert_eq!(read_everything(&store).await.iter().filter(|e| e.data["n"] == 1).count(), 1);
 }
 
 #[tokio::test]
 async fn the_same_idempotency_key_twice_writes_one_set_of_events_and_answers_the_same() {
     let db = TestDb::create().await.unwrap();
     let store = EventStore::new(db.pool.clone());
-    let key = IdempotencyKey {
-        caller: "github|42".to_owned(),
-        request_id: "retry-me".to_owned(),
-    };
+    let key = IdempotencyKey { caller: "github|42".to_owned(), request_id: "retry-me".to_owned() };
     let command = |answer: &str| Append {
-        idempotency: Some(IdempotencyRecord {
-            key: key.clone(),
-            outcome: json!({ "answer": answer }),
-        }),
-        ..append_to(
-            Uuid::new_v4(),
-            ExpectedVersion::NoStream,
-            vec![event("Done", 7)],
-        )
+        idempotency: Some(IdempotencyRecord { key: key.clone(), outcome: json!({ "answer": answer }) }),
+        ..append_to(Uuid::new_v4(), ExpectedVersion::NoStream, vec![event("Done", 7)])
     };
 
     let first = appended(store.append(&command("first")).await.unwrap());
@@ -497,125 +306,63 @@ async fn the_same_idempotency_key_twice_writes_one_set_of_events_and_answers_the
         panic!("the repeat must replay");
     };
     assert_eq!(replay.outcome, json!({ "answer": "first" }));
-    assert_eq!(
-        (replay.aggregate_id, replay.version, replay.position),
-        (first.aggregate_id, 1, first.last_position())
-    );
+    assert_eq!((replay.aggregate_id, replay.version, replay.position), (first.aggregate_id, 1, first.last_position()));
     assert_eq!(store.stored_outcome(&key).await.unwrap(), Some(replay));
 
     // Concurrent repeats of a fresh key: one writes, the rest wait for it and replay its answer.
-    let fresh = IdempotencyKey {
-        caller: "github|42".to_owned(),
-        request_id: "concurrent".to_owned(),
-    };
+    let fresh = IdempotencyKey { caller: "github|42".to_owned(), request_id: "concurrent".to_owned() };
     let barrier = Arc::new(Barrier::new(10));
     let racers = (0..10).map(|n| {
         let (store, barrier) = (store.clone(), barrier.clone());
         let append = Append {
-            idempotency: Some(IdempotencyRecord {
-                key: fresh.clone(),
-                outcome: json!({ "answer": n }),
-            }),
-            ..append_to(
-                Uuid::new_v4(),
-                ExpectedVersion::NoStream,
-                vec![event("Concurrent", 100)],
-            )
+            idempotency: Some(IdempotencyRecord { key: fresh.clone(), outcome: json!({ "answer": n }) }),
+            ..append_to(Uuid::new_v4(), ExpectedVersion::NoStream, vec![event("Concurrent", 100)])
         };
         tokio::spawn(async move {
             barrier.wait().await;
             store.append(&append).await.unwrap()
         })
     });
-    let results: Vec<AppendOutcome> = futures::future::join_all(racers)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
-    let written: Vec<&Appended> = results
-        .iter()
-        .filter_map(|r| {
-            if let AppendOutcome::Appended(a) = r {
-                Some(a)
-            } else {
-                None
-            }
-        })
-        .collect();
+    let results: Vec<AppendOutcome> = futures::future::join_all(racers).await.into_iter().map(Result::unwrap).collect();
+    let written: Vec<&Appended> =
+        results.iter().filter_map(|r| if let AppendOutcome::Appended(a) = r { Some(a) } else { None }).collect();
     assert_eq!(written.len(), 1);
     for result in &results {
         if let AppendOutcome::Replayed(stored) = result {
-            assert_eq!(
-                (stored.aggregate_id, stored.position),
-                (written[0].aggregate_id, written[0].last_position())
-            );
+            assert_eq!((stored.aggregate_id, stored.position), (written[0].aggregate_id, written[0].last_position()));
         }
     }
-    assert_eq!(
-        read_everything(&store)
-            .await
-            .iter()
-            .filter(|e| e.event_type == "Concurrent")
-            .count(),
-        1
-    );
+    assert_eq!(read_everything(&store).await.iter().filter(|e| e.event_type == "Concurrent").count(), 1);
 
     // Another caller may use the same request id for its own command.
     let other = Append {
         idempotency: Some(IdempotencyRecord {
-            key: IdempotencyKey {
-                caller: "github|43".to_owned(),
-                request_id: "retry-me".to_owned(),
-            },
+            key: IdempotencyKey { caller: "github|43".to_owned(), request_id: "retry-me".to_owned() },
             outcome: json!({ "answer": "other" }),
         }),
-        ..append_to(
-            Uuid::new_v4(),
-            ExpectedVersion::NoStream,
-            vec![event("Done", 8)],
-        )
+        ..append_to(Uuid::new_v4(), ExpectedVersion::NoStream, vec![event("Done", 8)])
     };
-    assert!(matches!(
-        store.append(&other).await.unwrap(),
-        AppendOutcome::Appended(_)
-    ));
+    assert!(matches!(store.append(&other).await.unwrap(), AppendOutcome::Appended(_)));
 }
 
 #[tokio::test]
 async fn a_refused_claim_leaves_no_idempotency_record_behind() {
     let db = TestDb::create().await.unwrap();
     let store = EventStore::new(db.pool.clone());
-    let claim = Claim {
-        kind: "github_id".to_owned(),
-        value: "9".to_owned(),
-    };
+    let claim = Claim { kind: "github_id".to_owned(), value: "9".to_owned() };
     store
         .append(&Append {
             claims: vec![claim.clone()],
-            ..append_to(
-                Uuid::new_v4(),
-                ExpectedVersion::NoStream,
-                vec![event("Claimed", 1)],
-            )
+            ..append_to(Uuid::new_v4(), ExpectedVersion::NoStream, vec![event("Claimed", 1)])
         })
         .await
         .unwrap();
-    let key = IdempotencyKey {
-        caller: "github|9".to_owned(),
-        request_id: "r".to_owned(),
-    };
+    let key = IdempotencyKey { caller: "github|9".to_owned(), request_id: "r".to_owned() };
     let refused = store
         .append(&Append {
             claims: vec![claim],
-            idempotency: Some(IdempotencyRecord {
-                key: key.clone(),
-                outcome: json!({}),
-            }),
-            ..append_to(
-                Uuid::new_v4(),
-                ExpectedVersion::NoStream,
-                vec![event("Claimed", 2)],
-            )
+            idempotency: Some(IdempotencyRecord { key: key.clone(), outcome: json!({}) }),
+            ..append_to(Uuid::new_v4(), ExpectedVersion::NoStream, vec![event("Claimed", 2)])
         })
         .await;
     assert!(matches!(refused, Err(AppendError::ClaimRefused { .. })));
@@ -626,22 +373,10 @@ async fn a_refused_claim_leaves_no_idempotency_record_behind() {
 async fn checkpoints_only_move_forward_and_migrations_run_twice_harmlessly() {
     let db = TestDb::create().await.unwrap();
     let store = EventStore::new(db.pool.clone());
-    assert_eq!(
-        store.load_checkpoint("relay").await.unwrap(),
-        Position::ZERO
-    );
-    store
-        .save_checkpoint("relay", Position::new(500))
-        .await
-        .unwrap();
-    store
-        .save_checkpoint("relay", Position::new(300))
-        .await
-        .unwrap();
-    assert_eq!(
-        store.load_checkpoint("relay").await.unwrap(),
-        Position::new(500)
-    );
+    assert_eq!(store.load_checkpoint("relay").await.unwrap(), Position::ZERO);
+    store.save_checkpoint("relay", Position::new(500)).await.unwrap();
+    store.save_checkpoint("relay", Position::new(300)).await.unwrap();
+    assert_eq!(store.load_checkpoint("relay").await.unwrap(), Position::new(500));
     kiroku_event_store::migrate(&db.pool).await.unwrap();
     kiroku_event_store::migrate(&db.pool).await.unwrap();
 }

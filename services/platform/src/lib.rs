@@ -1,1 +1,17 @@
+//! What every kiroku process shares: reading settings (with the one-line, exit-64 errors of the contract),
+//! connecting to PostgreSQL and Redis with start-up retries, tracing, shutdown signals, health, fail points.
+//!
+//! It knows no business rule and no SQL of the log.
 
+pub mod config;
+mod connect;
+mod failpoint;
+pub mod grpc;
+pub mod health;
+mod shutdown;
+mod telemetry;
+
+pub use connect::{connect_postgres, connect_redis, postgres_options};
+pub use failpoint::failpoint;
+pub use shutdown::{Shutdown, shutdown_signal};
+pub use telemetry::init_tracing;

@@ -1,1 +1,19 @@
-fn main() {}
+//! `kiroku-query`: see the crate documentation of `kiroku_query`.
+
+use std::process::ExitCode;
+
+use kiroku_platform::config::{Environment, exit_on_config_error};
+use kiroku_query::config::Settings;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    kiroku_platform::init_tracing();
+    let settings = Settings::from_source(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku-query", &e));
+    match kiroku_query::run(settings).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "kiroku-query failed");
+            ExitCode::FAILURE
+        }
+    }
+}

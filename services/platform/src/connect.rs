@@ -1,0 +1,69 @@
+//! Connecting at start-up: PostgreSQL and Redis are retried for up to 30 s, then the process gives up.
+
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fred::prelude::*;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Connection options for a database URL, with kiroku's application name.
+pub fn postgres_options(url: &str) -> Result<PgConnectOptions> {
+    Ok(PgConnectOptions::from_str(url).context("parse DATABASE_URL")?.application_name("kiroku"))
+}
+
+/// A pool on `url`, retried until PostgreSQL answers or 30 s have passed.
+pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool> {
+    let options = postgres_options(url)?;
+    let started = Instant::now();
+    loop {
+        let attempt = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.clone())
+            .await;
+        match attempt {
+            Ok(pool) => return Ok(pool),
+            Err(error) if started.elapsed() < STARTUP_PATIENCE => {
+                tracing::warn!(%error, "PostgreSQL is not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(error) => return Err(error).context("connect to PostgreSQL (gave up after 30 s)"),
+        }
+    }
+}
+
+/// A client on `url`, retried until Redis answers or 30 s have passed. Once connected, fred reconnects by
+/// itself whenever Redis goes away, so callers see errors while it is down rather than a dead client.
+pub async fn connect_redis(url: &str) -> Result<Client> {
+    let config = Config::from_url(url).context("parse REDIS_URL")?;
+    let started = Instant::now();
+    loop {
+        let client = Builder::from_config(config.clone())
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(5);
+                c.internal_command_timeout = Duration::from_secs(5);
+            })
+            .set_policy(ReconnectPolicy::new_constant(0, 500))
+            .build()
+            .context("configure Redis client")?;
+        // The first connection is made by hand: with a reconnect policy, `init` would retry forever.
+        let connected = tokio::time::timeout(Duration::from_secs(5), client.init()).await;
+        match connected {
+            Ok(Ok(_)) => match client.ping::<String>(None).await {
+                Ok(_) => return Ok(client),
+                Err(error) => tracing::warn!(%error, "Redis does not answer yet; retrying"),
+            },
+            Ok(Err(error)) => tracing::warn!(%error, "Redis is not reachable yet; retrying"),
+            Err(_) => tracing::warn!("Redis connection timed out; retrying"),
+        }
+        let _ = client.quit().await;
+        if started.elapsed() >= STARTUP_PATIENCE {
+            bail!("connect to Redis (gave up after 30 s)");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,76 @@
+//! `grpc.health.v1` driven by probes: the `""` entry and each named service go NOT_SERVING while a dependency
+//! (PostgreSQL, and Redis for the query side) does not answer, and for good once shutdown begins.
+
+use std::time::Duration;
+
+use fred::prelude::*;
+use sqlx::PgPool;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::Shutdown;
+
+/// What a health probe checks.
+#[derive(Clone, Debug)]
+pub struct Dependencies {
+    pub postgres: PgPool,
+    pub redis: Option<Client>,
+}
+
+impl Dependencies {
+    /// True when every dependency answers within a second.
+    pub async fn all_reachable(&self) -> bool {
+        let postgres = async {
+            matches!(
+                tokio::time::timeout(Duration::from_secs(1), sqlx::query("SELECT 1").execute(&self.postgres)).await,
+                Ok(Ok(_))
+            )
+        };
+        let redis = async {
+            match &self.redis {
+                None => true,
+                Some(client) => {
+                    matches!(tokio::time::timeout(Duration::from_secs(1), client.ping::<String>(None)).await, Ok(Ok(_)))
+                }
+            }
+        };
+        let (postgres, redis) = tokio::join!(postgres, redis);
+        postgres && redis
+    }
+}
+
+/// Sets `""` and `services` to SERVING or NOT_SERVING every `interval` until shutdown, then NOT_SERVING.
+pub async fn report_health(
+    reporter: HealthReporter,
+    services: Vec<&'static str>,
+    dependencies: Dependencies,
+    interval: Duration,
+    shutdown: Shutdown,
+) {
+    let mut last = None;
+    loop {
+        let status =
+            if dependencies.all_reachable().await { ServingStatus::Serving } else { ServingStatus::NotServing };
+        if last != Some(status) {
+            if status == ServingStatus::NotServing {
+                tracing::warn!("a dependency is unreachable: health is NOT_SERVING");
+            } else if last.is_some() {
+                tracing::info!("dependencies reachable again: health is SERVING");
+            }
+            set_all(&reporter, &services, status).await;
+            last = Some(status);
+        }
+        tokio::select! {
+            () = shutdown.wait() => break,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+    set_all(&reporter, &services, ServingStatus::NotServing).await;
+}
+
+async fn set_all(reporter: &HealthReporter, services: &[&'static str], status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    for service in services {
+        reporter.set_service_status(*service, status).await;
+    }
+}
