@@ -1,9 +1,16 @@
 //! `kiroku-command`: CommandService (RegisterUser, SyncGitHubProfile) and the relay that publishes the event
 //! store's committed events to Redis.
 
+mod auth;
+mod commands;
 pub mod config;
+mod error;
+mod github;
+mod grpc;
+mod register_user;
 pub mod relay;
 mod startup;
+mod sync_github_profile;
 
 pub use startup::{Application, SERVICE_NAME};
 

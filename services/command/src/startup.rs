@@ -2,17 +2,23 @@
 //! shutdown.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use fred::prelude::*;
+use kiroku::v1::command_service_server::CommandServiceServer;
 use kiroku_event_store::EventStore;
 use kiroku_platform::health::{Dependencies, report_health};
 use kiroku_platform::{Shutdown, connect_postgres, connect_redis};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::auth::TokenVerifier;
+use crate::commands::Commands;
 use crate::config::Settings;
+use crate::github::GitHubClient;
+use crate::grpc::CommandGrpc;
 use crate::relay::Relay;
 
 /// The name under which the command service reports its health.
@@ -25,6 +31,7 @@ pub struct Application {
     store: EventStore,
     redis: Client,
     settings: Settings,
+    commands: Arc<Commands>,
 }
 
 impl Application {
@@ -36,11 +43,24 @@ impl Application {
             kiroku_event_store::migrate(&pool).await.context("apply migrations")?;
         }
         let redis = connect_redis(&settings.redis_url).await?;
+        let http = http_client()?;
+        let commands = Commands::new(
+            EventStore::new(pool.clone()),
+            TokenVerifier::new(settings.auth0.clone(), http.clone()),
+            GitHubClient::new(settings.github.clone(), http),
+        );
         let listener = TcpListener::bind(settings.listen_addr)
             .await
             .with_context(|| format!("listen on {}", settings.listen_addr))?;
         let local_addr = listener.local_addr().context("read the bound address")?;
-        Ok(Application { listener, local_addr, store: EventStore::new(pool), redis, settings })
+        Ok(Application {
+            listener,
+            local_addr,
+            store: EventStore::new(pool),
+            redis,
+            settings,
+            commands: Arc::new(commands),
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -54,7 +74,7 @@ impl Application {
     /// Serves until `shutdown` fires: health goes NOT_SERVING, the server stops taking calls and lets in-flight
     /// ones finish, and the relay stops after its current step.
     pub async fn run_until_stopped(self, shutdown: Shutdown) -> Result<()> {
-        let Application { listener, local_addr, store, redis, settings } = self;
+        let Application { listener, local_addr, store, redis, settings, commands } = self;
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = tokio::spawn(report_health(
             reporter,
@@ -72,6 +92,7 @@ impl Application {
         let stopping = shutdown.clone();
         kiroku_platform::grpc::server()
             .add_service(health_service)
+            .add_service(CommandServiceServer::new(CommandGrpc::new(commands)))
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stopping.wait().await })
@@ -88,4 +109,15 @@ impl Application {
         tracing::info!("kiroku-command stopped");
         Ok(())
     }
+}
+
+/// One HTTP client for JWKS and GitHub: connection pooling, rustls with ring, no redirects to other hosts.
+fn http_client() -> Result<reqwest::Client> {
+    // reqwest is built without a default crypto provider; ring is installed once per process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .context("build the HTTP client")
 }

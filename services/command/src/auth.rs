@@ -1,0 +1,158 @@
+//! Auth0 access tokens: RS256 only, keys from the configured JWKS (never from the token's `jku`, `x5u` or `jwk`
+//! headers), issuer and audience checked, `exp`/`nbf` with 30 s of leeway.
+//!
+//! The JWKS is cached. An unknown `kid` triggers a refetch, at most one per 10 s whatever arrives (so a flood of
+//! made-up kids cannot hammer Auth0), and keys rotate without a restart. Tokens are never logged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use serde::Deserialize;
+use tokio::sync::{Mutex, RwLock};
+
+use crate::config::Auth0Settings;
+
+/// The least time between two JWKS fetches.
+const REFETCH_INTERVAL: Duration = Duration::from_secs(10);
+/// Allowed clock skew for `exp` and `nbf`.
+const LEEWAY_SECONDS: u64 = 30;
+/// Longer tokens are refused before any parsing.
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// Why a token was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TokenError {
+    #[error("the token has expired")]
+    Expired,
+    /// The detail is for logs only; clients just learn that the token is invalid.
+    #[error("the token is invalid: {0}")]
+    Invalid(&'static str),
+    #[error("the JWKS endpoint is unreachable")]
+    JwksUnavailable,
+}
+
+/// What kiroku takes from a verified token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct VerifiedToken {
+    pub subject: String,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    iss: String,
+}
+
+#[derive(Default)]
+struct Refetch {
+    last_attempt: Option<Instant>,
+    last_succeeded: bool,
+}
+
+/// Verifies tokens against one Auth0 tenant.
+pub(crate) struct TokenVerifier {
+    settings: Auth0Settings,
+    http: reqwest::Client,
+    keys: RwLock<HashMap<String, Arc<DecodingKey>>>,
+    // Held while fetching, so concurrent unknown kids cause one fetch, not many.
+    refetch: Mutex<Refetch>,
+}
+
+impl TokenVerifier {
+    pub(crate) fn new(settings: Auth0Settings, http: reqwest::Client) -> Self {
+        TokenVerifier { settings, http, keys: RwLock::default(), refetch: Mutex::default() }
+    }
+
+    pub(crate) async fn verify(&self, token: &str) -> Result<VerifiedToken, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::Invalid("too long"));
+        }
+        let header = decode_header(token).map_err(|_| TokenError::Invalid("malformed header"))?;
+        if header.alg != Algorithm::RS256 {
+            return Err(TokenError::Invalid("algorithm is not RS256"));
+        }
+        let kid = header.kid.ok_or(TokenError::Invalid("no kid"))?;
+        let key = self.key_for(&kid).await?;
+
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.leeway = LEEWAY_SECONDS;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.set_audience(&[self.settings.audience.as_str()]);
+        validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        let claims = decode::<Claims>(token, &key, &validation)
+            .map_err(|error| match error.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => TokenError::Invalid("not yet valid"),
+                jsonwebtoken::errors::ErrorKind::InvalidAudience => TokenError::Invalid("wrong audience"),
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::Invalid("bad signature"),
+                _ => TokenError::Invalid("claims rejected"),
+            })?
+            .claims;
+        if claims.iss.trim_end_matches('/') != self.settings.issuer.trim_end_matches('/') {
+            return Err(TokenError::Invalid("wrong issuer"));
+        }
+        Ok(VerifiedToken { subject: claims.sub })
+    }
+
+    async fn key_for(&self, kid: &str) -> Result<Arc<DecodingKey>, TokenError> {
+        if let Some(key) = self.keys.read().await.get(kid) {
+            return Ok(key.clone());
+        }
+        let mut refetch = self.refetch.lock().await;
+        // Another caller may have fetched while we waited for the lock.
+        if let Some(key) = self.keys.read().await.get(kid) {
+            return Ok(key.clone());
+        }
+        if let Some(last) = refetch.last_attempt
+            && last.elapsed() < REFETCH_INTERVAL
+        {
+            return Err(if refetch.last_succeeded {
+                TokenError::Invalid("unknown kid")
+            } else {
+                TokenError::JwksUnavailable
+            });
+        }
+        refetch.last_attempt = Some(Instant::now());
+        match self.fetch().await {
+            Ok(keys) => {
+                refetch.last_succeeded = true;
+                tracing::info!(keys = keys.len(), "fetched the JWKS");
+                let found = keys.get(kid).cloned();
+                *self.keys.write().await = keys;
+                found.ok_or(TokenError::Invalid("unknown kid"))
+            }
+            Err(error) => {
+                refetch.last_succeeded = false;
+                tracing::warn!(error = %error, "could not fetch the JWKS");
+                Err(TokenError::JwksUnavailable)
+            }
+        }
+    }
+
+    /// The RS256 signing keys of the JWKS, by kid.
+    async fn fetch(&self) -> anyhow::Result<HashMap<String, Arc<DecodingKey>>> {
+        let response = self
+            .http
+            .get(self.settings.jwks_url.clone())
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?
+            .error_for_status()?;
+        let set: JwkSet = response.json().await?;
+        let mut keys = HashMap::new();
+        for jwk in &set.keys {
+            let usable = matches!(jwk.algorithm, AlgorithmParameters::RSA(_))
+                && matches!(jwk.common.key_algorithm, None | Some(KeyAlgorithm::RS256))
+                && matches!(jwk.common.public_key_use, None | Some(PublicKeyUse::Signature));
+            let Some(kid) = jwk.common.key_id.clone() else { continue };
+            if usable && let Ok(key) = DecodingKey::from_jwk(jwk) {
+                keys.insert(kid, Arc::new(key));
+            }
+        }
+        Ok(keys)
+    }
+}

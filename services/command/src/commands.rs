@@ -1,0 +1,96 @@
+//! What every command shares: the dependencies, authentication, idempotency keys and event metadata.
+
+use chrono::{DateTime, Utc};
+use kiroku_domain::{Auth0Subject, SCHEMA_VERSION};
+use kiroku_event_store::{EventMetadata, EventStore, IdempotencyKey, NewEvent};
+use ulid::Ulid;
+
+use crate::auth::{TokenError, TokenVerifier};
+use crate::error::CommandError;
+use crate::github::{GitHubClient, GitHubError};
+
+/// The command side's dependencies. Use cases are methods on it, one file each.
+pub(crate) struct Commands {
+    pub(crate) store: EventStore,
+    pub(crate) verifier: TokenVerifier,
+    pub(crate) github: GitHubClient,
+}
+
+/// One incoming call: its own id and what the caller said about it.
+#[derive(Clone, Debug)]
+pub(crate) struct Call {
+    /// Unique per call; the causation id of the events it writes.
+    pub command_id: Ulid,
+    /// The caller's request id (AIP-155), already validated.
+    pub request_id: Option<String>,
+    /// Shared by everything one business request caused, across services.
+    pub correlation_id: String,
+    pub received_at: DateTime<Utc>,
+}
+
+impl Call {
+    pub(crate) fn new(request_id: Option<String>, correlation_id: Option<String>) -> Self {
+        let command_id = Ulid::new();
+        let correlation_id = correlation_id.or_else(|| request_id.clone()).unwrap_or_else(|| command_id.to_string());
+        Call { command_id, request_id, correlation_id, received_at: Utc::now() }
+    }
+
+    /// An event of this call, ready to append.
+    pub(crate) fn event(&self, event_type: &str, data: serde_json::Value) -> NewEvent {
+        NewEvent {
+            event_type: event_type.to_owned(),
+            data,
+            metadata: EventMetadata {
+                request_id: self.request_id.clone(),
+                correlation_id: self.correlation_id.clone(),
+                causation_id: self.command_id.to_string(),
+                schema_version: SCHEMA_VERSION,
+            },
+            occurred_at: self.received_at,
+        }
+    }
+
+    /// The idempotency key of this call for `rpc`: (verified subject, request_id), one namespace per RPC so that
+    /// a request id reused for another RPC cannot replay the wrong kind of answer.
+    pub(crate) fn idempotency_key(&self, rpc: &str, subject: &str) -> Option<IdempotencyKey> {
+        self.request_id
+            .as_ref()
+            .map(|request_id| IdempotencyKey { caller: format!("{rpc}:{subject}"), request_id: request_id.clone() })
+    }
+}
+
+impl Commands {
+    pub(crate) fn new(store: EventStore, verifier: TokenVerifier, github: GitHubClient) -> Self {
+        Commands { store, verifier, github }
+    }
+
+    /// Verifies the token and returns its subject, still unparsed (any verified subject can own a request id).
+    pub(crate) async fn authenticate(&self, token: &str) -> Result<String, CommandError> {
+        match self.verifier.verify(token).await {
+            Ok(verified) => Ok(verified.subject),
+            Err(TokenError::Expired) => Err(CommandError::TokenExpired),
+            Err(TokenError::Invalid(why)) => {
+                tracing::info!(why, "token refused");
+                Err(CommandError::TokenInvalid)
+            }
+            Err(TokenError::JwksUnavailable) => Err(CommandError::JwksUnavailable),
+        }
+    }
+}
+
+pub(crate) fn github_subject(subject: &str) -> Result<Auth0Subject, CommandError> {
+    subject.parse().map_err(|_| CommandError::NotAGitHubIdentity)
+}
+
+impl From<GitHubError> for CommandError {
+    fn from(error: GitHubError) -> Self {
+        match error {
+            GitHubError::NotFound => CommandError::GitHubAccountNotFound,
+            GitHubError::Unavailable { cause, retry_after } => {
+                tracing::warn!(%cause, "GitHub unavailable");
+                CommandError::GitHubUnavailable { retry_after }
+            }
+            refused @ GitHubError::Refused(_) => CommandError::Internal(refused.into()),
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! `CommandError`: every way a command can fail, and its one mapping to a gRPC status (DESIGN.md, "Errors").
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use kiroku_domain::UserId;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The ErrorInfo domain of every kiroku error.
+pub(crate) const ERROR_DOMAIN: &str = "kiroku.v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("{field}: {description}")]
+    InvalidArgument { field: &'static str, description: String },
+    #[error("the token has expired")]
+    TokenExpired,
+    #[error("the token is invalid")]
+    TokenInvalid,
+    #[error("the identity provider's keys cannot be fetched")]
+    JwksUnavailable,
+    #[error("the token's subject is not a GitHub identity")]
+    NotAGitHubIdentity,
+    #[error("the GitHub account does not exist")]
+    GitHubAccountNotFound,
+    #[error("GitHub is unavailable")]
+    GitHubUnavailable { retry_after: Duration },
+    #[error("a user with this identity already exists")]
+    UserAlreadyExists { user_id: UserId },
+    #[error("the user is at version {actual}, not {expected}")]
+    VersionConflict { expected: u64, actual: u64 },
+    #[error("no user is registered for this identity")]
+    UserNotFound,
+    /// Anything unexpected: logged once where it is turned into a status, opaque to the client.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<CommandError> for Status {
+    fn from(error: CommandError) -> Status {
+        let info = |reason: &str| ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new());
+        match error {
+            CommandError::InvalidArgument { field, ref description } => {
+                let mut details = ErrorDetails::with_bad_request_violation(field, description.clone());
+                details.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, HashMap::new());
+                Status::with_error_details(Code::InvalidArgument, error.to_string(), details)
+            }
+            CommandError::TokenExpired => {
+                Status::with_error_details(Code::Unauthenticated, error.to_string(), info("TOKEN_EXPIRED"))
+            }
+            CommandError::TokenInvalid => {
+                Status::with_error_details(Code::Unauthenticated, error.to_string(), info("TOKEN_INVALID"))
+            }
+            CommandError::JwksUnavailable => {
+                let mut details = info("JWKS_UNAVAILABLE");
+                details.set_retry_info(Some(Duration::from_secs(10)));
+                Status::with_error_details(Code::Unavailable, error.to_string(), details)
+            }
+            CommandError::NotAGitHubIdentity => {
+                Status::with_error_details(Code::FailedPrecondition, error.to_string(), info("NOT_A_GITHUB_IDENTITY"))
+            }
+            CommandError::GitHubAccountNotFound => Status::with_error_details(
+                Code::FailedPrecondition,
+                error.to_string(),
+                info("GITHUB_ACCOUNT_NOT_FOUND"),
+            ),
+            CommandError::GitHubUnavailable { retry_after } => {
+                let mut details = info("GITHUB_UNAVAILABLE");
+                details.set_retry_info(Some(retry_after));
+                Status::with_error_details(Code::Unavailable, error.to_string(), details)
+            }
+            CommandError::UserAlreadyExists { user_id } => {
+                let metadata: HashMap<String, String> = [("user_id".to_owned(), user_id.to_string())].into();
+                let details = ErrorDetails::with_error_info("USER_ALREADY_EXISTS", ERROR_DOMAIN, metadata);
+                Status::with_error_details(Code::AlreadyExists, error.to_string(), details)
+            }
+            CommandError::VersionConflict { expected, actual } => {
+                let metadata: HashMap<String, String> = [
+                    ("expected_version".to_owned(), expected.to_string()),
+                    ("actual_version".to_owned(), actual.to_string()),
+                ]
+                .into();
+                let details = ErrorDetails::with_error_info("VERSION_CONFLICT", ERROR_DOMAIN, metadata);
+                Status::with_error_details(Code::Aborted, error.to_string(), details)
+            }
+            CommandError::UserNotFound => {
+                Status::with_error_details(Code::NotFound, error.to_string(), info("USER_NOT_FOUND"))
+            }
+            CommandError::Internal(error) => {
+                tracing::error!(error = format!("{error:#}"), "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+impl From<kiroku_event_store::StoreError> for CommandError {
+    fn from(error: kiroku_event_store::StoreError) -> Self {
+        CommandError::Internal(error.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_duplicate_names_the_existing_user_in_its_error_info() {
+        let user_id = UserId::generate();
+        let status = Status::from(CommandError::UserAlreadyExists { user_id });
+        assert_eq!(status.code(), Code::AlreadyExists);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!((info.reason.as_str(), info.domain.as_str()), ("USER_ALREADY_EXISTS", "kiroku.v1"));
+        assert_eq!(info.metadata["user_id"], user_id.to_string());
+    }
+
+    #[test]
+    fn internal_errors_are_opaque() {
+        let status = Status::from(CommandError::Internal(anyhow::anyhow!("password=hunter2 at db")));
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("hunter2"));
+    }
+}

@@ -1,0 +1,126 @@
+//! The gRPC edge of the command side: validates requests, runs the use case inside a span that carries the
+//! request id, and turns the result into a response or a status (through `From<CommandError> for Status`).
+
+use std::sync::Arc;
+
+use kiroku::v1::command_service_server::CommandService;
+use kiroku::v1::{RegisterUserRequest, RegisterUserResponse, SyncGitHubProfileRequest, SyncGitHubProfileResponse};
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::commands::{Call, Commands};
+use crate::error::CommandError;
+
+pub(crate) struct CommandGrpc {
+    commands: Arc<Commands>,
+}
+
+impl CommandGrpc {
+    pub(crate) fn new(commands: Arc<Commands>) -> Self {
+        CommandGrpc { commands }
+    }
+}
+
+/// AIP-155: optional, at most 128 printable ASCII characters.
+fn request_id(value: &str) -> Result<Option<String>, CommandError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if value.len() > 128 || !value.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(CommandError::InvalidArgument {
+            field: "request_id",
+            description: "must be at most 128 printable ASCII characters".to_owned(),
+        });
+    }
+    Ok(Some(value.to_owned()))
+}
+
+fn token(value: &str) -> Result<&str, CommandError> {
+    if value.is_empty() {
+        return Err(CommandError::InvalidArgument { field: "auth0_token", description: "is required".to_owned() });
+    }
+    Ok(value)
+}
+
+/// A correlation id the caller passed in the `x-correlation-id` header, if it is sane.
+fn correlation_id<T>(request: &Request<T>) -> Option<String> {
+    let value = request.metadata().get("x-correlation-id")?.to_str().ok()?;
+    request_id(value).ok().flatten()
+}
+
+#[tonic::async_trait]
+impl CommandService for CommandGrpc {
+    async fn register_user(
+        &self,
+        request: Request<RegisterUserRequest>,
+    ) -> Result<Response<RegisterUserResponse>, Status> {
+        let correlation = correlation_id(&request);
+        let message = request.into_inner();
+        let span =
+            tracing::info_span!("RegisterUser", request_id = tracing::field::Empty, command_id = tracing::field::Empty);
+        async move {
+            let token = token(&message.auth0_token)?;
+            let call = Call::new(request_id(&message.request_id)?, correlation);
+            let span = tracing::Span::current();
+            span.record("command_id", tracing::field::display(call.command_id));
+            if let Some(request_id) = &call.request_id {
+                span.record("request_id", request_id.as_str());
+            }
+            let registered = self.commands.register_user(token, &call).await?;
+            Ok(Response::new(RegisterUserResponse {
+                user_id: registered.user_id.to_string(),
+                position: registered.position.get(),
+            }))
+        }
+        .instrument(span)
+        .await
+        .map_err(|error: CommandError| Status::from(error))
+    }
+
+    async fn sync_git_hub_profile(
+        &self,
+        request: Request<SyncGitHubProfileRequest>,
+    ) -> Result<Response<SyncGitHubProfileResponse>, Status> {
+        let correlation = correlation_id(&request);
+        let message = request.into_inner();
+        let span = tracing::info_span!(
+            "SyncGitHubProfile",
+            request_id = tracing::field::Empty,
+            command_id = tracing::field::Empty
+        );
+        async move {
+            let token = token(&message.auth0_token)?;
+            let call = Call::new(request_id(&message.request_id)?, correlation);
+            let span = tracing::Span::current();
+            span.record("command_id", tracing::field::display(call.command_id));
+            if let Some(request_id) = &call.request_id {
+                span.record("request_id", request_id.as_str());
+            }
+            let synced = self.commands.sync_github_profile(token, message.expected_version, &call).await?;
+            Ok(Response::new(SyncGitHubProfileResponse {
+                user_id: synced.user_id.to_string(),
+                version: u64::from(synced.version),
+                position: synced.position.get(),
+                changed: synced.changed,
+            }))
+        }
+        .instrument(span)
+        .await
+        .map_err(|error: CommandError| Status::from(error))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_optional_and_at_most_128_printable_ascii_characters() {
+        assert_eq!(request_id("").unwrap(), None);
+        assert_eq!(request_id("abc-123").unwrap().as_deref(), Some("abc-123"));
+        assert!(request_id(&"x".repeat(128)).is_ok());
+        assert!(request_id(&"x".repeat(129)).is_err());
+        assert!(request_id("tab\there").is_err());
+        assert!(request_id("ünïcode").is_err());
+    }
+}

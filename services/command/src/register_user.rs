@@ -1,0 +1,127 @@
+//! RegisterUser: verify the token, replay a retried request, fetch the GitHub profile, decide, and append the
+//! `UserRegistered` event with the identity claims — or, when a claim is taken, a `UserRegistrationFailed`.
+
+use kiroku_domain::{
+    AuditEvent, AuditId, Auth0Subject, RegisterUser, RegistrationRefusal, User, UserEvent, UserId, refuse_registration,
+};
+use kiroku_event_store::{
+    Append, AppendError, AppendOutcome, Claim, ExpectedVersion, IdempotencyKey, IdempotencyRecord, Position,
+    StoredOutcome,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::commands::{Call, Commands, github_subject};
+use crate::error::CommandError;
+use crate::github::Fetched;
+
+const RPC: &str = "RegisterUser";
+
+/// Claim kinds: one user per Auth0 subject and per GitHub account.
+pub(crate) const AUTH0_CLAIM: &str = "auth0_subject";
+pub(crate) const GITHUB_CLAIM: &str = "github_id";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Registered {
+    pub user_id: UserId,
+    pub position: Position,
+}
+
+/// The answer stored with the events, replayed to a retry.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+enum Outcome {
+    Registered { user_id: UserId },
+    AlreadyExists { user_id: UserId },
+}
+
+impl Commands {
+    pub(crate) async fn register_user(&self, token: &str, call: &Call) -> Result<Registered, CommandError> {
+        let subject = self.authenticate(token).await?;
+        let key = call.idempotency_key(RPC, &subject);
+        if let Some(key) = &key
+            && let Some(stored) = self.store.stored_outcome(key).await?
+        {
+            return replay(stored);
+        }
+        let subject = github_subject(&subject)?;
+        let profile = match self.github.fetch_user(subject.github_id(), None).await? {
+            Fetched::Profile(profile) => profile,
+            Fetched::NotModified => {
+                return Err(anyhow::anyhow!("GitHub answered 304 to an unconditional request").into());
+            }
+        };
+
+        let user_id = UserId::generate();
+        let command = RegisterUser { subject: subject.clone(), profile, now: call.received_at };
+        let event = User::register(None, &command).map_err(|e| CommandError::Internal(e.into()))?;
+        let append = Append {
+            aggregate_id: user_id.as_uuid(),
+            aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
+            expected: ExpectedVersion::NoStream,
+            events: vec![call.event(event.event_type(), event.to_json())],
+            claims: vec![
+                Claim { kind: AUTH0_CLAIM.to_owned(), value: subject.to_string() },
+                Claim { kind: GITHUB_CLAIM.to_owned(), value: subject.github_id().to_string() },
+            ],
+            idempotency: record(&key, &Outcome::Registered { user_id }),
+        };
+        match self.store.append(&append).await {
+            Ok(AppendOutcome::Appended(appended)) => {
+                tracing::info!(%user_id, position = %appended.last_position(), "user registered");
+                Ok(Registered { user_id, position: appended.last_position() })
+            }
+            Ok(AppendOutcome::Replayed(stored)) => replay(stored),
+            Err(AppendError::ClaimRefused { kind, owner, .. }) => {
+                let reason = if kind == AUTH0_CLAIM {
+                    RegistrationRefusal::DuplicateAuth0Id
+                } else {
+                    RegistrationRefusal::DuplicateGithubId
+                };
+                self.refuse(&subject, reason, UserId::from_uuid(owner), key, call).await
+            }
+            Err(error) => Err(CommandError::Internal(error.into())),
+        }
+    }
+
+    /// Records the refusal on a fresh audit aggregate, with the ALREADY_EXISTS answer for retries.
+    async fn refuse(
+        &self,
+        subject: &Auth0Subject,
+        reason: RegistrationRefusal,
+        existing: UserId,
+        key: Option<IdempotencyKey>,
+        call: &Call,
+    ) -> Result<Registered, CommandError> {
+        let event = refuse_registration(subject, reason, Some(existing), call.received_at);
+        let append = Append {
+            aggregate_id: AuditId::generate().as_uuid(),
+            aggregate_type: AuditEvent::AGGREGATE_TYPE.to_owned(),
+            expected: ExpectedVersion::NoStream,
+            events: vec![call.event(event.event_type(), event.to_json())],
+            claims: vec![],
+            idempotency: record(&key, &Outcome::AlreadyExists { user_id: existing }),
+        };
+        match self.store.append(&append).await {
+            Ok(AppendOutcome::Appended(_)) => {
+                tracing::info!(existing_user = %existing, ?reason, "duplicate registration refused");
+                Err(CommandError::UserAlreadyExists { user_id: existing })
+            }
+            Ok(AppendOutcome::Replayed(stored)) => replay(stored),
+            Err(error) => Err(CommandError::Internal(error.into())),
+        }
+    }
+}
+
+fn record(key: &Option<IdempotencyKey>, outcome: &Outcome) -> Option<IdempotencyRecord> {
+    let outcome = serde_json::to_value(outcome).ok()?;
+    key.clone().map(|key| IdempotencyRecord { key, outcome })
+}
+
+fn replay(stored: StoredOutcome) -> Result<Registered, CommandError> {
+    let outcome: Outcome = serde_json::from_value(stored.outcome)
+        .map_err(|e| CommandError::Internal(anyhow::Error::new(e).context("decode a stored RegisterUser answer")))?;
+    match outcome {
+        Outcome::Registered { user_id } => Ok(Registered { user_id, position: stored.position }),
+        Outcome::AlreadyExists { user_id } => Err(CommandError::UserAlreadyExists { user_id }),
+    }
+}

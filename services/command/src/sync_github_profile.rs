@@ -1,0 +1,103 @@
+//! SyncGitHubProfile: re-read the caller's GitHub profile (conditionally, with the stored ETag) and append
+//! `UserProfileUpdated` when the login, name or avatar changed.
+
+use kiroku_domain::{SyncProfile, User, UserEvent, UserId};
+use kiroku_event_store::{
+    Append, AppendError, AppendOutcome, Claim, ExpectedVersion, IdempotencyRecord, Position, StoredOutcome,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::commands::{Call, Commands, github_subject};
+use crate::error::CommandError;
+use crate::github::Fetched;
+use crate::register_user::AUTH0_CLAIM;
+
+const RPC: &str = "SyncGitHubProfile";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Synced {
+    pub user_id: UserId,
+    pub version: u32,
+    pub position: Position,
+    pub changed: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Outcome {
+    user_id: UserId,
+}
+
+impl Commands {
+    /// `expected_version` 0 means "whatever version the user is at".
+    pub(crate) async fn sync_github_profile(
+        &self,
+        token: &str,
+        expected_version: u64,
+        call: &Call,
+    ) -> Result<Synced, CommandError> {
+        let subject = self.authenticate(token).await?;
+        let key = call.idempotency_key(RPC, &subject);
+        if let Some(key) = &key
+            && let Some(stored) = self.store.stored_outcome(key).await?
+        {
+            return replay(stored);
+        }
+        let subject = github_subject(&subject)?;
+        let owner = self
+            .store
+            .claim_owner(&Claim { kind: AUTH0_CLAIM.to_owned(), value: subject.to_string() })
+            .await?
+            .ok_or(CommandError::UserNotFound)?;
+        let user_id = UserId::from_uuid(owner);
+        let recorded = self.store.read_stream(owner, 0, u32::MAX).await?;
+        let events = recorded
+            .iter()
+            .filter_map(|e| UserEvent::decode(&e.event_type, &e.data))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CommandError::Internal(e.into()))?;
+        let user = User::from_events(user_id, &events).ok_or(CommandError::UserNotFound)?;
+        let latest = recorded.last().map(|e| e.position).unwrap_or(Position::ZERO);
+        if expected_version != 0 && expected_version != u64::from(user.version) {
+            return Err(CommandError::VersionConflict { expected: expected_version, actual: u64::from(user.version) });
+        }
+
+        let fetched = self.github.fetch_user(subject.github_id(), user.github_etag.as_deref()).await?;
+        let profile = match fetched {
+            Fetched::Profile(profile) => Some(profile),
+            Fetched::NotModified => None,
+        };
+        let decision = User::sync_profile(Some(&user), &SyncProfile { profile, now: call.received_at })
+            .map_err(|e| CommandError::Internal(e.into()))?;
+        let Some(event) = decision else {
+            return Ok(Synced { user_id, version: user.version, position: latest, changed: false });
+        };
+        let append = Append {
+            aggregate_id: owner,
+            aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
+            expected: ExpectedVersion::Exact(user.version),
+            events: vec![call.event(event.event_type(), event.to_json())],
+            claims: vec![],
+            idempotency: key.and_then(|key| {
+                Some(IdempotencyRecord { key, outcome: serde_json::to_value(Outcome { user_id }).ok()? })
+            }),
+        };
+        match self.store.append(&append).await {
+            Ok(AppendOutcome::Appended(appended)) => {
+                Ok(Synced { user_id, version: appended.version, position: appended.last_position(), changed: true })
+            }
+            Ok(AppendOutcome::Replayed(stored)) => replay(stored),
+            Err(AppendError::Conflict { actual, .. }) => Err(CommandError::VersionConflict {
+                expected: u64::from(user.version),
+                actual: u64::from(actual.unwrap_or(user.version + 1)),
+            }),
+            Err(error) => Err(CommandError::Internal(error.into())),
+        }
+    }
+}
+
+fn replay(stored: StoredOutcome) -> Result<Synced, CommandError> {
+    let outcome: Outcome = serde_json::from_value(stored.outcome).map_err(|e| {
+        CommandError::Internal(anyhow::Error::new(e).context("decode a stored SyncGitHubProfile answer"))
+    })?;
+    Ok(Synced { user_id: outcome.user_id, version: stored.version, position: stored.position, changed: true })
+}

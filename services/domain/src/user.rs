@@ -1,0 +1,390 @@
+//! The `User` aggregate: `UserRegistered`, then any number of `UserProfileUpdated`.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::DecodeError;
+use crate::ids::{Auth0Subject, GitHubId, UserId};
+
+/// What GitHub says about an account, as far as kiroku cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GitHubProfile {
+    pub id: GitHubId,
+    pub login: String,
+    /// GitHub's `name`, which may be null.
+    pub name: Option<String>,
+    pub avatar_url: Option<String>,
+    /// The response's ETag, kept for conditional re-fetches.
+    pub etag: Option<String>,
+}
+
+/// The personal fields of a user, kept apart in every payload so that a later erasure (GDPR) can remove them
+/// without rewriting the rest of the history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonalProfile {
+    pub github_username: String,
+    pub display_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar_url: Option<String>,
+}
+
+impl PersonalProfile {
+    /// The display name falls back to the login when GitHub has no name.
+    fn from_github(profile: &GitHubProfile) -> Self {
+        let name = profile.name.as_deref().map(str::trim).filter(|n| !n.is_empty());
+        PersonalProfile {
+            github_username: profile.login.clone(),
+            display_name: name.unwrap_or(&profile.login).to_owned(),
+            avatar_url: profile.avatar_url.clone().filter(|u| !u.is_empty()),
+        }
+    }
+}
+
+/// A user registered with their GitHub profile.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRegistered {
+    pub auth0_id: Auth0Subject,
+    pub github_id: GitHubId,
+    pub personal: PersonalProfile,
+    pub registered_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_etag: Option<String>,
+}
+
+impl UserRegistered {
+    pub const TYPE: &'static str = "UserRegistered";
+}
+
+/// The personal fields that changed, and only those.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileChanges {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// `Some(None)` would mean "removed"; GitHub always has an avatar, so a removal is not modelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar_url: Option<String>,
+}
+
+impl ProfileChanges {
+    pub fn is_empty(&self) -> bool {
+        self.github_username.is_none() && self.display_name.is_none() && self.avatar_url.is_none()
+    }
+}
+
+/// A registered user's GitHub profile changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserProfileUpdated {
+    pub personal: ProfileChanges,
+    pub updated_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_etag: Option<String>,
+}
+
+impl UserProfileUpdated {
+    pub const TYPE: &'static str = "UserProfileUpdated";
+}
+
+/// Every event of the `User` aggregate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UserEvent {
+    Registered(UserRegistered),
+    ProfileUpdated(UserProfileUpdated),
+}
+
+impl UserEvent {
+    pub const AGGREGATE_TYPE: &'static str = "User";
+    pub const TYPES: [&'static str; 2] = [UserRegistered::TYPE, UserProfileUpdated::TYPE];
+
+    pub fn event_type(&self) -> &'static str {
+        match self {
+            UserEvent::Registered(_) => UserRegistered::TYPE,
+            UserEvent::ProfileUpdated(_) => UserProfileUpdated::TYPE,
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        // These types hold only strings, numbers and timestamps: serializing them cannot fail.
+        let encoded = match self {
+            UserEvent::Registered(e) => serde_json::to_value(e),
+            UserEvent::ProfileUpdated(e) => serde_json::to_value(e),
+        };
+        encoded.unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Reads a stored payload back. `None` for an event type this aggregate does not know.
+    pub fn decode(event_type: &str, data: &serde_json::Value) -> Option<Result<UserEvent, DecodeError>> {
+        let error = |source| DecodeError { event_type: event_type.to_owned(), source };
+        match event_type {
+            UserRegistered::TYPE => {
+                Some(serde_json::from_value(data.clone()).map(UserEvent::Registered).map_err(error))
+            }
+            UserProfileUpdated::TYPE => {
+                Some(serde_json::from_value(data.clone()).map(UserEvent::ProfileUpdated).map_err(error))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A registered user, as its events build it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub id: UserId,
+    pub auth0_id: Auth0Subject,
+    pub github_id: GitHubId,
+    pub personal: PersonalProfile,
+    pub github_etag: Option<String>,
+    pub registered_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// The number of events applied.
+    pub version: u32,
+}
+
+/// Why the domain refuses a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserError {
+    #[error("the GitHub profile has no login")]
+    MissingLogin,
+    #[error("the GitHub profile is for account {profile}, but the token names {subject}")]
+    ProfileMismatch { subject: GitHubId, profile: GitHubId },
+    #[error("the user is not registered")]
+    NotRegistered,
+    #[error("the user is already registered")]
+    AlreadyRegistered,
+}
+
+/// Register a user with their verified Auth0 subject and their GitHub profile.
+#[derive(Clone, Debug)]
+pub struct RegisterUser {
+    pub subject: Auth0Subject,
+    pub profile: GitHubProfile,
+    pub now: DateTime<Utc>,
+}
+
+/// Record what changed in a user's GitHub profile. `profile` is `None` when GitHub said "not modified".
+#[derive(Clone, Debug)]
+pub struct SyncProfile {
+    pub profile: Option<GitHubProfile>,
+    pub now: DateTime<Utc>,
+}
+
+impl User {
+    /// Builds the state from the aggregate's events, oldest first. `None` when there is no `UserRegistered`.
+    pub fn from_events<'a>(id: UserId, events: impl IntoIterator<Item = &'a UserEvent>) -> Option<User> {
+        events.into_iter().fold(None, |state, event| User::evolve(state, id, event))
+    }
+
+    /// The state after one more event.
+    pub fn evolve(state: Option<User>, id: UserId, event: &UserEvent) -> Option<User> {
+        match (state, event) {
+            (None, UserEvent::Registered(e)) => Some(User {
+                id,
+                auth0_id: e.auth0_id.clone(),
+                github_id: e.github_id,
+                personal: e.personal.clone(),
+                github_etag: e.github_etag.clone(),
+                registered_at: e.registered_at,
+                updated_at: e.registered_at,
+                version: 1,
+            }),
+            (Some(mut user), UserEvent::ProfileUpdated(e)) => {
+                if let Some(login) = &e.personal.github_username {
+                    user.personal.github_username.clone_from(login);
+                }
+                if let Some(name) = &e.personal.display_name {
+                    user.personal.display_name.clone_from(name);
+                }
+                if let Some(avatar) = &e.personal.avatar_url {
+                    user.personal.avatar_url = Some(avatar.clone());
+                }
+                if e.github_etag.is_some() {
+                    user.github_etag.clone_from(&e.github_etag);
+                }
+                user.updated_at = e.updated_at;
+                user.version += 1;
+                Some(user)
+            }
+            // A second registration or an update before registration cannot be appended (expected versions
+            // forbid it); if it were, the state stays as it was rather than inventing one.
+            (state, _) => state.map(|mut user| {
+                user.version += 1;
+                user
+            }),
+        }
+    }
+
+    /// Decides the registration of a new user. Uniqueness is not decided here: the event store's claims do it.
+    pub fn register(state: Option<&User>, command: &RegisterUser) -> Result<UserEvent, UserError> {
+        if state.is_some() {
+            return Err(UserError::AlreadyRegistered);
+        }
+        let profile = &command.profile;
+        if profile.login.trim().is_empty() {
+            return Err(UserError::MissingLogin);
+        }
+        if profile.id != command.subject.github_id() {
+            return Err(UserError::ProfileMismatch { subject: command.subject.github_id(), profile: profile.id });
+        }
+        Ok(UserEvent::Registered(UserRegistered {
+            auth0_id: command.subject.clone(),
+            github_id: profile.id,
+            personal: PersonalProfile::from_github(profile),
+            registered_at: command.now,
+            github_etag: profile.etag.clone(),
+        }))
+    }
+
+    /// Decides what a fresh look at the GitHub profile changes: nothing, or one `UserProfileUpdated` with the
+    /// changed fields (login, name, avatar).
+    pub fn sync_profile(state: Option<&User>, command: &SyncProfile) -> Result<Option<UserEvent>, UserError> {
+        let user = state.ok_or(UserError::NotRegistered)?;
+        let Some(profile) = &command.profile else { return Ok(None) };
+        if profile.id != user.github_id {
+            return Err(UserError::ProfileMismatch { subject: user.github_id, profile: profile.id });
+        }
+        if profile.login.trim().is_empty() {
+            return Err(UserError::MissingLogin);
+        }
+        let fresh = PersonalProfile::from_github(profile);
+        let changed = |old: &str, new: &str| (old != new).then(|| new.to_owned());
+        let changes = ProfileChanges {
+            github_username: changed(&user.personal.github_username, &fresh.github_username),
+            display_name: changed(&user.personal.display_name, &fresh.display_name),
+            avatar_url: match (&user.personal.avatar_url, &fresh.avatar_url) {
+                (old, Some(new)) if old.as_ref() != Some(new) => Some(new.clone()),
+                _ => None,
+            },
+        };
+        if changes.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(UserEvent::ProfileUpdated(UserProfileUpdated {
+            personal: changes,
+            updated_at: command.now,
+            github_etag: profile.etag.clone(),
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 27, 6, 0, 0).unwrap()
+    }
+
+    fn octocat() -> GitHubProfile {
+        GitHubProfile {
+            id: GitHubId::new(583231),
+            login: "octocat".to_owned(),
+            name: Some("The Octocat".to_owned()),
+            avatar_url: Some("https://avatars.githubusercontent.com/u/583231".to_owned()),
+            etag: Some("\"abc\"".to_owned()),
+        }
+    }
+
+    fn subject() -> Auth0Subject {
+        "github|583231".parse().unwrap()
+    }
+
+    /// given(events).when(command).then(events), after disintegrate's test harness.
+    struct Given(Option<User>);
+
+    fn given(events: &[UserEvent]) -> Given {
+        Given(User::from_events(UserId::from_uuid(uuid::Uuid::nil()), events))
+    }
+
+    impl Given {
+        fn when_registering(self, profile: GitHubProfile) -> Result<UserEvent, UserError> {
+            User::register(self.0.as_ref(), &RegisterUser { subject: subject(), profile, now: now() })
+        }
+
+        fn when_syncing(self, profile: Option<GitHubProfile>) -> Result<Option<UserEvent>, UserError> {
+            User::sync_profile(self.0.as_ref(), &SyncProfile { profile, now: now() })
+        }
+    }
+
+    fn registered() -> UserEvent {
+        given(&[]).when_registering(octocat()).unwrap()
+    }
+
+    #[test]
+    fn registers_a_new_user_with_the_personal_fields_apart() {
+        let event = given(&[]).when_registering(octocat()).unwrap();
+        assert_eq!(
+            event.to_json(),
+            json!({
+                "auth0_id": "github|583231",
+                "github_id": "583231",
+                "personal": {
+                    "github_username": "octocat",
+                    "display_name": "The Octocat",
+                    "avatar_url": "https://avatars.githubusercontent.com/u/583231",
+                },
+                "registered_at": "2026-11-27T06:00:00Z",
+                "github_etag": "\"abc\"",
+            })
+        );
+    }
+
+    #[test]
+    fn the_display_name_falls_back_to_the_login_when_github_has_no_name() {
+        let profile = GitHubProfile { name: None, ..octocat() };
+        let UserEvent::Registered(event) = given(&[]).when_registering(profile).unwrap() else { panic!() };
+        assert_eq!(event.personal.display_name, "octocat");
+        let blank = GitHubProfile { name: Some("  ".to_owned()), ..octocat() };
+        let UserEvent::Registered(event) = given(&[]).when_registering(blank).unwrap() else { panic!() };
+        assert_eq!(event.personal.display_name, "octocat");
+    }
+
+    #[test]
+    fn refuses_a_profile_of_another_account_than_the_token_names() {
+        let other = GitHubProfile { id: GitHubId::new(1), ..octocat() };
+        assert!(matches!(given(&[]).when_registering(other), Err(UserError::ProfileMismatch { .. })));
+    }
+
+    #[test]
+    fn refuses_to_register_a_user_twice() {
+        assert_eq!(given(&[registered()]).when_registering(octocat()), Err(UserError::AlreadyRegistered));
+    }
+
+    #[test]
+    fn an_unchanged_profile_changes_nothing() {
+        assert_eq!(given(&[registered()]).when_syncing(Some(octocat())), Ok(None));
+        assert_eq!(given(&[registered()]).when_syncing(None), Ok(None), "304 Not Modified");
+    }
+
+    #[test]
+    fn a_changed_profile_records_only_the_changed_fields() {
+        let renamed = GitHubProfile { login: "octodog".to_owned(), etag: Some("\"def\"".to_owned()), ..octocat() };
+        let event = given(&[registered()]).when_syncing(Some(renamed)).unwrap().unwrap();
+        assert_eq!(
+            event.to_json(),
+            json!({ "personal": { "github_username": "octodog" }, "updated_at": "2026-11-27T06:00:00Z", "github_etag": "\"def\"" })
+        );
+        let user = User::from_events(UserId::generate(), &[registered(), event]).unwrap();
+        assert_eq!((user.personal.github_username.as_str(), user.version), ("octodog", 2));
+        assert_eq!(user.personal.display_name, "The Octocat");
+        assert_eq!(user.github_etag.as_deref(), Some("\"def\""));
+    }
+
+    #[test]
+    fn syncing_an_unregistered_user_is_refused() {
+        assert_eq!(given(&[]).when_syncing(Some(octocat())), Err(UserError::NotRegistered));
+    }
+
+    #[test]
+    fn events_decode_back_to_what_was_encoded() {
+        let event = registered();
+        let decoded = UserEvent::decode(event.event_type(), &event.to_json()).unwrap().unwrap();
+        assert_eq!(decoded, event);
+        assert!(UserEvent::decode("SomethingElse", &json!({})).is_none());
+        assert!(UserEvent::decode(UserRegistered::TYPE, &json!({ "auth0_id": "nope" })).unwrap().is_err());
+    }
+}

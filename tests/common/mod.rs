@@ -1,0 +1,158 @@
+//! Whole-system test helpers: the real services started in-process on port 0, over a per-test PostgreSQL
+//! database and Redis database, with wiremock standing in for Auth0's JWKS and GitHub's API.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kiroku::v1::command_service_client::CommandServiceClient;
+use kiroku::v1::{RegisterUserRequest, RegisterUserResponse};
+use kiroku_dev_identity::SigningKey;
+use kiroku_platform::{Shutdown, ShutdownTrigger};
+use kiroku_testkit::{TestDb, TestRedis};
+use serde_json::json;
+use tonic::transport::Channel;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+pub const AUDIENCE: &str = "https://kiroku.test/api";
+
+/// The command service, running, with its stubs.
+pub struct CommandApp {
+    pub address: SocketAddr,
+    pub client: CommandServiceClient<Channel>,
+    pub db: TestDb,
+    pub redis: TestRedis,
+    /// Serves `/.well-known/jwks.json` (the issuer is this server's URL).
+    pub auth0: MockServer,
+    /// Serves `/user/{id}`.
+    pub github: MockServer,
+    pub key: SigningKey,
+    trigger: ShutdownTrigger,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// One key for the whole test binary: RSA key generation takes a while.
+pub fn shared_key() -> SigningKey {
+    static KEY: std::sync::OnceLock<SigningKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| SigningKey::generate().unwrap()).clone()
+}
+
+pub fn other_key() -> SigningKey {
+    static KEY: std::sync::OnceLock<SigningKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| SigningKey::generate().unwrap()).clone()
+}
+
+impl CommandApp {
+    pub async fn spawn() -> CommandApp {
+        CommandApp::spawn_with(&[]).await
+    }
+
+    /// Starts the service with extra settings (e.g. `KIROKU_GITHUB_TIMEOUT_MS`).
+    pub async fn spawn_with(extra: &[(&str, &str)]) -> CommandApp {
+        let db = TestDb::create().await.unwrap();
+        let redis = TestRedis::acquire().await.unwrap();
+        let auth0 = MockServer::start().await;
+        let github = MockServer::start().await;
+        let key = shared_key();
+        Mock::given(method("GET"))
+            .and(path("/.well-known/jwks.json"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(kiroku_dev_identity::jwks(&[&key])))
+            .named("jwks")
+            .mount(&auth0)
+            .await;
+
+        let mut env: Vec<(String, String)> = vec![
+            ("DATABASE_URL".into(), db.url.clone()),
+            ("REDIS_URL".into(), redis.url.clone()),
+            ("KIROKU_REDIS_PREFIX".into(), redis.prefix.clone()),
+            ("KIROKU_AUTH0_ISSUER".into(), format!("{}/", auth0.uri())),
+            ("KIROKU_AUTH0_AUDIENCE".into(), AUDIENCE.into()),
+            ("KIROKU_GITHUB_API_URL".into(), github.uri()),
+            ("KIROKU_COMMAND_ADDR".into(), "127.0.0.1:0".into()),
+            ("KIROKU_MIGRATE".into(), "false".into()),
+        ];
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push(((*k).into(), (*v).into()));
+        }
+        let source = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let settings = kiroku_command::config::Settings::from_source(&source).unwrap();
+        let app = kiroku_command::Application::build(settings).await.unwrap();
+        let address = app.local_addr();
+        let (trigger, shutdown) = Shutdown::new();
+        let server = tokio::spawn(app.run_until_stopped(shutdown));
+        let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+        CommandApp {
+            address,
+            client: CommandServiceClient::new(channel),
+            db,
+            redis,
+            auth0,
+            github,
+            key,
+            trigger,
+            server,
+        }
+    }
+
+    pub fn issuer(&self) -> String {
+        format!("{}/", self.auth0.uri())
+    }
+
+    /// A valid token for `github|<id>`, signed with the published key.
+    pub fn token(&self, github_id: u64) -> String {
+        self.key.mint(&self.issuer(), AUDIENCE, github_id, Duration::from_secs(3600)).unwrap()
+    }
+
+    /// Makes GitHub know the account.
+    pub async fn github_knows(&self, github_id: u64, login: &str, name: Option<&str>) {
+        Mock::given(method("GET"))
+            .and(path(format!("/user/{github_id}")))
+            .respond_with(ResponseTemplate::new(200).insert_header("ETag", format!("\"{login}-etag\"")).set_body_json(
+                json!({
+                    "id": github_id,
+                    "login": login,
+                    "name": name,
+                    "avatar_url": format!("https://avatars.githubusercontent.com/u/{github_id}"),
+                }),
+            ))
+            .named(format!("github user {github_id}"))
+            .mount(&self.github)
+            .await;
+    }
+
+    pub async fn register(&self, github_id: u64, request_id: &str) -> Result<RegisterUserResponse, tonic::Status> {
+        let mut client = self.client.clone();
+        client
+            .register_user(RegisterUserRequest {
+                auth0_token: self.token(github_id),
+                request_id: request_id.to_owned(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn count_events(&self, event_type: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = $1")
+            .bind(event_type)
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap()
+    }
+
+    pub async fn total_events(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&self.db.pool).await.unwrap()
+    }
+
+    pub async fn stop(self) {
+        self.trigger.trigger();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.server).await;
+    }
+}
+
+/// The ErrorInfo reason of a status.
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status.get_details_error_info().map(|info| info.reason).unwrap_or_default()
+}

@@ -1,0 +1,376 @@
+//! RegisterUser end to end: real gRPC, PostgreSQL and Redis; wiremock for Auth0's JWKS and GitHub.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::{AUDIENCE, CommandApp, other_key, reason};
+use fred::prelude::*;
+use kiroku::v1::RegisterUserRequest;
+use kiroku_dev_identity::unix_now;
+use kiroku_testkit::eventually;
+use serde_json::json;
+use tonic::Code;
+use tonic_types::StatusExt;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, ResponseTemplate};
+
+#[tokio::test]
+async fn registers_a_user_and_records_the_event_with_its_metadata_and_publishes_it() {
+    let app = CommandApp::spawn().await;
+    app.github_knows(583231, "octocat", Some("The Octocat")).await;
+
+    let response = app.register(583231, "req-1").await.unwrap();
+    let user_id: uuid::Uuid = response.user_id.parse().unwrap();
+    assert!(response.position > 0);
+
+    let (aggregate_type, event_type, version, position, data, metadata): (
+        String,
+        String,
+        i32,
+        i64,
+        serde_json::Value,
+        serde_json::Value,
+    ) = sqlx::query_as(
+        "SELECT aggregate_type, event_type, event_version, position, event_data, metadata FROM events \
+         WHERE aggregate_id = $1",
+    )
+    .bind(user_id)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((aggregate_type.as_str(), event_type.as_str(), version), ("User", "UserRegistered", 1));
+    assert_eq!(position as u64, response.position);
+    assert_eq!(data["auth0_id"], "github|583231");
+    assert_eq!(data["github_id"], "583231");
+    assert_eq!(
+        data["personal"],
+        json!({
+            "github_username": "octocat",
+            "display_name": "The Octocat",
+            "avatar_url": "https://avatars.githubusercontent.com/u/583231",
+        })
+    );
+    assert!(data["registered_at"].is_string());
+    assert_eq!(metadata["request_id"], "req-1");
+    assert_eq!(metadata["correlation_id"], "req-1");
+    assert!(metadata["causation_id"].as_str().unwrap().len() == 26, "the command's ULID");
+    assert_eq!(metadata["schema_version"], 1);
+
+    // The relay publishes it to the stream under its position.
+    let entry: HashMap<String, String> = eventually(Duration::from_secs(20), "the stream entry", || async {
+        let entries: Vec<(String, HashMap<String, String>)> =
+            app.redis.client.xrange(app.redis.events_stream(), "-", "+", None).await?;
+        Ok(entries.into_iter().next().map(|(_, fields)| fields))
+    })
+    .await
+    .unwrap();
+    assert_eq!(entry["position"], response.position.to_string());
+    assert_eq!(entry["aggregate_id"], response.user_id);
+    assert_eq!(entry["event_type"], "UserRegistered");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_display_name_falls_back_to_the_login() {
+    let app = CommandApp::spawn().await;
+    app.github_knows(7, "nameless", None).await;
+    let response = app.register(7, "").await.unwrap();
+    let data: serde_json::Value = sqlx::query_scalar("SELECT event_data FROM events WHERE aggregate_id = $1")
+        .bind(response.user_id.parse::<uuid::Uuid>().unwrap())
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(data["personal"]["display_name"], "nameless");
+    app.stop().await;
+}
+
+fn claims(app: &CommandApp, overrides: serde_json::Value) -> serde_json::Value {
+    let now = unix_now();
+    let mut claims = json!({
+        "iss": app.issuer(), "aud": AUDIENCE, "sub": "github|583231", "iat": now, "nbf": now, "exp": now + 3600,
+    });
+    for (k, v) in overrides.as_object().unwrap() {
+        claims[k] = v.clone();
+    }
+    claims
+}
+
+fn unsigned(header: serde_json::Value, claims: &serde_json::Value) -> String {
+    format!("{}.{}.", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()))
+}
+
+#[tokio::test]
+async fn every_bad_token_is_unauthenticated_and_writes_nothing() {
+    let app = CommandApp::spawn().await;
+    app.github_knows(583231, "octocat", None).await;
+    let now = unix_now();
+    let kid = app.key.kid().to_owned();
+
+    let hs256_with_public_key = {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = Some(kid.clone());
+        let (n, _) = app.key.public_components();
+        jsonwebtoken::encode(&header, &claims(&app, json!({})), &jsonwebtoken::EncodingKey::from_secret(n.as_bytes()))
+            .unwrap()
+    };
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "expired",
+            app.key.sign(&claims(&app, json!({ "exp": now - 3600, "nbf": now - 7200 }))).unwrap(),
+            "TOKEN_EXPIRED",
+        ),
+        ("not yet valid", app.key.sign(&claims(&app, json!({ "nbf": now + 3600 }))).unwrap(), "TOKEN_INVALID"),
+        (
+            "wrong issuer",
+            app.key.sign(&claims(&app, json!({ "iss": "https://evil.example/" }))).unwrap(),
+            "TOKEN_INVALID",
+        ),
+        ("wrong audience", app.key.sign(&claims(&app, json!({ "aud": "someone-else" }))).unwrap(), "TOKEN_INVALID"),
+        (
+            "no audience",
+            app.key.sign(&json!({ "iss": app.issuer(), "sub": "github|583231", "exp": now + 60 })).unwrap(),
+            "TOKEN_INVALID",
+        ),
+        ("unknown kid", app.key.sign_as("no-such-kid", &claims(&app, json!({}))).unwrap(), "TOKEN_INVALID"),
+        ("another key", other_key().sign_as(&kid, &claims(&app, json!({}))).unwrap(), "TOKEN_INVALID"),
+        ("alg none", unsigned(json!({ "alg": "none", "kid": kid }), &claims(&app, json!({}))), "TOKEN_INVALID"),
+        ("HS256 keyed with the public key", hs256_with_public_key, "TOKEN_INVALID"),
+        ("garbage", "not.a.token".to_owned(), "TOKEN_INVALID"),
+        ("one word", "garbage".to_owned(), "TOKEN_INVALID"),
+        (
+            "a jku pointing elsewhere",
+            {
+                let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+                header.kid = Some("attacker".to_owned());
+                header.jku = Some("http://127.0.0.1:1/jwks.json".to_owned());
+                let key = other_key();
+                let mut c = claims(&app, json!({}));
+                c["kid_hint"] = json!(key.kid());
+                key.sign_as("attacker", &c).unwrap()
+            },
+            "TOKEN_INVALID",
+        ),
+    ];
+    let mut client = app.client.clone();
+    for (case, token, expected_reason) in cases {
+        let status = client
+            .register_user(RegisterUserRequest { auth0_token: token, request_id: String::new() })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{case}: {status:?}");
+        assert_eq!(reason(&status), expected_reason, "{case}");
+    }
+    let empty = client
+        .register_user(RegisterUserRequest { auth0_token: String::new(), request_id: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    assert_eq!(empty.get_details_bad_request().unwrap().field_violations[0].field, "auth0_token");
+    assert_eq!(app.total_events().await, 0, "nothing written");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_unknown_kids_fetches_the_jwks_at_most_once_per_ten_seconds() {
+    let app = CommandApp::spawn().await;
+    app.github_knows(1, "one", None).await;
+    app.register(1, "").await.unwrap();
+    let hits = || async { app.auth0.received_requests().await.unwrap().len() };
+    assert_eq!(hits().await, 1, "the first token fetched the JWKS");
+
+    let flood = (0..100).map(|n| {
+        let mut client = app.client.clone();
+        let token = app.key.sign_as(&format!("bogus-{n}"), &claims(&app, json!({}))).unwrap();
+        async move { client.register_user(RegisterUserRequest { auth0_token: token, request_id: String::new() }).await }
+    });
+    for result in futures::future::join_all(flood).await {
+        assert_eq!(result.unwrap_err().code(), Code::Unauthenticated);
+    }
+    assert_eq!(hits().await, 1, "no refetch within 10 s of the last one");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_key_is_picked_up_without_a_restart() {
+    let app = CommandApp::spawn().await;
+    app.github_knows(1, "one", None).await;
+    app.github_knows(2, "two", None).await;
+    app.register(1, "").await.unwrap();
+
+    // Auth0 rotates: the JWKS now holds only the new key.
+    let rotated = other_key();
+    app.auth0.reset().await;
+    Mock::given(method("GET"))
+        .and(path("/.well-known/jwks.json"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(kiroku_dev_identity::jwks(&[&rotated])))
+        .mount(&app.auth0)
+        .await;
+    let token = rotated.mint(&app.issuer(), AUDIENCE, 2, Duration::from_secs(600)).unwrap();
+    // Within 10 s of the last fetch the new kid is unknown; after that, it is fetched once and accepted.
+    let registered = eventually(Duration::from_secs(20), "the rotated key to be accepted", || {
+        let mut client = app.client.clone();
+        let token = token.clone();
+        async move {
+            match client.register_user(RegisterUserRequest { auth0_token: token, request_id: String::new() }).await {
+                Ok(response) => Ok(Some(response.into_inner())),
+                Err(status) if status.code() == Code::Unauthenticated => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    Ok(None)
+                }
+                Err(status) => Err(status.into()),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!registered.user_id.is_empty());
+    // The old key is gone from the JWKS, so its tokens are refused now.
+    assert_eq!(app.register(1, "").await.unwrap_err().code(), Code::Unauthenticated);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_jwks_is_unavailable() {
+    let app = CommandApp::spawn_with(&[("KIROKU_AUTH0_JWKS_URL", "http://127.0.0.1:9/jwks.json")]).await;
+    let status = app.register(1, "").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason(&status), "JWKS_UNAVAILABLE");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_subject_that_is_not_a_github_identity_is_a_failed_precondition() {
+    let app = CommandApp::spawn().await;
+    let token = app.key.sign(&claims(&app, json!({ "sub": "google-oauth2|12345" }))).unwrap();
+    let mut client = app.client.clone();
+    let status =
+        client.register_user(RegisterUserRequest { auth0_token: token, request_id: String::new() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&status), "NOT_A_GITHUB_IDENTITY");
+    assert_eq!(app.total_events().await, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn github_failures_map_to_their_codes_and_write_nothing() {
+    let app = CommandApp::spawn_with(&[("KIROKU_GITHUB_TIMEOUT_MS", "300")]).await;
+    let reset = unix_now() + 90;
+    let answers = [
+        (404, ResponseTemplate::new(404), Code::FailedPrecondition, "GITHUB_ACCOUNT_NOT_FOUND"),
+        (500, ResponseTemplate::new(500), Code::Unavailable, "GITHUB_UNAVAILABLE"),
+        (502, ResponseTemplate::new(200).set_delay(Duration::from_secs(3)), Code::Unavailable, "GITHUB_UNAVAILABLE"),
+        (
+            403,
+            ResponseTemplate::new(403)
+                .insert_header("x-ratelimit-remaining", "0")
+                .insert_header("x-ratelimit-reset", reset.to_string().as_str()),
+            Code::Unavailable,
+            "GITHUB_UNAVAILABLE",
+        ),
+    ];
+    for (id, answer, code, expected_reason) in answers {
+        Mock::given(method("GET")).and(path(format!("/user/{id}"))).respond_with(answer).mount(&app.github).await;
+        let status = app.register(id, "").await.unwrap_err();
+        assert_eq!(status.code(), code, "GitHub answer for {id}: {status:?}");
+        assert_eq!(reason(&status), expected_reason);
+        if code == Code::Unavailable {
+            let retry = status.get_details_retry_info().expect("RetryInfo").retry_delay.unwrap();
+            if id == 403 {
+                assert!(retry > Duration::from_secs(60), "from the rate-limit reset: {retry:?}");
+            }
+        }
+    }
+    assert_eq!(app.total_events().await, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_registrations_of_one_identity_make_one_user_and_forty_nine_refusals() {
+    let app = CommandApp::spawn().await;
+    app.github_knows(583231, "octocat", None).await;
+    let attempts = (0..50).map(|_| app.register(583231, ""));
+    let results = futures::future::join_all(attempts).await;
+
+    let winners: Vec<String> = results.iter().filter_map(|r| r.as_ref().ok().map(|r| r.user_id.clone())).collect();
+    assert_eq!(winners.len(), 1, "exactly one registration succeeds");
+    let refusals: Vec<&tonic::Status> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(refusals.len(), 49);
+    for status in refusals {
+        assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "USER_ALREADY_EXISTS");
+        assert_eq!(info.metadata["user_id"], winners[0], "the refusal names the existing user");
+    }
+    assert_eq!(app.count_events("UserRegistered").await, 1);
+    assert_eq!(app.count_events("UserRegistrationFailed").await, 49);
+    let audits: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT aggregate_id) FROM events WHERE aggregate_type = 'UserRegistrationAudit'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(audits, 49, "a fresh audit aggregate per refusal");
+    let failure: serde_json::Value =
+        sqlx::query_scalar("SELECT event_data FROM events WHERE event_type = 'UserRegistrationFailed' LIMIT 1")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(failure["duplicate_user_id"], winners[0]);
+    assert_eq!(failure["auth0_id"], "github|583231");
+    assert_eq!(failure["reason"], "DUPLICATE_AUTH0_ID");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_retried_request_id_gets_the_first_answer_and_writes_once() {
+    let app = CommandApp::spawn().await;
+    app.github_knows(10, "ten", None).await;
+    app.github_knows(11, "eleven", None).await;
+
+    let first = app.register(10, "retry-1").await.unwrap();
+    let again = app.register(10, "retry-1").await.unwrap();
+    assert_eq!(again, first, "same user_id and position");
+    assert_eq!(app.count_events("UserRegistered").await, 1);
+
+    // Concurrent repeats of a fresh request id: one writes, the rest wait and replay.
+    let repeats = (0..10).map(|_| app.register(11, "retry-2"));
+    let results: Vec<_> = futures::future::join_all(repeats).await.into_iter().map(Result::unwrap).collect();
+    assert!(results.iter().all(|r| *r == results[0]), "{results:?}");
+    assert_eq!(app.count_events("UserRegistered").await, 2);
+    assert_eq!(app.count_events("UserRegistrationFailed").await, 0, "a replay is not a refusal");
+
+    // Another caller reusing the request id gets its own answer.
+    app.github_knows(12, "twelve", None).await;
+    let other = app.register(12, "retry-1").await.unwrap();
+    assert_ne!(other.user_id, first.user_id);
+    assert_eq!(app.count_events("UserRegistered").await, 3);
+
+    // A refused duplicate retried with its request id is refused the same way, and audited once.
+    let refused = app.register(10, "dup-1").await.unwrap_err();
+    let refused_again = app.register(10, "dup-1").await.unwrap_err();
+    assert_eq!(refused_again.code(), Code::AlreadyExists);
+    assert_eq!(
+        refused_again.get_details_error_info().unwrap().metadata,
+        refused.get_details_error_info().unwrap().metadata
+    );
+    assert_eq!(app.count_events("UserRegistrationFailed").await, 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_malformed_request_id_is_an_invalid_argument_and_writes_nothing() {
+    let app = CommandApp::spawn().await;
+    for bad in ["x".repeat(129), "tab\tinside".to_owned(), "ünicode".to_owned()] {
+        let status = app.register(1, &bad).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(reason(&status), "INVALID_ARGUMENT");
+        assert_eq!(status.get_details_bad_request().unwrap().field_violations[0].field, "request_id");
+    }
+    assert_eq!(app.total_events().await, 0);
+    app.stop().await;
+}
