@@ -224,7 +224,20 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Starts `name` with exactly the given environment (plus PATH and a quiet RUST_LOG).
     pub fn spawn(name: &str, env: &[(&str, String)]) -> Result<ServiceProcess> {
+        Self::start(name, &[], env, false)
+    }
+
+    /// Like [`ServiceProcess::spawn`], with arguments, and standard output piped to the test.
+    pub fn spawn_piped(name: &str, args: &[&str], env: &[(&str, String)]) -> Result<ServiceProcess> {
+        Self::start(name, args, env, true)
+    }
+
+    fn start(name: &str, args: &[&str], env: &[(&str, String)], piped: bool) -> Result<ServiceProcess> {
         let mut command = tokio::process::Command::new(binary_path(name));
+        command.args(args);
+        if piped {
+            command.stdout(std::process::Stdio::piped());
+        }
         command.env_clear();
         if let Ok(path) = std::env::var("PATH") {
             command.env("PATH", path);

@@ -7,6 +7,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kiroku_platform::config::{self, Environment, exit_on_config_error};
 
+mod dev;
+
 #[derive(Parser)]
 #[command(name = "kiroku", version, about = "kiroku: an event-sourced user registry")]
 struct Cli {
@@ -16,6 +18,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs command, query and projector in one process with a local identity provider. Development only.
+    Dev {
+        #[command(subcommand)]
+        action: Option<DevAction>,
+    },
     /// Applies pending migrations to DATABASE_URL (a no-op when there are none).
     Migrate,
     /// Asks a kiroku server's grpc.health.v1 whether it is serving; exits 0 only if it is (for probes).
@@ -25,11 +32,24 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum DevAction {
+    /// Mints a 24-hour token from the running `kiroku dev` and prints a grpcurl line that registers with it.
+    Token {
+        #[arg(long)]
+        github_id: u64,
+        #[arg(long)]
+        login: String,
+    },
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     kiroku_platform::init_tracing();
     let cli = Cli::parse();
     let outcome = match cli.command {
+        Command::Dev { action: None } => dev::run().await,
+        Command::Dev { action: Some(DevAction::Token { github_id, login }) } => dev::token(github_id, login).await,
         Command::Migrate => migrate().await,
         Command::Health { address } => health(&address).await,
     };

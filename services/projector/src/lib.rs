@@ -1,20 +1,26 @@
 //! `kiroku-projector`: consumes the Redis stream and keeps the read models.
 
 pub mod config;
+mod startup;
 
-use anyhow::Context;
-use kiroku_platform::{connect_postgres, connect_redis, shutdown_signal};
+pub use startup::Application;
 
-/// Runs the projector until SIGTERM or Ctrl-C.
+use std::time::Duration;
+
+use kiroku_platform::{Shutdown, shutdown_signal};
+
+/// Runs the projector until SIGTERM or Ctrl-C, then stops within 10 s.
 pub async fn run(settings: config::Settings) -> anyhow::Result<()> {
-    let pool = connect_postgres(&settings.database_url, 8).await?;
-    if settings.migrate {
-        kiroku_event_store::migrate(&pool).await.context("apply migrations")?;
-    }
-    let redis = connect_redis(&settings.redis_url).await?;
-    tracing::info!(prefix = %settings.redis_prefix, "kiroku-projector started");
+    let application = Application::build(settings).await?;
+    let (trigger, shutdown) = Shutdown::new();
+    let projector = tokio::spawn(application.run_until_stopped(shutdown));
     shutdown_signal().await;
-    pool.close().await;
-    let _ = fred::prelude::ClientLike::quit(&redis).await;
-    Ok(())
+    trigger.trigger();
+    match tokio::time::timeout(Duration::from_secs(9), projector).await {
+        Ok(joined) => joined?,
+        Err(_) => {
+            tracing::warn!("shutdown took longer than 9 s; exiting anyway");
+            Ok(())
+        }
+    }
 }

@@ -1,0 +1,152 @@
+//! `kiroku dev`: command, query and projector in one process against the local PostgreSQL and Redis, with the
+//! development identity provider standing in for Auth0 and GitHub. For development only.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use kiroku_dev_identity::{DEV_AUDIENCE, DEV_IDENTITY_ADDR, DevAccount, DevIdentityProvider};
+use kiroku_platform::config::{ConfigError, Environment, Source};
+use kiroku_platform::{Shutdown, shutdown_signal};
+use sqlx::Connection;
+
+const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/kiroku_dev";
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+
+/// The environment, with `kiroku dev`'s defaults and its own identity provider in place of Auth0 and GitHub.
+struct DevSource {
+    issuer: String,
+    github_api_url: String,
+}
+
+impl Source for DevSource {
+    fn get(&self, name: &str) -> Option<String> {
+        match name {
+            // Never a real tenant: dev tokens are signed locally.
+            "KIROKU_AUTH0_ISSUER" => Some(self.issuer.clone()),
+            "KIROKU_AUTH0_AUDIENCE" => Some(DEV_AUDIENCE.to_owned()),
+            "KIROKU_AUTH0_JWKS_URL" => None,
+            "KIROKU_GITHUB_API_URL" => Some(self.github_api_url.clone()),
+            "KIROKU_GITHUB_TOKEN" => None,
+            "DATABASE_URL" => Some(Environment.get(name).unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned())),
+            "REDIS_URL" => Some(Environment.get(name).unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned())),
+            _ => Environment.get(name),
+        }
+    }
+}
+
+pub(crate) async fn run() -> Result<()> {
+    let database_url = DevSource { issuer: String::new(), github_api_url: String::new() }
+        .get("DATABASE_URL")
+        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+    create_database_if_missing(&database_url).await?;
+
+    let addr: SocketAddr = DEV_IDENTITY_ADDR.parse().context("parse the identity provider's address")?;
+    let identity = DevIdentityProvider::start(addr).await?;
+    let source = DevSource { issuer: identity.issuer().to_owned(), github_api_url: identity.github_api_url() };
+
+    let command = kiroku_command::Application::build(
+        kiroku_command::config::Settings::from_source(&source).unwrap_or_else(|e| config_error(&e)),
+    )
+    .await?;
+    let query = kiroku_query::Application::build(
+        kiroku_query::config::Settings::from_source(&source).unwrap_or_else(|e| config_error(&e)),
+    )
+    .await?;
+    let projector = kiroku_projector::Application::build(
+        kiroku_projector::config::Settings::from_source(&source).unwrap_or_else(|e| config_error(&e)),
+    )
+    .await?;
+
+    // A fresh GitHub account each run, so the printed line registers a new user the first time it is pasted.
+    let github_id = 90_000_000 + kiroku_dev_identity::unix_now() % 10_000_000;
+    let account = DevAccount { github_id, login: format!("dev-{github_id}") };
+    let token = identity.mint(&account, Duration::from_secs(24 * 3600))?;
+    let command_addr = command.local_addr();
+    let query_addr = query.local_addr();
+
+    eprintln!();
+    eprintln!("  kiroku dev: FOR DEVELOPMENT ONLY. Tokens are signed by a local identity provider on");
+    eprintln!("  {DEV_IDENTITY_ADDR} that stands in for Auth0 and GitHub; never expose these ports.");
+    eprintln!();
+    eprintln!("  CommandService  {command_addr}    QueryService  {query_addr}");
+    eprintln!("  database        {database_url}");
+    eprintln!();
+    eprintln!("  Register GitHub account {github_id} (login {}) with a 24-hour token:", account.login);
+    println!("{}", grpcurl_line(&token, command_addr));
+    eprintln!();
+    eprintln!("  More tokens: kiroku dev token --github-id N --login NAME   Stop: Ctrl-C");
+    eprintln!();
+
+    let (trigger, shutdown) = Shutdown::new();
+    let tasks = [
+        tokio::spawn(command.run_until_stopped(shutdown.clone())),
+        tokio::spawn(query.run_until_stopped(shutdown.clone())),
+        tokio::spawn(projector.run_until_stopped(shutdown)),
+    ];
+    shutdown_signal().await;
+    trigger.trigger();
+    let _ = tokio::time::timeout(Duration::from_secs(9), futures_join(tasks)).await;
+    Ok(())
+}
+
+async fn futures_join(tasks: [tokio::task::JoinHandle<Result<()>>; 3]) {
+    for task in tasks {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(error = format!("{error:#}"), "a service failed"),
+            Err(error) => tracing::error!(%error, "a service panicked"),
+        }
+    }
+}
+
+/// The one line a developer pastes to register.
+pub(crate) fn grpcurl_line(token: &str, command_addr: SocketAddr) -> String {
+    format!(
+        "grpcurl -plaintext -d '{{\"auth0_token\":\"{token}\"}}' {command_addr} kiroku.v1.CommandService/RegisterUser"
+    )
+}
+
+/// `kiroku dev token`: asks the running `kiroku dev` for a token and teaches its GitHub endpoint the login.
+pub(crate) async fn token(github_id: u64, login: String) -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let response = reqwest::Client::new()
+        .post(format!("http://{DEV_IDENTITY_ADDR}/dev/tokens"))
+        .json(&serde_json::json!({ "github_id": github_id, "login": login }))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .context("reach `kiroku dev` (is it running?)")?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.context("read the answer")?;
+    anyhow::ensure!(status.is_success(), "kiroku dev refused: {}", body["message"].as_str().unwrap_or("unknown error"));
+    let token = body["token"].as_str().context("no token in the answer")?;
+    println!("{}", grpcurl_line(token, "127.0.0.1:50051".parse()?));
+    Ok(())
+}
+
+/// Creates the database of `url` when it does not exist (connecting to the server's `postgres` database).
+async fn create_database_if_missing(url: &str) -> Result<()> {
+    let mut parsed = url::Url::parse(url).context("DATABASE_URL is not a URL")?;
+    let name = parsed.path().trim_start_matches('/').to_owned();
+    anyhow::ensure!(
+        !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+        "kiroku dev creates only databases with plain names (letters, digits, _)"
+    );
+    parsed.set_path("/postgres");
+    let mut admin = sqlx::PgConnection::connect(parsed.as_str()).await.context("connect to PostgreSQL")?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut admin)
+        .await?;
+    if !exists {
+        // The name was checked above to be a plain identifier.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
+        eprintln!("created database {name}");
+    }
+    Ok(())
+}
+
+fn config_error(error: &ConfigError) -> ! {
+    kiroku_platform::config::exit_on_config_error("kiroku dev", error)
+}
