@@ -156,3 +156,84 @@ pub fn reason(status: &tonic::Status) -> String {
     use tonic_types::StatusExt;
     status.get_details_error_info().map(|info| info.reason).unwrap_or_default()
 }
+
+/// A query service or a projector running in-process next to a [`CommandApp`].
+pub struct Running {
+    pub address: SocketAddr,
+    trigger: ShutdownTrigger,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        self.trigger.trigger();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+impl CommandApp {
+    /// The settings every service of this test shares, plus `extra`.
+    pub fn env(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = vec![
+            ("DATABASE_URL".into(), self.db.url.clone()),
+            ("REDIS_URL".into(), self.redis.url.clone()),
+            ("KIROKU_REDIS_PREFIX".into(), self.redis.prefix.clone()),
+            ("KIROKU_QUERY_ADDR".into(), "127.0.0.1:0".into()),
+            ("KIROKU_PROJECTOR_HEALTH_ADDR".into(), "127.0.0.1:0".into()),
+            ("KIROKU_MIGRATE".into(), "false".into()),
+        ];
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push(((*k).into(), (*v).into()));
+        }
+        env
+    }
+
+    pub async fn start_query(&self, extra: &[(&str, &str)]) -> (Running, QueryServiceClient<Channel>) {
+        let env = self.env(extra);
+        let source = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let app = kiroku_query::Application::build(kiroku_query::config::Settings::from_source(&source).unwrap())
+            .await
+            .unwrap();
+        let address = app.local_addr();
+        let (trigger, shutdown) = Shutdown::new();
+        let task = tokio::spawn(app.run_until_stopped(shutdown));
+        let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+        (Running { address, trigger, task }, QueryServiceClient::new(channel))
+    }
+
+    pub async fn start_projector(&self, extra: &[(&str, &str)]) -> Running {
+        let env = self.env(extra);
+        let source = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let app =
+            kiroku_projector::Application::build(kiroku_projector::config::Settings::from_source(&source).unwrap())
+                .await
+                .unwrap();
+        let address = app.health_addr().unwrap();
+        let (trigger, shutdown) = Shutdown::new();
+        let task = tokio::spawn(app.run_until_stopped(shutdown));
+        Running { address, trigger, task }
+    }
+
+    /// The env of a spawned projector process.
+    pub fn projector_process_env(&self, extra: &[(&str, &str)]) -> Vec<(&'static str, String)> {
+        self.env(extra).into_iter().map(|(k, v)| (&*Box::leak(k.into_boxed_str()), v)).collect()
+    }
+
+    /// The rows of `users_read`, in id order, as JSON (for comparing whole read models).
+    pub async fn users_read(&self) -> Vec<serde_json::Value> {
+        sqlx::query_scalar("SELECT to_jsonb(u) FROM users_read u ORDER BY id").fetch_all(&self.db.pool).await.unwrap()
+    }
+
+    /// Waits until `users_read` holds `count` users.
+    pub async fn wait_for_users(&self, count: i64) {
+        kiroku_testkit::eventually(Duration::from_secs(60), &format!("{count} users in users_read"), || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM users_read").fetch_one(&self.db.pool).await?;
+            Ok((n >= count).then_some(()))
+        })
+        .await
+        .unwrap();
+    }
+}
+
+pub use kiroku::v1::query_service_client::QueryServiceClient;

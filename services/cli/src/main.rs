@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use kiroku_platform::config::{self, Environment, exit_on_config_error};
 
 mod dev;
+mod projector;
 
 #[derive(Parser)]
 #[command(name = "kiroku", version, about = "kiroku: an event-sourced user registry")]
@@ -25,6 +26,11 @@ enum Command {
     },
     /// Applies pending migrations to DATABASE_URL (a no-op when there are none).
     Migrate,
+    /// Operates the projector's read models.
+    Projector {
+        #[command(subcommand)]
+        action: ProjectorAction,
+    },
     /// Asks a kiroku server's grpc.health.v1 whether it is serving; exits 0 only if it is (for probes).
     Health {
         /// host:port of the server.
@@ -43,6 +49,27 @@ enum DevAction {
     },
 }
 
+#[derive(Subcommand)]
+enum ProjectorAction {
+    /// Rebuilds the read models from the event store into a new generation, then switches queries to it.
+    Rebuild,
+    /// Prints the projection's generation, checkpoint and lag as JSON.
+    Status,
+    /// Dead letters: events that failed to apply too often and were skipped.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Lists them as JSON lines.
+    List,
+    /// Applies them again, in position order; those that now apply leave the list.
+    Replay,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     kiroku_platform::init_tracing();
@@ -51,6 +78,7 @@ async fn main() -> ExitCode {
         Command::Dev { action: None } => dev::run().await,
         Command::Dev { action: Some(DevAction::Token { github_id, login }) } => dev::token(github_id, login).await,
         Command::Migrate => migrate().await,
+        Command::Projector { action } => projector::run(action).await,
         Command::Health { address } => health(&address).await,
     };
     match outcome {

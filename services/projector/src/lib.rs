@@ -1,9 +1,17 @@
-//! `kiroku-projector`: consumes the Redis stream and keeps the read models.
+//! `kiroku-projector`: consumes `{prefix}:events` and keeps the read models (`users_read`,
+//! `registration_failures_read`), applying every event exactly once in global position order.
 
+mod apply;
 pub mod config;
+mod consumer;
+pub mod dead_letters;
+mod projection;
+pub mod rebuild;
 mod startup;
 
-pub use startup::Application;
+pub use consumer::publish_dead_letter;
+pub use projection::{PROJECTION, Projection, Status};
+pub use startup::{Application, SERVICE_NAME};
 
 use std::time::Duration;
 

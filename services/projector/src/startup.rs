@@ -1,15 +1,28 @@
-//! Building and running `kiroku-projector`.
+//! Building and running `kiroku-projector`: the consumer, a health endpoint, and a lag report.
+
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use fred::prelude::*;
+use kiroku_platform::health::{Dependencies, report_health};
 use kiroku_platform::{Shutdown, connect_postgres, connect_redis};
 use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::Settings;
+use crate::consumer::{Consumer, ConsumerSettings};
+use crate::projection::Projection;
+
+/// The name under which the projector reports its health.
+pub const SERVICE_NAME: &str = "kiroku.projector";
 
 pub struct Application {
     pool: PgPool,
     redis: Client,
+    reader: Client,
+    listener: TcpListener,
     settings: Settings,
 }
 
@@ -20,14 +33,76 @@ impl Application {
             kiroku_event_store::migrate(&pool).await.context("apply migrations")?;
         }
         let redis = connect_redis(&settings.redis_url).await?;
-        Ok(Application { pool, redis, settings })
+        let reader = connect_redis(&settings.redis_url).await?;
+        let listener = TcpListener::bind(settings.health_addr)
+            .await
+            .with_context(|| format!("listen on {}", settings.health_addr))?;
+        Ok(Application { pool, redis, reader, listener, settings })
+    }
+
+    pub fn health_addr(&self) -> Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
     }
 
     pub async fn run_until_stopped(self, shutdown: Shutdown) -> Result<()> {
-        tracing::info!(prefix = %self.settings.redis_prefix, "kiroku-projector started");
-        shutdown.wait().await;
-        self.pool.close().await;
-        let _ = self.redis.quit().await;
+        let Application { pool, redis, reader, listener, settings } = self;
+        let projection = Projection::new(pool.clone(), settings.max_attempts);
+        let consumer = Consumer::new(
+            projection.clone(),
+            redis.clone(),
+            reader.clone(),
+            ConsumerSettings::new(
+                &settings.redis_prefix,
+                settings.consumer_name.clone(),
+                Duration::from_millis(settings.claim_idle_ms),
+            ),
+        );
+        let consumer = tokio::spawn(consumer.run(shutdown.clone()));
+        let lag = tokio::spawn(report_lag(projection, shutdown.clone()));
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = tokio::spawn(report_health(
+            reporter,
+            vec![SERVICE_NAME],
+            Dependencies { postgres: pool.clone(), redis: Some(redis.clone()) },
+            Duration::from_secs(1),
+            shutdown.clone(),
+        ));
+        tracing::info!(prefix = %settings.redis_prefix, consumer = %settings.consumer_name, "kiroku-projector started");
+        let stopping = shutdown.clone();
+        kiroku_platform::grpc::server()
+            .add_service(health_service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stopping.wait().await })
+            .await
+            .context("serve health")?;
+        // The consumer finishes the step it is in (its transaction commits or rolls back as a whole).
+        let _ = tokio::time::timeout(Duration::from_secs(8), async {
+            let _ = consumer.await;
+            let _ = lag.await;
+            let _ = health.await;
+        })
+        .await;
+        pool.close().await;
+        let _ = redis.quit().await;
+        let _ = reader.quit().await;
         Ok(())
+    }
+}
+
+/// Logs how far behind the projection is, every 10 s while it is behind.
+async fn report_lag(projection: Projection, shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return,
+            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+        match projection.status().await {
+            Ok(status) => {
+                if let Some(lag) = status.lag_seconds.filter(|lag| *lag > 1.0) {
+                    tracing::warn!(lag_seconds = lag, checkpoint = %status.checkpoint, "projection is behind");
+                }
+            }
+            Err(error) => tracing::debug!(%error, "cannot read the projection status"),
+        }
     }
 }

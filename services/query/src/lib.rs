@@ -1,9 +1,17 @@
-//! `kiroku-query`: QueryService over the read models, and WatchEvents over the event log.
+//! `kiroku-query`: QueryService over the read models (GetUser, LookupUser, ListUsers, ListRegistrationFailures),
+//! history from the event store (GetUserHistory), and the live feed (WatchEvents).
 
 pub mod config;
+mod error;
+mod grpc;
+mod paging;
+mod read_models;
 mod startup;
+mod watch;
+mod wire;
 
 pub use startup::{Application, SERVICE_NAME};
+pub use watch::WatchSettings;
 
 use std::time::Duration;
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use fred::prelude::*;
+use kiroku::v1::query_service_server::QueryServiceServer;
 use kiroku_event_store::EventStore;
 use kiroku_platform::health::{Dependencies, report_health};
 use kiroku_platform::{Shutdown, connect_postgres, connect_redis};
@@ -12,6 +13,9 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::Settings;
+use crate::grpc::QueryGrpc;
+use crate::read_models::ReadModels;
+use crate::watch::Watcher;
 
 /// The name under which the query service reports its health.
 pub const SERVICE_NAME: &str = "kiroku.v1.QueryService";
@@ -21,6 +25,7 @@ pub struct Application {
     local_addr: SocketAddr,
     store: EventStore,
     redis: Client,
+    settings: Settings,
 }
 
 impl Application {
@@ -34,7 +39,7 @@ impl Application {
             .await
             .with_context(|| format!("listen on {}", settings.listen_addr))?;
         let local_addr = listener.local_addr().context("read the bound address")?;
-        Ok(Application { listener, local_addr, store: EventStore::new(pool), redis })
+        Ok(Application { listener, local_addr, store: EventStore::new(pool), redis, settings })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -42,7 +47,9 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, shutdown: Shutdown) -> Result<()> {
-        let Application { listener, local_addr, store, redis } = self;
+        let Application { listener, local_addr, store, redis, settings } = self;
+        let watcher = Watcher::start(store.clone(), settings.watch, shutdown.clone()).await?;
+        let queries = QueryGrpc::new(ReadModels::new(store.pool().clone()), store.clone(), watcher);
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = tokio::spawn(report_health(
             reporter,
@@ -56,6 +63,7 @@ impl Application {
         let stopping = shutdown.clone();
         kiroku_platform::grpc::server()
             .add_service(health_service)
+            .add_service(QueryServiceServer::new(queries))
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stopping.wait().await })

@@ -1,0 +1,98 @@
+//! RegisterUser throughput and latency at 16 concurrent callers, against the real command service (in-process,
+//! over loopback gRPC), PostgreSQL, and the development identity provider standing in for Auth0 and GitHub.
+//!
+//! `cargo bench --bench register_user` (release profile). Prints one JSON document.
+//! `BENCH_CALLS` (default 8000) registrations in all, `BENCH_CALLERS` (default 16) at once.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use kiroku::v1::RegisterUserRequest;
+use kiroku::v1::command_service_client::CommandServiceClient;
+use kiroku_dev_identity::{DEV_AUDIENCE, DevAccount, DevIdentityProvider};
+use kiroku_platform::Shutdown;
+use kiroku_testkit::{TestDb, TestRedis};
+use serde_json::json;
+use tonic::transport::Channel;
+
+#[tokio::main]
+async fn main() {
+    let calls: usize = std::env::var("BENCH_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(8000);
+    let callers: usize = std::env::var("BENCH_CALLERS").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+    let db = TestDb::create().await.unwrap();
+    let redis = TestRedis::acquire().await.unwrap();
+    let identity = DevIdentityProvider::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+
+    let env: Vec<(&str, String)> = vec![
+        ("DATABASE_URL", db.url.clone()),
+        ("REDIS_URL", redis.url.clone()),
+        ("KIROKU_REDIS_PREFIX", redis.prefix.clone()),
+        ("KIROKU_AUTH0_ISSUER", identity.issuer().to_owned()),
+        ("KIROKU_AUTH0_AUDIENCE", DEV_AUDIENCE.to_owned()),
+        ("KIROKU_GITHUB_API_URL", identity.github_api_url()),
+        ("KIROKU_COMMAND_ADDR", "127.0.0.1:0".to_owned()),
+        ("KIROKU_MIGRATE", "false".to_owned()),
+    ];
+    let source = move |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
+    let settings = kiroku_command::config::Settings::from_source(&source).unwrap();
+    let app = kiroku_command::Application::build(settings).await.unwrap();
+    let address = app.local_addr();
+    let (trigger, shutdown) = Shutdown::new();
+    let server = tokio::spawn(app.run_until_stopped(shutdown));
+
+    // Tokens are minted before the clock starts: signing is the caller's cost, not kiroku's.
+    let tokens: Vec<String> = (0..calls)
+        .map(|n| {
+            let account = DevAccount { github_id: 10_000_000 + n as u64, login: format!("bench-{n}") };
+            identity.mint(&account, Duration::from_secs(3600)).unwrap()
+        })
+        .collect();
+    let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+    // Warm up: the first call fetches the JWKS.
+    CommandServiceClient::new(channel.clone())
+        .register_user(RegisterUserRequest { auth0_token: tokens[0].clone(), request_id: String::new() })
+        .await
+        .unwrap();
+
+    let chunks: Vec<Vec<String>> = tokens[1..].chunks(calls.div_ceil(callers)).map(<[String]>::to_vec).collect();
+    let started = Instant::now();
+    let tasks: Vec<_> = chunks
+        .into_iter()
+        .map(|chunk| {
+            let mut client = CommandServiceClient::new(channel.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(chunk.len());
+                for token in chunk {
+                    let t = Instant::now();
+                    client
+                        .register_user(RegisterUserRequest { auth0_token: token, request_id: String::new() })
+                        .await
+                        .unwrap();
+                    latencies.push(t.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "benchmark": "register_user",
+            "callers": callers,
+            "calls": latencies.len(),
+            "seconds": elapsed.as_secs_f64(),
+            "calls_per_sec": (latencies.len() as f64 / elapsed.as_secs_f64()).round(),
+            "latency_ms": { "p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0) },
+        }))
+        .unwrap()
+    );
+    trigger.trigger();
+    let _ = server.await;
+}

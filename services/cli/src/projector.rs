@@ -1,0 +1,57 @@
+//! `kiroku projector …`: rebuild, status and dead letters, against DATABASE_URL (and REDIS_URL for replays).
+
+use anyhow::Result;
+use kiroku_platform::config::{self, Environment, exit_on_config_error};
+use kiroku_projector::{Projection, dead_letters, rebuild};
+use serde_json::json;
+
+use crate::{DeadLetterAction, ProjectorAction};
+
+pub(crate) async fn run(action: ProjectorAction) -> Result<()> {
+    let url = config::database_url(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
+    let pool = kiroku_platform::connect_postgres(&url, 4).await?;
+    // Dead letters are skipped for good after this many attempts; replays apply once.
+    let projection = Projection::new(pool.clone(), u32::MAX);
+    match action {
+        ProjectorAction::Rebuild => {
+            let rebuilt = rebuild::rebuild(&pool, &projection).await?;
+            println!(
+                "{}",
+                json!({
+                    "generation": rebuilt.generation,
+                    "checkpoint": rebuilt.checkpoint.get(),
+                    "events": rebuilt.events,
+                    "seconds": rebuilt.seconds,
+                    "events_per_sec": (rebuilt.events as f64 / rebuilt.seconds.max(1e-9)).round(),
+                })
+            );
+        }
+        ProjectorAction::Status => {
+            let status = projection.status().await?;
+            println!(
+                "{}",
+                json!({
+                    "generation": status.generation,
+                    "checkpoint": status.checkpoint.get(),
+                    "lag_seconds": status.lag_seconds,
+                })
+            );
+        }
+        ProjectorAction::DeadLetters { action: DeadLetterAction::List } => {
+            for row in dead_letters::list(&pool).await? {
+                println!("{}", json!({ "position": row.position.get(), "attempts": row.attempts, "error": row.error }));
+            }
+        }
+        ProjectorAction::DeadLetters { action: DeadLetterAction::Replay } => {
+            let redis_url =
+                config::redis_url(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
+            let prefix =
+                config::redis_prefix(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
+            let redis = kiroku_platform::connect_redis(&redis_url).await?;
+            let (replayed, failed) =
+                dead_letters::replay(&pool, &projection, &redis, &format!("{prefix}:events:dead")).await?;
+            println!("{}", json!({ "replayed": replayed, "still_failing": failed }));
+        }
+    }
+    Ok(())
+}

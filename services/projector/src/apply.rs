@@ -1,0 +1,136 @@
+//! How each event changes the read models. One function per event type; events of other aggregates are
+//! skipped on purpose, and an unknown event type of a known aggregate is an error (it goes to the dead letters
+//! rather than being silently dropped).
+
+use kiroku_domain::{AuditEvent, UserEvent, UserProfileUpdated, UserRegistered, UserRegistrationFailed};
+use kiroku_event_store::RecordedEvent;
+use sqlx::PgConnection;
+
+/// Why an event could not be applied. Every variant is retried, then dead-lettered.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    #[error("{0}")]
+    Decode(#[from] kiroku_domain::DecodeError),
+    #[error("unknown event type {event_type} for aggregate type {aggregate_type}")]
+    UnknownEventType { aggregate_type: String, event_type: String },
+    #[error("user {0} is missing the predecessor of version {1}")]
+    MissingPredecessor(uuid::Uuid, u32),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Applies one event to one generation of the read models. Applying it twice changes nothing.
+pub(crate) async fn apply(conn: &mut PgConnection, generation: i32, event: &RecordedEvent) -> Result<(), ApplyError> {
+    let unknown = || ApplyError::UnknownEventType {
+        aggregate_type: event.aggregate_type.clone(),
+        event_type: event.event_type.clone(),
+    };
+    match event.aggregate_type.as_str() {
+        UserEvent::AGGREGATE_TYPE => match UserEvent::decode(&event.event_type, &event.data).ok_or_else(unknown)?? {
+            UserEvent::Registered(registered) => user_registered(conn, generation, event, &registered).await,
+            UserEvent::ProfileUpdated(updated) => profile_updated(conn, generation, event, &updated).await,
+        },
+        AuditEvent::AGGREGATE_TYPE => {
+            match AuditEvent::decode(&event.event_type, &event.data).ok_or_else(unknown)?? {
+                AuditEvent::RegistrationFailed(failed) => registration_failed(conn, generation, event, &failed).await,
+            }
+        }
+        // Aggregates this projection does not read (none yet): their positions still advance the checkpoint.
+        _ => Ok(()),
+    }
+}
+
+async fn user_registered(
+    conn: &mut PgConnection,
+    generation: i32,
+    event: &RecordedEvent,
+    registered: &UserRegistered,
+) -> Result<(), ApplyError> {
+    sqlx::query(
+        "INSERT INTO users_read_rows (generation, id, auth0_id, github_id, github_username, display_name, avatar_url, \
+         status, created_at, updated_at, version, position) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $8, $9, $10) \
+         ON CONFLICT (generation, id) DO NOTHING",
+    )
+    .bind(generation)
+    .bind(event.aggregate_id)
+    .bind(registered.auth0_id.to_string())
+    .bind(registered.github_id.to_string())
+    .bind(&registered.personal.github_username)
+    .bind(&registered.personal.display_name)
+    .bind(&registered.personal.avatar_url)
+    .bind(registered.registered_at)
+    .bind(i32::try_from(event.version).unwrap_or(i32::MAX))
+    .bind(i64::try_from(event.position.get()).unwrap_or(i64::MAX))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn profile_updated(
+    conn: &mut PgConnection,
+    generation: i32,
+    event: &RecordedEvent,
+    updated: &UserProfileUpdated,
+) -> Result<(), ApplyError> {
+    let version = i32::try_from(event.version).unwrap_or(i32::MAX);
+    let changed = sqlx::query(
+        "UPDATE users_read_rows SET github_username = coalesce($4, github_username), \
+         display_name = coalesce($5, display_name), avatar_url = coalesce($6, avatar_url), \
+         updated_at = $7, version = $3, position = $8 \
+         WHERE generation = $1 AND id = $2 AND version = $3 - 1",
+    )
+    .bind(generation)
+    .bind(event.aggregate_id)
+    .bind(version)
+    .bind(&updated.personal.github_username)
+    .bind(&updated.personal.display_name)
+    .bind(&updated.personal.avatar_url)
+    .bind(updated.updated_at)
+    .bind(i64::try_from(event.position.get()).unwrap_or(i64::MAX))
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if changed == 1 {
+        return Ok(());
+    }
+    // Not applied: either it already was (redelivery) or its predecessor is missing (never in position order).
+    let current: Option<i32> =
+        sqlx::query_scalar("SELECT version FROM users_read_rows WHERE generation = $1 AND id = $2")
+            .bind(generation)
+            .bind(event.aggregate_id)
+            .fetch_optional(conn)
+            .await?;
+    match current {
+        Some(current) if current >= version => Ok(()),
+        _ => Err(ApplyError::MissingPredecessor(event.aggregate_id, event.version)),
+    }
+}
+
+async fn registration_failed(
+    conn: &mut PgConnection,
+    generation: i32,
+    event: &RecordedEvent,
+    failed: &UserRegistrationFailed,
+) -> Result<(), ApplyError> {
+    let reason = serde_json::to_value(failed.reason)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{:?}", failed.reason));
+    sqlx::query(
+        "INSERT INTO registration_failures_rows (generation, audit_id, auth0_id, github_id, reason, attempted_at, \
+         duplicate_user_id, position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (generation, audit_id) DO NOTHING",
+    )
+    .bind(generation)
+    .bind(event.aggregate_id)
+    .bind(failed.auth0_id.to_string())
+    .bind(failed.github_id.to_string())
+    .bind(reason)
+    .bind(failed.attempted_at)
+    .bind(failed.duplicate_user_id.map(|id| id.as_uuid()))
+    .bind(i64::try_from(event.position.get()).unwrap_or(i64::MAX))
+    .execute(conn)
+    .await?;
+    Ok(())
+}

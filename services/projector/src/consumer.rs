@@ -1,0 +1,221 @@
+//! The Redis side: a consumer group per projection on `{prefix}:events`. Entries are acknowledged only after the
+//! transaction that applied them committed; entries another consumer left pending are taken over with
+//! `XAUTOCLAIM`; a lost group (`NOGROUP`) is re-created at `0`. PostgreSQL is polled as well, so the read model
+//! keeps up while Redis is down or after it came back empty.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use fred::prelude::*;
+use kiroku_event_store::{Position, RecordedEvent};
+use kiroku_platform::Shutdown;
+
+use crate::projection::{DeadLetter, Delivered, PROJECTION, Projection, Target};
+
+type Entry = (String, HashMap<String, String>);
+
+/// How the consumer runs.
+#[derive(Clone, Debug)]
+pub(crate) struct ConsumerSettings {
+    pub stream_key: String,
+    pub dead_letter_key: String,
+    pub group: String,
+    pub consumer: String,
+    pub claim_idle: Duration,
+}
+
+impl ConsumerSettings {
+    pub(crate) fn new(prefix: &str, consumer: String, claim_idle: Duration) -> Self {
+        ConsumerSettings {
+            stream_key: format!("{prefix}:events"),
+            dead_letter_key: format!("{prefix}:events:dead"),
+            group: PROJECTION.to_owned(),
+            consumer,
+            claim_idle,
+        }
+    }
+}
+
+pub(crate) struct Consumer {
+    projection: Projection,
+    /// For commands that must not wait behind a blocking read.
+    redis: Client,
+    /// For the blocking `XREADGROUP` only.
+    reader: Client,
+    settings: ConsumerSettings,
+}
+
+impl Consumer {
+    pub(crate) fn new(projection: Projection, redis: Client, reader: Client, settings: ConsumerSettings) -> Self {
+        Consumer { projection, redis, reader, settings }
+    }
+
+    /// Runs until shutdown; a step in progress finishes first.
+    pub(crate) async fn run(self, shutdown: Shutdown) {
+        let mut group_ready = false;
+        let mut next_claim = Instant::now() + self.settings.claim_idle;
+        let mut quiet_until = Instant::now();
+        while !shutdown.is_triggered() {
+            if !group_ready {
+                group_ready = self.ensure_group().await.is_ok();
+            }
+            let read = tokio::select! {
+                () = shutdown.wait() => break,
+                read = self.read_new() => read,
+            };
+            let entries = match read {
+                Ok(entries) => entries,
+                Err(error) => {
+                    if error.to_string().contains("NOGROUP") {
+                        tracing::warn!("the consumer group is gone; re-creating it at 0");
+                        group_ready = false;
+                    } else if Instant::now() >= quiet_until {
+                        tracing::warn!(%error, "cannot read the stream; following PostgreSQL meanwhile");
+                        quiet_until = Instant::now() + Duration::from_secs(30);
+                    }
+                    tokio::select! {
+                        () = shutdown.wait() => break,
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    Vec::new()
+                }
+            };
+            if let Err(error) = self.process(&entries).await {
+                tracing::warn!(error = format!("{error:#}"), "projection step failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            if Instant::now() >= next_claim {
+                next_claim = Instant::now() + self.settings.claim_idle.min(Duration::from_secs(5));
+                match self.claim_stale().await {
+                    Ok(claimed) if !claimed.is_empty() => {
+                        tracing::info!(entries = claimed.len(), "took over entries left pending by another consumer");
+                        if let Err(error) = self.process(&claimed).await {
+                            tracing::warn!(error = format!("{error:#}"), "projection step failed; retrying");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::debug!(%error, "XAUTOCLAIM failed"),
+                }
+            }
+        }
+    }
+
+    async fn ensure_group(&self) -> Result<()> {
+        let created: Result<(), _> =
+            self.redis.xgroup_create(&self.settings.stream_key, &self.settings.group, "0", true).await;
+        match created {
+            Ok(()) => Ok(()),
+            Err(error) if error.to_string().contains("BUSYGROUP") => Ok(()),
+            Err(error) => Err(error).context("create the consumer group"),
+        }
+    }
+
+    async fn read_new(&self) -> Result<Vec<Entry>> {
+        let response: HashMap<String, Vec<Entry>> = self
+            .reader
+            .xreadgroup_map(
+                &self.settings.group,
+                &self.settings.consumer,
+                Some(500),
+                Some(1000),
+                false,
+                &self.settings.stream_key,
+                ">",
+            )
+            .await?;
+        Ok(response.into_values().flatten().collect())
+    }
+
+    async fn claim_stale(&self) -> Result<Vec<Entry>> {
+        let idle = u64::try_from(self.settings.claim_idle.as_millis()).unwrap_or(u64::MAX);
+        let (_, entries, _): (String, Vec<Entry>, Vec<String>) = self
+            .redis
+            .xautoclaim(
+                &self.settings.stream_key,
+                &self.settings.group,
+                &self.settings.consumer,
+                idle,
+                "0-0",
+                Some(500),
+                false,
+            )
+            .await?;
+        Ok(entries)
+    }
+
+    /// Applies what `entries` announce (or, with none, whatever the store has), then acknowledges them.
+    async fn process(&self, entries: &[Entry]) -> Result<()> {
+        let delivered: Vec<Delivered> = entries.iter().filter_map(|(_, fields)| decode(fields)).collect();
+        let wanted = delivered.iter().map(|d| d.event.position).max().unwrap_or(Position::ZERO);
+        let mut step = self.projection.step(Target::Active, &delivered).await?;
+        self.publish_dead_letters(&step.dead_lettered).await;
+        // A broken chain was read from the store in batches: go on until the delivered entries are covered.
+        while step.more || (step.checkpoint < wanted && step.applied > 0) {
+            step = self.projection.step(Target::Active, &[]).await?;
+            self.publish_dead_letters(&step.dead_lettered).await;
+        }
+        let done: Vec<&str> = entries
+            .iter()
+            .filter(|(_, fields)| {
+                fields.get("position").and_then(|p| p.parse::<u64>().ok()).is_none_or(|p| p <= step.checkpoint.get())
+            })
+            .map(|(id, _)| id.as_str())
+            .collect();
+        if !done.is_empty() {
+            let _: i64 =
+                self.redis.xack(&self.settings.stream_key, &self.settings.group, done).await.context("XACK")?;
+        }
+        Ok(())
+    }
+
+    async fn publish_dead_letters(&self, dead: &[DeadLetter]) {
+        for letter in dead {
+            if let Err(error) = publish_dead_letter(&self.redis, &self.settings.dead_letter_key, letter).await {
+                // The failure row in PostgreSQL stays the record; `kiroku projector dead-letters` lists it.
+                tracing::warn!(%error, position = %letter.event.position, "could not publish a dead letter");
+            }
+        }
+    }
+}
+
+/// Adds a dead letter to `{prefix}:events:dead`.
+pub async fn publish_dead_letter(redis: &Client, key: &str, letter: &DeadLetter) -> Result<()> {
+    let fields: Vec<(&str, String)> = vec![
+        ("projection", PROJECTION.to_owned()),
+        ("position", letter.event.position.to_string()),
+        ("event_id", letter.event.event_id.to_string()),
+        ("aggregate_id", letter.event.aggregate_id.to_string()),
+        ("aggregate_type", letter.event.aggregate_type.clone()),
+        ("event_type", letter.event.event_type.clone()),
+        ("version", letter.event.version.to_string()),
+        ("attempts", letter.attempts.to_string()),
+        ("error", letter.error.clone()),
+    ];
+    let _: String = redis.xadd(key, false, None, "*", fields).await?;
+    Ok(())
+}
+
+/// A stream entry as an event; `None` when it is malformed (then the store fills in).
+fn decode(fields: &HashMap<String, String>) -> Option<Delivered> {
+    let get = |name: &str| fields.get(name);
+    let payload: serde_json::Value = serde_json::from_str(get("payload")?).ok()?;
+    let occurred_at: DateTime<Utc> = payload.get("occurred_at")?.as_str()?.parse().ok()?;
+    Some(Delivered {
+        prev_position: Position::new(get("prev_position")?.parse().ok()?),
+        event: RecordedEvent {
+            position: Position::new(get("position")?.parse().ok()?),
+            event_id: get("event_id")?.parse().ok()?,
+            aggregate_id: get("aggregate_id")?.parse().ok()?,
+            aggregate_type: get("aggregate_type")?.clone(),
+            event_type: get("event_type")?.clone(),
+            version: get("version")?.parse().ok()?,
+            data: payload.get("data")?.clone(),
+            metadata: payload.get("metadata")?.clone(),
+            occurred_at,
+            created_at: occurred_at,
+        },
+    })
+}

@@ -1,0 +1,174 @@
+//! The gRPC edge of the query side: validates requests and turns answers and `QueryError`s into responses.
+
+use std::time::Duration;
+
+use kiroku::v1::query_service_server::QueryService;
+use kiroku::v1::{
+    GetUserHistoryRequest, GetUserHistoryResponse, GetUserRequest, GetUserResponse, ListRegistrationFailuresRequest,
+    ListRegistrationFailuresResponse, ListUsersRequest, ListUsersResponse, LookupUserRequest, LookupUserResponse,
+    WatchEventsRequest, lookup_user_request,
+};
+use kiroku_event_store::EventStore;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::error::QueryError;
+use crate::paging::{decode_token, encode_token, page_size, parse_user_filter};
+use crate::read_models::{ReadModels, UserKey};
+use crate::watch::{WatchStream, Watcher};
+use crate::wire;
+
+/// The longest a GetUser waits for the read model to reach `min_position`.
+const MAX_READ_YOUR_WRITES_WAIT: Duration = Duration::from_secs(10);
+/// Kept back from the caller's deadline, so that our answer still reaches it in time.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(200);
+
+pub(crate) struct QueryGrpc {
+    read_models: ReadModels,
+    store: EventStore,
+    watcher: Watcher,
+}
+
+impl QueryGrpc {
+    pub(crate) fn new(read_models: ReadModels, store: EventStore, watcher: Watcher) -> Self {
+        QueryGrpc { read_models, store, watcher }
+    }
+}
+
+fn user_id(field: &'static str, value: &str) -> Result<Uuid, QueryError> {
+    if value.is_empty() {
+        return Err(QueryError::invalid(field, "is required"));
+    }
+    Uuid::parse_str(value).map_err(|_| QueryError::invalid(field, "must be a UUID"))
+}
+
+/// The caller's deadline from the `grpc-timeout` header (e.g. `5S`, `250m`).
+fn deadline<T>(request: &Request<T>) -> Option<Duration> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = amount.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+#[tonic::async_trait]
+impl QueryService for QueryGrpc {
+    async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<GetUserResponse>, Status> {
+        let patience = deadline(&request)
+            .map(|d| d.saturating_sub(DEADLINE_MARGIN))
+            .unwrap_or(MAX_READ_YOUR_WRITES_WAIT)
+            .min(MAX_READ_YOUR_WRITES_WAIT);
+        let message = request.into_inner();
+        let id = user_id("user_id", &message.user_id)?;
+        if message.min_position > 0 {
+            self.read_models.wait_for(message.min_position, patience).await?;
+        }
+        let user = self.read_models.user(UserKey::Id(id)).await?.ok_or(QueryError::NotFound("user"))?;
+        Ok(Response::new(GetUserResponse { user: Some(user) }))
+    }
+
+    async fn lookup_user(&self, request: Request<LookupUserRequest>) -> Result<Response<LookupUserResponse>, Status> {
+        let key = match &request.get_ref().key {
+            Some(lookup_user_request::Key::Auth0Id(v)) if !v.is_empty() => UserKey::Auth0Id(v),
+            Some(lookup_user_request::Key::GithubId(v)) if !v.is_empty() => UserKey::GitHubId(v),
+            Some(lookup_user_request::Key::GithubUsername(v)) if !v.is_empty() => UserKey::GitHubUsername(v),
+            _ => {
+                return Err(
+                    QueryError::invalid("key", "one of auth0_id, github_id, github_username is required").into()
+                );
+            }
+        };
+        let user = self.read_models.user(key).await?.ok_or(QueryError::NotFound("user"))?;
+        Ok(Response::new(LookupUserResponse { user: Some(user) }))
+    }
+
+    async fn list_users(&self, request: Request<ListUsersRequest>) -> Result<Response<ListUsersResponse>, Status> {
+        let message = request.into_inner();
+        let limit = page_size(message.page_size)?;
+        let filter = parse_user_filter(&message.filter)?;
+        let after: Option<Uuid> = decode_token("users", &message.filter, &message.page_token)?;
+        let mut users = self.read_models.users(&filter, after, limit + 1).await?;
+        let next_page_token = if users.len() as i64 > limit {
+            users.truncate(limit as usize);
+            users.last().map(|u| encode_token("users", &message.filter, &u.user_id)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListUsersResponse { users, next_page_token }))
+    }
+
+    async fn get_user_history(
+        &self,
+        request: Request<GetUserHistoryRequest>,
+    ) -> Result<Response<GetUserHistoryResponse>, Status> {
+        let message = request.into_inner();
+        let id = user_id("user_id", &message.user_id)?;
+        let limit = page_size(message.page_size)?;
+        let after: u32 = decode_token("history", &message.user_id, &message.page_token)?.unwrap_or(0);
+        let mut events = self
+            .store
+            .read_stream(id, after, u32::try_from(limit + 1).unwrap_or(u32::MAX))
+            .await
+            .map_err(QueryError::from)?;
+        if events.is_empty() && after == 0 {
+            return Err(QueryError::NotFound("user").into());
+        }
+        let next_page_token = if events.len() as i64 > limit {
+            events.truncate(limit as usize);
+            events.last().map(|e| encode_token("history", &message.user_id, e.version)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(GetUserHistoryResponse { events: events.iter().map(wire::event).collect(), next_page_token }))
+    }
+
+    async fn list_registration_failures(
+        &self,
+        request: Request<ListRegistrationFailuresRequest>,
+    ) -> Result<Response<ListRegistrationFailuresResponse>, Status> {
+        let message = request.into_inner();
+        let limit = page_size(message.page_size)?;
+        let before: Option<i64> = decode_token("failures", "", &message.page_token)?;
+        let mut failures = self.read_models.failures(before, limit + 1).await?;
+        let next_page_token = if failures.len() as i64 > limit {
+            failures.truncate(limit as usize);
+            failures.last().map(|f| encode_token("failures", "", f.position as i64)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListRegistrationFailuresResponse { failures, next_page_token }))
+    }
+
+    type WatchEventsStream = WatchStream;
+
+    async fn watch_events(&self, request: Request<WatchEventsRequest>) -> Result<Response<WatchStream>, Status> {
+        let stream = self.watcher.watch(request.into_inner()).await?;
+        Ok(Response::new(stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        let with = |value: &str| {
+            let mut request = Request::new(());
+            request.metadata_mut().insert("grpc-timeout", value.parse().unwrap());
+            deadline(&request)
+        };
+        assert_eq!(with("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(with("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(with("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(with("x"), None);
+        assert_eq!(deadline(&Request::new(())), None);
+    }
+}

@@ -1,0 +1,156 @@
+//! Reading the read models (through the views that show the active generation) and the projection's checkpoint.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use kiroku::v1::{RegistrationFailure, User, UserStatus};
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use crate::error::QueryError;
+use crate::paging::UserFilter;
+use crate::wire::timestamp;
+
+/// `SELECT <the user columns> FROM users_read <rest>`, as one static string.
+macro_rules! select_users {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, auth0_id, github_id, github_username, display_name, avatar_url, status, created_at, \
+             updated_at, version FROM users_read ",
+            $rest
+        )
+    };
+}
+
+#[derive(Clone)]
+pub(crate) struct ReadModels {
+    pool: PgPool,
+}
+
+/// A user lookup key.
+pub(crate) enum UserKey<'a> {
+    Id(Uuid),
+    Auth0Id(&'a str),
+    GitHubId(&'a str),
+    GitHubUsername(&'a str),
+}
+
+impl ReadModels {
+    pub(crate) fn new(pool: PgPool) -> Self {
+        ReadModels { pool }
+    }
+
+    pub(crate) async fn user(&self, key: UserKey<'_>) -> Result<Option<User>, QueryError> {
+        let query = match key {
+            UserKey::Id(id) => sqlx::query(select_users!("WHERE id = $1")).bind(id),
+            UserKey::Auth0Id(value) => sqlx::query(select_users!("WHERE auth0_id = $1")).bind(value.to_owned()),
+            UserKey::GitHubId(value) => sqlx::query(select_users!("WHERE github_id = $1")).bind(value.to_owned()),
+            UserKey::GitHubUsername(value) => {
+                sqlx::query(select_users!("WHERE lower(github_username) = lower($1)")).bind(value.to_owned())
+            }
+        };
+        let row = query.fetch_optional(&self.pool).await?;
+        row.as_ref().map(user).transpose()
+    }
+
+    /// One page of users in id order (UUIDv7: registration order), after `after`, at most `limit`.
+    pub(crate) async fn users(
+        &self,
+        filter: &UserFilter,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<User>, QueryError> {
+        let rows = sqlx::query(select_users!(
+            "WHERE ($1::uuid IS NULL OR id > $1) AND (NOT $2 OR status = 'active') \
+             AND ($3::text IS NULL OR lower(github_username) LIKE $3) ORDER BY id LIMIT $4"
+        ))
+        .bind(after)
+        .bind(filter.active_only)
+        .bind(filter.login_pattern())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(user).collect()
+    }
+
+    /// Refused registrations, newest first, before position `before`.
+    pub(crate) async fn failures(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<RegistrationFailure>, QueryError> {
+        let rows = sqlx::query(
+            "SELECT audit_id, auth0_id, github_id, reason, attempted_at, duplicate_user_id, position \
+             FROM registration_failures_read WHERE ($1::bigint IS NULL OR position < $1) \
+             ORDER BY position DESC LIMIT $2",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(RegistrationFailure {
+                    audit_id: row.try_get::<Uuid, _>("audit_id")?.to_string(),
+                    auth0_id: row.try_get("auth0_id")?,
+                    github_id: row.try_get("github_id")?,
+                    reason: row.try_get("reason")?,
+                    attempted_at: Some(timestamp(row.try_get("attempted_at")?)),
+                    duplicate_user_id: row
+                        .try_get::<Option<Uuid>, _>("duplicate_user_id")?
+                        .map(|id| id.to_string())
+                        .unwrap_or_default(),
+                    position: u64::try_from(row.try_get::<i64, _>("position")?).unwrap_or(0),
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(QueryError::from)
+    }
+
+    /// The active generation's checkpoint: every event at or below it is in the read model.
+    pub(crate) async fn checkpoint(&self) -> Result<u64, QueryError> {
+        let position: i64 = sqlx::query_scalar(
+            "SELECT c.position FROM projections p JOIN projection_checkpoints c \
+             ON c.projection = p.name AND c.generation = p.active_generation WHERE p.name = 'users'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(position).unwrap_or(0))
+    }
+
+    /// Waits until the read model has reached `position`, or `patience` has passed.
+    pub(crate) async fn wait_for(&self, position: u64, patience: Duration) -> Result<(), QueryError> {
+        let deadline = Instant::now() + patience;
+        loop {
+            if self.checkpoint().await? >= position {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(QueryError::ProjectionBehind(position));
+            }
+            tokio::time::sleep(Duration::from_millis(10).min(deadline.saturating_duration_since(Instant::now()))).await;
+        }
+    }
+}
+
+fn user(row: &PgRow) -> Result<User, QueryError> {
+    let status: String = row.try_get("status")?;
+    let created: DateTime<Utc> = row.try_get("created_at")?;
+    let updated: DateTime<Utc> = row.try_get("updated_at")?;
+    Ok(User {
+        user_id: row.try_get::<Uuid, _>("id")?.to_string(),
+        auth0_id: row.try_get("auth0_id")?,
+        github_id: row.try_get("github_id")?,
+        github_username: row.try_get("github_username")?,
+        display_name: row.try_get("display_name")?,
+        avatar_url: row.try_get::<Option<String>, _>("avatar_url")?.unwrap_or_default(),
+        status: match status.as_str() {
+            "active" => UserStatus::Active as i32,
+            _ => UserStatus::Unspecified as i32,
+        },
+        created_at: Some(timestamp(created)),
+        updated_at: Some(timestamp(updated)),
+        version: u64::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0),
+    })
+}

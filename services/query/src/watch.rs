@@ -1,0 +1,366 @@
+//! WatchEvents: catch-up from PostgreSQL, then live, with no gap and no duplicate at the switch.
+//!
+//! - **One upstream reader per process** (the pump) follows the log by position, woken by `LISTEN
+//!   kiroku_events` and polling as a fallback, and fans events and progress marks out over a broadcast channel.
+//! - **Each subscriber** subscribes first, then replays from the store until a read comes back short (which
+//!   covers everything the pump had seen when it subscribed), then takes live items, skipping what it has
+//!   delivered. If it lags behind the broadcast buffer, it falls back to replay from the store.
+//! - **A slow client** never slows the others or grows memory: its outgoing buffer holds at most
+//!   `client_buffer` messages. A live client whose buffer is full goes back to replay from the store, at its own
+//!   pace; one that leaves a full buffer unread for `stall_timeout` is ended with RESOURCE_EXHAUSTED
+//!   `CONSUMER_TOO_SLOW` (after what is buffered) and resumes with `after_position`.
+//! - **Progress** is sent after a second without any message: every later event has a higher position.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use kiroku::v1::{
+    CaughtUp, Progress, WatchEventsRequest, WatchEventsResponse, watch_events_request, watch_events_response,
+};
+use kiroku_domain::{AuditEvent, UserEvent};
+use kiroku_event_store::{EVENTS_CHANNEL, EventStore, Position, RecordedEvent};
+use kiroku_platform::Shutdown;
+use sqlx::postgres::PgListener;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use uuid::Uuid;
+
+use crate::error::QueryError;
+use crate::wire;
+
+/// Events read from the store per query.
+const BATCH: u32 = 500;
+/// How often a subscriber with nothing to say sends a progress mark.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How often the pump polls when no commit was announced.
+const POLL_EVERY: Duration = Duration::from_millis(250);
+
+/// What the pump broadcasts, in log order.
+#[derive(Clone, Debug)]
+enum Item {
+    Event(Arc<RecordedEvent>),
+    /// Everything at or below this position has been broadcast.
+    Progress(Position),
+}
+
+/// Settings of the watch feed.
+#[derive(Clone, Copy, Debug)]
+pub struct WatchSettings {
+    /// Messages buffered for one client; a live client whose buffer is full goes back to replay.
+    pub client_buffer: usize,
+    /// Items the broadcast keeps for subscribers that fall behind before they replay from the store.
+    pub broadcast_buffer: usize,
+    /// A client that leaves its full buffer unread this long is ended with CONSUMER_TOO_SLOW.
+    pub stall_timeout: Duration,
+}
+
+impl Default for WatchSettings {
+    fn default() -> Self {
+        WatchSettings { client_buffer: 1024, broadcast_buffer: 4096, stall_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// The process's watch feed: the pump and the subscribers.
+#[derive(Clone)]
+pub(crate) struct Watcher {
+    store: EventStore,
+    items: broadcast::Sender<Item>,
+    scanned: watch::Receiver<Position>,
+    settings: WatchSettings,
+    shutdown: Shutdown,
+}
+
+pub(crate) type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEventsResponse, Status>> + Send>>;
+
+impl Watcher {
+    /// Starts the pump at the current head.
+    pub(crate) async fn start(
+        store: EventStore,
+        settings: WatchSettings,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<Watcher> {
+        let head = store.safe_horizon().await?;
+        let (items, _) = broadcast::channel(settings.broadcast_buffer.max(16));
+        let (scanned_tx, scanned) = watch::channel(head);
+        let listener = PgListener::connect_with(store.pool()).await?;
+        tokio::spawn(pump(store.clone(), listener, items.clone(), scanned_tx, head, shutdown.clone()));
+        Ok(Watcher { store, items, scanned, settings, shutdown })
+    }
+
+    /// Validates the request and starts a subscriber.
+    pub(crate) async fn watch(&self, request: WatchEventsRequest) -> Result<WatchStream, QueryError> {
+        let filter = Filter::new(&request)?;
+        let start = match request.start {
+            Some(watch_events_request::Start::FromBeginning(true)) => Some(Position::ZERO),
+            Some(watch_events_request::Start::AfterPosition(after)) => {
+                let head = self.head().await?;
+                if after > head.get() {
+                    return Err(QueryError::PositionOutOfRange { requested: after, head: head.get() });
+                }
+                Some(Position::new(after))
+            }
+            // Neither (or from_beginning: false): live only.
+            _ => None,
+        };
+        let (out, receiver) = mpsc::channel(self.settings.client_buffer.max(1));
+        let ending: Arc<Mutex<Option<Status>>> = Arc::default();
+        let subscriber = Subscriber {
+            store: self.store.clone(),
+            items: self.items.subscribe(),
+            filter,
+            out,
+            ending: ending.clone(),
+            last: Position::ZERO,
+            last_sent: Instant::now(),
+            stall_timeout: self.settings.stall_timeout,
+        };
+        let scanned = *self.scanned.borrow();
+        tokio::spawn(subscriber.run(start, scanned, self.shutdown.clone()));
+        // The client gets what is buffered, then the reason the stream ended.
+        let tail = futures::stream::once(async move {
+            ending.lock().ok().and_then(|mut e| e.take()).unwrap_or_else(|| Status::unavailable("stream ended"))
+        })
+        .map(Err);
+        Ok(Box::pin(ReceiverStream::new(receiver).chain(tail)))
+    }
+
+    /// The highest position a client may resume after: committed events and announced progress.
+    async fn head(&self) -> Result<Position, QueryError> {
+        let committed: Option<i64> =
+            sqlx::query_scalar("SELECT max(position) FROM events").fetch_one(self.store.pool()).await?;
+        let committed = Position::new(committed.and_then(|p| u64::try_from(p).ok()).unwrap_or(0));
+        let horizon = self.store.safe_horizon().await?;
+        let scanned = *self.scanned.borrow();
+        Ok(committed.max(scanned).max(horizon))
+    }
+}
+
+/// Follows the log and broadcasts it; the only reader of the store for live delivery in this process.
+async fn pump(
+    store: EventStore,
+    mut listener: PgListener,
+    items: broadcast::Sender<Item>,
+    scanned: watch::Sender<Position>,
+    mut after: Position,
+    shutdown: Shutdown,
+) {
+    let listening = listener.listen(EVENTS_CHANNEL).await.is_ok();
+    loop {
+        let horizon = store.safe_horizon().await;
+        match (horizon, store.read_all_after(after, BATCH).await) {
+            (Ok(horizon), Ok(events)) => {
+                let full = events.len() == BATCH as usize;
+                for event in events {
+                    after = event.position;
+                    // No receivers is fine: nobody is watching.
+                    let _ = items.send(Item::Event(Arc::new(event)));
+                }
+                if !full {
+                    after = after.max(horizon);
+                }
+                if after > *scanned.borrow() {
+                    let _ = items.send(Item::Progress(after));
+                    let _ = scanned.send(after);
+                }
+                if full {
+                    continue;
+                }
+            }
+            (Err(error), _) | (_, Err(error)) => tracing::warn!(%error, "watch feed cannot read the log"),
+        }
+        tokio::select! {
+            () = shutdown.wait() => return,
+            _ = listener.recv(), if listening => {}
+            () = tokio::time::sleep(POLL_EVERY) => {}
+        }
+    }
+}
+
+/// Which events a subscriber wants.
+struct Filter {
+    event_types: HashSet<String>,
+    aggregate_types: HashSet<String>,
+    aggregate_id: Option<Uuid>,
+}
+
+impl Filter {
+    fn new(request: &WatchEventsRequest) -> Result<Filter, QueryError> {
+        let known_events: HashSet<&str> = UserEvent::TYPES.into_iter().chain(AuditEvent::TYPES).collect();
+        let known_aggregates = [UserEvent::AGGREGATE_TYPE, AuditEvent::AGGREGATE_TYPE];
+        for name in &request.event_types {
+            if !known_events.contains(name.as_str()) {
+                return Err(QueryError::invalid("event_types", format!("unknown event type {name:?}")));
+            }
+        }
+        for name in &request.aggregate_types {
+            if !known_aggregates.contains(&name.as_str()) {
+                return Err(QueryError::invalid("aggregate_types", format!("unknown aggregate type {name:?}")));
+            }
+        }
+        let aggregate_id = match request.aggregate_id.as_str() {
+            "" => None,
+            id => Some(Uuid::parse_str(id).map_err(|_| QueryError::invalid("aggregate_id", "must be a UUID"))?),
+        };
+        Ok(Filter {
+            event_types: request.event_types.iter().cloned().collect(),
+            aggregate_types: request.aggregate_types.iter().cloned().collect(),
+            aggregate_id,
+        })
+    }
+
+    fn matches(&self, event: &RecordedEvent) -> bool {
+        (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
+            && (self.aggregate_types.is_empty() || self.aggregate_types.contains(&event.aggregate_type))
+            && self.aggregate_id.is_none_or(|id| id == event.aggregate_id)
+    }
+}
+
+struct Subscriber {
+    store: EventStore,
+    items: broadcast::Receiver<Item>,
+    filter: Filter,
+    out: mpsc::Sender<Result<WatchEventsResponse, Status>>,
+    ending: Arc<Mutex<Option<Status>>>,
+    /// Everything at or below it has been sent or filtered out.
+    last: Position,
+    last_sent: Instant,
+    stall_timeout: Duration,
+}
+
+/// Why a subscriber stopped.
+enum End {
+    /// The client went away.
+    Gone,
+    TooSlow,
+    ShuttingDown,
+    Failed(QueryError),
+}
+
+/// How a message is handed to the client.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// From the store, at the client's pace: wait for room, but not longer than the stall timeout.
+    Replay,
+    /// From the broadcast: never wait; a full buffer sends the subscriber back to replay.
+    Live,
+}
+
+/// Whether a live message went out.
+enum Sent {
+    Yes,
+    Behind,
+}
+
+impl Subscriber {
+    async fn run(mut self, start: Option<Position>, scanned: Position, shutdown: Shutdown) {
+        let Err(end) = self.follow(start, scanned, &shutdown).await else { return };
+        let status = match end {
+            End::Gone => return,
+            End::TooSlow => QueryError::ConsumerTooSlow.into(),
+            End::ShuttingDown => QueryError::ShuttingDown.into(),
+            End::Failed(error) => error.into(),
+        };
+        if let Ok(mut ending) = self.ending.lock() {
+            *ending = Some(status);
+        }
+        // Dropping `out` ends the client's stream after what is buffered, then the status above.
+    }
+
+    async fn follow(&mut self, start: Option<Position>, scanned: Position, shutdown: &Shutdown) -> Result<(), End> {
+        match start {
+            Some(after) => {
+                self.last = after;
+                self.replay(shutdown).await?;
+            }
+            None => self.last = scanned,
+        }
+        let caught_up = watch_events_response::Kind::CaughtUp(CaughtUp { position: self.last.get() });
+        self.send(caught_up, Mode::Replay).await?;
+        loop {
+            let idle = PROGRESS_EVERY.saturating_sub(self.last_sent.elapsed());
+            let behind = tokio::select! {
+                () = shutdown.wait() => return Err(End::ShuttingDown),
+                () = self.out.closed() => return Err(End::Gone),
+                () = tokio::time::sleep(idle) => {
+                    let progress = watch_events_response::Kind::Progress(Progress { position: self.last.get() });
+                    matches!(self.send(progress, Mode::Live).await?, Sent::Behind)
+                }
+                item = self.items.recv() => match item {
+                    Ok(Item::Event(event)) => matches!(self.offer(&event, Mode::Live).await?, Sent::Behind),
+                    Ok(Item::Progress(position)) => {
+                        self.last = self.last.max(position);
+                        false
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::debug!(missed, "a watcher fell behind the live feed; replaying from the store");
+                        true
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Err(End::ShuttingDown),
+                },
+            };
+            if behind {
+                // Items broadcast from now on are kept for us; the store fills in everything before them.
+                self.items = self.items.resubscribe();
+                self.replay(shutdown).await?;
+            }
+        }
+    }
+
+    /// Reads from the store after `last` until a read comes back short: that covers everything the pump had
+    /// broadcast when this subscriber (re)subscribed, so live items after it continue without a gap.
+    async fn replay(&mut self, shutdown: &Shutdown) -> Result<(), End> {
+        loop {
+            if shutdown.is_triggered() {
+                return Err(End::ShuttingDown);
+            }
+            let horizon = self.store.safe_horizon().await.map_err(|e| End::Failed(e.into()))?;
+            let events = self.store.read_all_after(self.last, BATCH).await.map_err(|e| End::Failed(e.into()))?;
+            let full = events.len() == BATCH as usize;
+            for event in &events {
+                self.offer(event, Mode::Replay).await?;
+            }
+            if !full {
+                self.last = self.last.max(horizon);
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends an event the subscriber has not had yet, if it matches; `last` moves only once it went out.
+    async fn offer(&mut self, event: &RecordedEvent, mode: Mode) -> Result<Sent, End> {
+        if event.position <= self.last {
+            return Ok(Sent::Yes);
+        }
+        if self.filter.matches(event) {
+            let sent = self.send(watch_events_response::Kind::Event(wire::event(event)), mode).await?;
+            if matches!(sent, Sent::Behind) {
+                return Ok(Sent::Behind);
+            }
+        }
+        self.last = event.position;
+        Ok(Sent::Yes)
+    }
+
+    async fn send(&mut self, kind: watch_events_response::Kind, mode: Mode) -> Result<Sent, End> {
+        let message = Ok(WatchEventsResponse { kind: Some(kind) });
+        match mode {
+            Mode::Live => match self.out.try_send(message) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => return Ok(Sent::Behind),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::Gone),
+            },
+            Mode::Replay => match tokio::time::timeout(self.stall_timeout, self.out.send(message)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(End::Gone),
+                Err(_) => return Err(End::TooSlow),
+            },
+        }
+        self.last_sent = Instant::now();
+        Ok(Sent::Yes)
+    }
+}
