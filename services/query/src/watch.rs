@@ -119,8 +119,11 @@ impl Watcher {
             last_sent: Instant::now(),
             stall_timeout: self.settings.stall_timeout,
         };
-        let scanned = *self.scanned.borrow();
-        tokio::spawn(subscriber.run(start, scanned, self.shutdown.clone()));
+        // Live only starts after everything final now: what committed before the call is not sent (an older
+        // transaction still open commits later in log order, and is sent).
+        let horizon = self.store.safe_horizon().await?;
+        let live_from = horizon.max(*self.scanned.borrow());
+        tokio::spawn(subscriber.run(start, live_from, self.shutdown.clone()));
         // The client gets what is buffered, then the reason the stream ended.
         let tail = futures::stream::once(async move {
             ending.lock().ok().and_then(|mut e| e.take()).unwrap_or_else(|| Status::unavailable("stream ended"))

@@ -1,0 +1,301 @@
+//! WatchEvents end to end: replay then live, resume, filters, progress, slow subscribers, shutdown.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{CommandApp, QueryServiceClient, reason};
+use kiroku::v1::{Event, WatchEventsRequest, WatchEventsResponse, watch_events_request, watch_events_response};
+use kiroku_event_store::{EventStore, Position};
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+fn from_beginning() -> WatchEventsRequest {
+    WatchEventsRequest { start: Some(watch_events_request::Start::FromBeginning(true)), ..Default::default() }
+}
+
+fn after(position: u64) -> WatchEventsRequest {
+    WatchEventsRequest { start: Some(watch_events_request::Start::AfterPosition(position)), ..Default::default() }
+}
+
+async fn watch(client: &QueryServiceClient<Channel>, request: WatchEventsRequest) -> Streaming<WatchEventsResponse> {
+    client.clone().watch_events(request).await.unwrap().into_inner()
+}
+
+/// What a stream said, message by message.
+#[derive(Debug)]
+enum Said {
+    Event(Event),
+    Progress(u64),
+    CaughtUp(u64),
+}
+
+async fn next(stream: &mut Streaming<WatchEventsResponse>) -> Said {
+    let message = tokio::time::timeout(Duration::from_secs(20), stream.message()).await.unwrap().unwrap().unwrap();
+    match message.kind.unwrap() {
+        watch_events_response::Kind::Event(event) => Said::Event(event),
+        watch_events_response::Kind::Progress(p) => Said::Progress(p.position),
+        watch_events_response::Kind::CaughtUp(c) => Said::CaughtUp(c.position),
+    }
+}
+
+/// Collects events until `count` have arrived, checking that exactly one CaughtUp comes at most.
+async fn collect_events(stream: &mut Streaming<WatchEventsResponse>, count: usize) -> Vec<Event> {
+    let mut events = Vec::new();
+    let mut caught_up = 0;
+    while events.len() < count {
+        match next(stream).await {
+            Said::Event(event) => events.push(event),
+            Said::CaughtUp(_) => caught_up += 1,
+            Said::Progress(_) => {}
+        }
+    }
+    assert!(caught_up <= 1, "exactly one CaughtUp");
+    events
+}
+
+async fn all_positions(app: &CommandApp) -> Vec<u64> {
+    let store = EventStore::new(app.db.pool.clone());
+    let mut positions = Vec::new();
+    let mut after = Position::ZERO;
+    loop {
+        let batch = store.read_all_after(after, 1000).await.unwrap();
+        let Some(last) = batch.last() else { return positions };
+        after = last.position;
+        positions.extend(batch.iter().map(|e| e.position.get()));
+    }
+}
+
+#[tokio::test]
+async fn from_the_beginning_under_sixteen_writers_the_stream_equals_the_store() {
+    let app = CommandApp::spawn().await;
+    let (query, client) = app.start_query(&[]).await;
+    const WRITERS: u64 = 16;
+    const EACH: u64 = 15;
+    for id in 0..WRITERS * EACH {
+        app.github_knows(10_000 + id, &format!("w{id}"), None).await;
+    }
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (client, tokens): (_, Vec<String>) =
+                (app.client.clone(), (0..EACH).map(|n| app.token(10_000 + w * EACH + n)).collect());
+            tokio::spawn(async move {
+                let mut client = client;
+                for token in tokens {
+                    client
+                        .register_user(kiroku::v1::RegisterUserRequest {
+                            auth0_token: token,
+                            request_id: String::new(),
+                        })
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    // Start watching while the writers are busy.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut stream = watch(&client, from_beginning()).await;
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let events = collect_events(&mut stream, (WRITERS * EACH) as usize).await;
+    let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
+    assert_eq!(positions, all_positions(&app).await, "the same events in the same order, no duplicates");
+    query.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_resumed_watcher_gets_exactly_the_remaining_events() {
+    let app = CommandApp::spawn().await;
+    let (query, client) = app.start_query(&[]).await;
+    for id in 1..=20 {
+        app.github_knows(id, &format!("u{id}"), None).await;
+        app.register(id, "").await.unwrap();
+    }
+    let mut stream = watch(&client, from_beginning()).await;
+    let first = collect_events(&mut stream, 8).await;
+    drop(stream);
+    let resume_after = first.last().unwrap().position;
+    let mut resumed = watch(&client, after(resume_after)).await;
+    let rest = collect_events(&mut resumed, 12).await;
+    let mut together: Vec<u64> = first.iter().chain(&rest).map(|e| e.position).collect();
+    assert_eq!(together, all_positions(&app).await);
+    // Nothing more: the next message is CaughtUp, then progress.
+    match next(&mut resumed).await {
+        Said::CaughtUp(position) => assert!(position >= *together.last().unwrap()),
+        other => panic!("expected CaughtUp, got {other:?}"),
+    }
+    together.clear();
+    query.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn live_only_sends_what_comes_after_the_call_and_caught_up_first() {
+    let app = CommandApp::spawn().await;
+    let (query, client) = app.start_query(&[]).await;
+    app.github_knows(1, "before", None).await;
+    app.github_knows(2, "after", None).await;
+    let before = app.register(1, "").await.unwrap();
+    // Wait until the earlier event is final (another test's open transaction may hold the horizon back).
+    let store = EventStore::new(app.db.pool.clone());
+    kiroku_testkit::eventually(Duration::from_secs(20), "the first event to be final", || async {
+        Ok((store.safe_horizon().await?.get() >= before.position).then_some(()))
+    })
+    .await
+    .unwrap();
+    let mut stream = watch(&client, WatchEventsRequest::default()).await;
+    assert!(matches!(next(&mut stream).await, Said::CaughtUp(_)), "CaughtUp comes first");
+    let registered = app.register(2, "").await.unwrap();
+    let events = collect_events(&mut stream, 1).await;
+    assert_eq!(events[0].position, registered.position);
+    assert_eq!(events[0].aggregate_id, registered.user_id);
+    query.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn filters_select_events_and_progress_still_advances() {
+    let app = CommandApp::spawn().await;
+    let (query, client) = app.start_query(&[]).await;
+    app.github_knows(1, "one", None).await;
+    app.github_knows(2, "two", None).await;
+    let one = app.register(1, "").await.unwrap();
+    let two = app.register(2, "").await.unwrap();
+    app.register(1, "").await.unwrap_err(); // a UserRegistrationFailed
+    let head = *all_positions(&app).await.last().unwrap();
+
+    let by_type = WatchEventsRequest { event_types: vec!["UserRegistrationFailed".into()], ..from_beginning() };
+    let mut stream = watch(&client, by_type).await;
+    let events = collect_events(&mut stream, 1).await;
+    assert_eq!(
+        (events[0].event_type.as_str(), events[0].aggregate_type.as_str()),
+        ("UserRegistrationFailed", "UserRegistrationAudit")
+    );
+
+    let by_aggregate_type = WatchEventsRequest { aggregate_types: vec!["User".into()], ..from_beginning() };
+    let mut stream = watch(&client, by_aggregate_type).await;
+    let events = collect_events(&mut stream, 2).await;
+    assert_eq!(events.iter().map(|e| e.position).collect::<Vec<_>>(), [one.position, two.position]);
+
+    // One aggregate: only its event, then CaughtUp and progress past the events filtered out.
+    let by_id = WatchEventsRequest { aggregate_id: two.user_id.clone(), ..from_beginning() };
+    let mut stream = watch(&client, by_id).await;
+    let mut saw_event = false;
+    let progress = loop {
+        match next(&mut stream).await {
+            Said::Event(event) => {
+                assert_eq!(event.aggregate_id, two.user_id);
+                saw_event = true;
+            }
+            Said::CaughtUp(position) => assert!(position >= head),
+            Said::Progress(position) => break position,
+        }
+    };
+    assert!(saw_event);
+    assert!(progress >= head, "progress covers events the filter hid");
+
+    let mut query_client = client.clone();
+    for bad in [
+        WatchEventsRequest { event_types: vec!["NoSuchEvent".into()], ..Default::default() },
+        WatchEventsRequest { aggregate_types: vec!["Nope".into()], ..Default::default() },
+        WatchEventsRequest { aggregate_id: "not-a-uuid".into(), ..Default::default() },
+    ] {
+        let status = query_client.watch_events(bad).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
+    let beyond = query_client.watch_events(after(head + (1 << 40))).await.unwrap_err();
+    assert_eq!(beyond.code(), Code::OutOfRange);
+    assert_eq!(reason(&beyond), "POSITION_OUT_OF_RANGE");
+    // A position returned by RegisterUser is always valid.
+    query_client.watch_events(after(two.position)).await.unwrap();
+    query.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_is_cut_off_while_another_gets_everything() {
+    let app = CommandApp::spawn().await;
+    let (query, client) =
+        app.start_query(&[("KIROKU_WATCH_BUFFER", "16"), ("KIROKU_WATCH_STALL_TIMEOUT_MS", "500")]).await;
+    let mut healthy = watch(&client, WatchEventsRequest::default()).await;
+    let mut stalled = watch(&client, WatchEventsRequest::default()).await;
+    assert!(matches!(next(&mut healthy).await, Said::CaughtUp(_)));
+    assert!(matches!(next(&mut stalled).await, Said::CaughtUp(_)));
+
+    // The healthy subscriber reads all along.
+    let total = 3000;
+    let healthy = tokio::spawn(async move { collect_events(&mut healthy, total).await });
+    // Many events, with big enough payloads to fill the HTTP/2 windows in front of the stalled client.
+    let store = EventStore::new(app.db.pool.clone());
+    let padding = "x".repeat(2000);
+    for chunk in 0..(total / 100) {
+        let append = kiroku_event_store::Append {
+            aggregate_id: uuid::Uuid::new_v4(),
+            aggregate_type: "User".into(),
+            expected: kiroku_event_store::ExpectedVersion::NoStream,
+            events: (0..100)
+                .map(|n| kiroku_event_store::NewEvent {
+                    event_type: "UserProfileUpdated".into(),
+                    data: serde_json::json!({ "n": chunk * 100 + n, "padding": padding }),
+                    metadata: kiroku_event_store::EventMetadata {
+                        request_id: None,
+                        correlation_id: "c".into(),
+                        causation_id: "c".into(),
+                        schema_version: 1,
+                    },
+                    occurred_at: chrono::Utc::now(),
+                })
+                .collect(),
+            claims: vec![],
+            idempotency: None,
+        };
+        store.append(&append).await.unwrap();
+    }
+    let received = healthy.await.unwrap();
+    assert_eq!(received.len(), total, "the healthy subscriber gets every event");
+
+    // The stalled subscriber, read at last: what was buffered, then RESOURCE_EXHAUSTED.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut got = 0;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(20), stalled.message()).await.unwrap() {
+            Ok(Some(message)) => {
+                if let Some(watch_events_response::Kind::Event(_)) = message.kind {
+                    got += 1;
+                }
+            }
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), "CONSUMER_TOO_SLOW");
+    assert!(got < total, "cut off, not fed everything ({got})");
+    query.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_with_unavailable() {
+    let app = CommandApp::spawn().await;
+    let (query, client) = app.start_query(&[]).await;
+    let mut stream = watch(&client, WatchEventsRequest::default()).await;
+    assert!(matches!(next(&mut stream).await, Said::CaughtUp(_)));
+    let started = std::time::Instant::now();
+    let stopping = tokio::spawn(query.stop());
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap() {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable);
+    stopping.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    app.stop().await;
+}
