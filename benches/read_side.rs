@@ -1,0 +1,159 @@
+//! Projection lag (commit → visible in `users_read`) at a steady registration load, and rebuild throughput.
+//!
+//! `cargo bench --bench read_side` (release). Prints one JSON document. The write path is the event store's
+//! append with the registration's claims (what RegisterUser commits), the relay and the projector run
+//! in-process, over real PostgreSQL and Redis.
+//! `BENCH_RATE` registrations per second (default 200), `BENCH_SECONDS` (default 10),
+//! `BENCH_REBUILD_EVENTS` extra events before the rebuild (default 20000).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use kiroku_domain::{Auth0Subject, GitHubId, GitHubProfile, RegisterUser, User, UserEvent, UserId};
+use kiroku_event_store::{Append, AppendOutcome, Claim, EventMetadata, EventStore, ExpectedVersion, NewEvent};
+use kiroku_platform::Shutdown;
+use kiroku_testkit::{TestDb, TestRedis};
+use serde_json::json;
+
+fn registration(n: u64) -> Append {
+    let subject: Auth0Subject = format!("github|{n}").parse().unwrap();
+    let profile =
+        GitHubProfile { id: GitHubId::new(n), login: format!("user{n}"), name: None, avatar_url: None, etag: None };
+    let event = User::register(None, &RegisterUser { subject: subject.clone(), profile, now: Utc::now() }).unwrap();
+    Append {
+        aggregate_id: UserId::generate().as_uuid(),
+        aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
+        expected: ExpectedVersion::NoStream,
+        events: vec![NewEvent {
+            event_type: event.event_type().to_owned(),
+            data: event.to_json(),
+            metadata: EventMetadata {
+                request_id: None,
+                correlation_id: n.to_string(),
+                causation_id: n.to_string(),
+                schema_version: 1,
+            },
+            occurred_at: Utc::now(),
+        }],
+        claims: vec![
+            Claim { kind: "auth0_subject".into(), value: subject.to_string() },
+            Claim { kind: "github_id".into(), value: n.to_string() },
+        ],
+        idempotency: None,
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0)
+}
+
+#[tokio::main]
+async fn main() {
+    let rate: u64 = std::env::var("BENCH_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let rebuild_events: u64 = std::env::var("BENCH_REBUILD_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let db = TestDb::create().await.unwrap();
+    let redis = TestRedis::acquire().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let (trigger, shutdown) = Shutdown::new();
+
+    let relay_redis = kiroku_platform::connect_redis(&redis.url).await.unwrap();
+    let relay = kiroku_command::relay::Relay::new(
+        store.clone(),
+        relay_redis,
+        kiroku_command::relay::RelaySettings::new(&redis.prefix),
+    );
+    tokio::spawn(relay.run(shutdown.clone()));
+    let env: Vec<(&str, String)> = vec![
+        ("DATABASE_URL", db.url.clone()),
+        ("REDIS_URL", redis.url.clone()),
+        ("KIROKU_REDIS_PREFIX", redis.prefix.clone()),
+        ("KIROKU_PROJECTOR_HEALTH_ADDR", "127.0.0.1:0".to_owned()),
+        ("KIROKU_MIGRATE", "false".to_owned()),
+    ];
+    let source = move |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
+    let projector =
+        kiroku_projector::Application::build(kiroku_projector::config::Settings::from_source(&source).unwrap())
+            .await
+            .unwrap();
+    let projector = tokio::spawn(projector.run_until_stopped(shutdown.clone()));
+
+    // Steady load: one registration every 1/rate s; the commit time of each position is noted.
+    let committed: Arc<Mutex<BTreeMap<u64, Instant>>> = Arc::default();
+    let writer = {
+        let (store, committed) = (store.clone(), committed.clone());
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+            for n in 0..rate * seconds {
+                ticker.tick().await;
+                let store = store.clone();
+                let committed = committed.clone();
+                tokio::spawn(async move {
+                    if let AppendOutcome::Appended(a) = store.append(&registration(1_000_000 + n)).await.unwrap() {
+                        committed.lock().unwrap().insert(a.last_position().get(), Instant::now());
+                    }
+                });
+            }
+        })
+    };
+    // The observer polls the projection's checkpoint: an event is visible once the checkpoint passes it.
+    let projection = kiroku_projector::Projection::new(db.pool.clone(), 5);
+    let mut lags = Vec::new();
+    let total = (rate * seconds) as usize;
+    let deadline = Instant::now() + Duration::from_secs(seconds + 60);
+    while lags.len() < total && Instant::now() < deadline {
+        let checkpoint = projection.status().await.unwrap().checkpoint.get();
+        let now = Instant::now();
+        let mut pending = committed.lock().unwrap();
+        let visible: Vec<u64> = pending.range(..=checkpoint).map(|(p, _)| *p).collect();
+        for position in visible {
+            if let Some(at) = pending.remove(&position) {
+                lags.push(now.duration_since(at).as_secs_f64() * 1000.0);
+            }
+        }
+        drop(pending);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    writer.await.unwrap();
+    lags.sort_by(f64::total_cmp);
+
+    // Rebuild: more history, then a full rebuild into a new generation.
+    for chunk in 0..rebuild_events / 100 {
+        let appends = (0..100).map(|i| {
+            let store = store.clone();
+            async move {
+                store.append(&registration(5_000_000 + chunk * 100 + i)).await.unwrap();
+            }
+        });
+        futures::future::join_all(appends).await;
+    }
+    let events_in_store: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&db.pool).await.unwrap();
+    let rebuilt = kiroku_projector::rebuild::rebuild(&db.pool, &kiroku_projector::Projection::new(db.pool.clone(), 5))
+        .await
+        .unwrap();
+
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "benchmark": "read_side",
+            "projection_lag": {
+                "registrations_per_sec": rate,
+                "seconds": seconds,
+                "measured": lags.len(),
+                "lag_ms": { "p50": percentile(&lags, 0.5), "p99": percentile(&lags, 0.99), "max": percentile(&lags, 1.0) },
+            },
+            "rebuild": {
+                "events_in_store": events_in_store,
+                "events_applied": rebuilt.events,
+                "seconds": rebuilt.seconds,
+                "events_per_sec": (rebuilt.events as f64 / rebuilt.seconds).round(),
+            },
+        }))
+        .unwrap()
+    );
+    trigger.trigger();
+    let _ = projector.await;
+}
