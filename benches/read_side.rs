@@ -107,14 +107,15 @@ async fn main() {
     while lags.len() < total && Instant::now() < deadline {
         let checkpoint = projection.status().await.unwrap().checkpoint.get();
         let now = Instant::now();
-        let mut pending = committed.lock().unwrap();
-        let visible: Vec<u64> = pending.range(..=checkpoint).map(|(p, _)| *p).collect();
-        for position in visible {
-            if let Some(at) = pending.remove(&position) {
-                lags.push(now.duration_since(at).as_secs_f64() * 1000.0);
+        {
+            let mut pending = committed.lock().unwrap();
+            let visible: Vec<u64> = pending.range(..=checkpoint).map(|(p, _)| *p).collect();
+            for position in visible {
+                if let Some(at) = pending.remove(&position) {
+                    lags.push(now.duration_since(at).as_secs_f64() * 1000.0);
+                }
             }
         }
-        drop(pending);
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     writer.await.unwrap();
