@@ -93,6 +93,19 @@ async fn a_registered_user_is_readable_at_once_with_min_position_and_by_every_ke
     assert!(data.fields.contains_key("personal") && data.fields.contains_key("auth0_id"));
     assert!(event.metadata.as_ref().unwrap().fields.contains_key("correlation_id"));
 
+    // The projector answers health probes (compose runs `kiroku health` against it).
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", projector.address))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let serving = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(serving.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+
     query.stop().await;
     projector.stop().await;
     app.stop().await;

@@ -142,3 +142,31 @@ async fn the_command_server_serves_health_and_reflection_and_stops_on_request() 
     app.stop().await;
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[tokio::test]
+async fn health_goes_not_serving_while_postgres_is_unreachable() {
+    use sqlx::{Connection, Executor};
+    let app = CommandApp::spawn().await;
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", app.address)).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = |health: &mut HealthClient<tonic::transport::Channel>, service: &str| {
+        let mut health = health.clone();
+        let service = service.to_owned();
+        async move { health.check(HealthCheckRequest { service }).await.unwrap().into_inner().status }
+    };
+    assert_eq!(status(&mut health, "").await, ServingStatus::Serving as i32);
+
+    // The service's database goes away, connections and all.
+    let mut admin = sqlx::PgConnection::connect(&kiroku_testkit::admin_database_url()).await.unwrap();
+    admin.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE {} WITH (FORCE)", app.db.name))).await.unwrap();
+    for service in ["", "kiroku.v1.CommandService"] {
+        kiroku_testkit::eventually(Duration::from_secs(20), "NOT_SERVING", || {
+            let check = status(&mut health, service);
+            async move { Ok((check.await == ServingStatus::NotServing as i32).then_some(())) }
+        })
+        .await
+        .unwrap();
+    }
+    app.stop().await;
+}

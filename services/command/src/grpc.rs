@@ -48,6 +48,17 @@ fn correlation_id<T>(request: &Request<T>) -> Option<String> {
     request_id(value).ok().flatten()
 }
 
+/// The call's identity, checked, and recorded in the current span (the RPC's).
+fn start_call(raw_request_id: &str, correlation: Option<String>) -> Result<Call, CommandError> {
+    let call = Call::new(request_id(raw_request_id)?, correlation);
+    let span = tracing::Span::current();
+    span.record("command_id", tracing::field::display(call.command_id));
+    if let Some(request_id) = &call.request_id {
+        span.record("request_id", request_id.as_str());
+    }
+    Ok(call)
+}
+
 #[tonic::async_trait]
 impl CommandService for CommandGrpc {
     async fn register_user(
@@ -60,12 +71,7 @@ impl CommandService for CommandGrpc {
             tracing::info_span!("RegisterUser", request_id = tracing::field::Empty, command_id = tracing::field::Empty);
         async move {
             let token = token(&message.auth0_token)?;
-            let call = Call::new(request_id(&message.request_id)?, correlation);
-            let span = tracing::Span::current();
-            span.record("command_id", tracing::field::display(call.command_id));
-            if let Some(request_id) = &call.request_id {
-                span.record("request_id", request_id.as_str());
-            }
+            let call = start_call(&message.request_id, correlation)?;
             let registered = self.commands.register_user(token, &call).await?;
             Ok(Response::new(RegisterUserResponse {
                 user_id: registered.user_id.to_string(),
@@ -90,12 +96,7 @@ impl CommandService for CommandGrpc {
         );
         async move {
             let token = token(&message.auth0_token)?;
-            let call = Call::new(request_id(&message.request_id)?, correlation);
-            let span = tracing::Span::current();
-            span.record("command_id", tracing::field::display(call.command_id));
-            if let Some(request_id) = &call.request_id {
-                span.record("request_id", request_id.as_str());
-            }
+            let call = start_call(&message.request_id, correlation)?;
             let synced = self.commands.sync_github_profile(token, message.expected_version, &call).await?;
             Ok(Response::new(SyncGitHubProfileResponse {
                 user_id: synced.user_id.to_string(),

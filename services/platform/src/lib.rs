@@ -13,5 +13,5 @@ mod telemetry;
 
 pub use connect::{connect_postgres, connect_redis, postgres_options};
 pub use failpoint::failpoint;
-pub use shutdown::{Shutdown, ShutdownTrigger, shutdown_signal};
+pub use shutdown::{Shutdown, ShutdownTrigger, run_until_signal, shutdown_signal};
 pub use telemetry::init_tracing;

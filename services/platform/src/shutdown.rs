@@ -58,3 +58,21 @@ pub async fn shutdown_signal() {
         () = terminate => tracing::info!("SIGTERM received: shutting down"),
     }
 }
+
+/// Runs a service until SIGTERM or Ctrl-C, then lets it stop for up to 9 s (the contract gives 10).
+pub async fn run_until_signal<F>(service: impl FnOnce(Shutdown) -> F) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let (trigger, shutdown) = Shutdown::new();
+    let running = tokio::spawn(service(shutdown));
+    shutdown_signal().await;
+    trigger.trigger();
+    match tokio::time::timeout(std::time::Duration::from_secs(9), running).await {
+        Ok(joined) => joined?,
+        Err(_) => {
+            tracing::warn!("shutdown took longer than 9 s; exiting anyway");
+            Ok(())
+        }
+    }
+}
