@@ -281,6 +281,15 @@ async fn a_projector_killed_mid_batch_and_restarted_leaves_every_user_present_on
     register_many(&app, 1, 20).await;
     let status = tokio::time::timeout(Duration::from_secs(30), crashing.child.wait()).await.unwrap().unwrap();
     assert!(!status.success(), "killed by the fail point");
+    // It died holding an applied but uncommitted batch: the read model is behind the log.
+    let behind: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE position > (SELECT c.position FROM projections p \
+         JOIN projection_checkpoints c ON c.projection = p.name AND c.generation = p.active_generation)",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(behind > 0, "the killed batch was not committed");
     register_many(&app, 21, 20).await;
 
     let _projector = ServiceProcess::spawn("kiroku-projector", &app.projector_process_env(&[])).unwrap();
@@ -306,6 +315,20 @@ async fn the_projector_recovers_from_the_store_when_redis_is_flushed() {
     app.wait_for_users(20).await;
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM users_read").fetch_one(&app.db.pool).await.unwrap();
     assert_eq!(count, 20);
+    // The consumer group was re-created and everything delivered since has been acknowledged.
+    let stream = app.redis.events_stream();
+    eventually(Duration::from_secs(20), "the re-created group to have nothing pending", || async {
+        let groups: Vec<std::collections::HashMap<String, fred::types::Value>> =
+            app.redis.client.xinfo_groups(&stream).await?;
+        let users =
+            groups.iter().find(|g| g.get("name").and_then(fred::types::Value::as_string).as_deref() == Some("users"));
+        Ok(users.and_then(|g| g.get("pending").and_then(fred::types::Value::as_u64)).filter(|p| *p == 0).map(|_| ()))
+    })
+    .await
+    .unwrap();
+    let entries: Vec<(String, std::collections::HashMap<String, String>)> =
+        app.redis.client.xrange(&stream, "-", "+", None).await.unwrap();
+    assert_eq!(entries.len(), 10, "the new entries reached the re-created group");
     projector.stop().await;
     app.stop().await;
 }

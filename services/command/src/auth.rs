@@ -1,8 +1,9 @@
 //! Auth0 access tokens: RS256 only, keys from the configured JWKS (never from the token's `jku`, `x5u` or `jwk`
 //! headers), issuer and audience checked, `exp`/`nbf` with 30 s of leeway.
 //!
-//! The JWKS is cached. An unknown `kid` triggers a refetch, at most one per 10 s whatever arrives (so a flood of
-//! made-up kids cannot hammer Auth0), and keys rotate without a restart. Tokens are never logged.
+//! The JWKS is cached for 10 minutes. An unknown `kid` triggers a refetch, at most one per 10 s whatever arrives
+//! (so a flood of made-up kids cannot hammer Auth0), and keys rotate without a restart; a key that leaves the JWKS
+//! is refused after the next fetch. Tokens are never logged.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +18,8 @@ use crate::config::Auth0Settings;
 
 /// The least time between two JWKS fetches.
 const REFETCH_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a fetched JWKS is trusted before it is fetched again (a key removed from it is revoked).
+const MAX_KEY_AGE: Duration = Duration::from_secs(600);
 /// Allowed clock skew for `exp` and `nbf`.
 const LEEWAY_SECONDS: u64 = 30;
 /// Longer tokens are refused before any parsing.
@@ -46,6 +49,20 @@ struct Claims {
     iss: String,
 }
 
+/// The signing keys of the last JWKS fetched.
+#[derive(Default)]
+struct KeyCache {
+    keys: HashMap<String, Arc<DecodingKey>>,
+    fetched_at: Option<Instant>,
+}
+
+impl KeyCache {
+    /// Older than [`MAX_KEY_AGE`]: refetched on the next verification, so that revoked keys go.
+    fn is_stale(&self) -> bool {
+        self.fetched_at.is_none_or(|at| at.elapsed() > MAX_KEY_AGE)
+    }
+}
+
 #[derive(Default)]
 struct Refetch {
     last_attempt: Option<Instant>,
@@ -56,7 +73,7 @@ struct Refetch {
 pub(crate) struct TokenVerifier {
     settings: Auth0Settings,
     http: reqwest::Client,
-    keys: RwLock<HashMap<String, Arc<DecodingKey>>>,
+    keys: RwLock<KeyCache>,
     // Held while fetching, so concurrent unknown kids cause one fetch, not many.
     refetch: Mutex<Refetch>,
 }
@@ -99,22 +116,34 @@ impl TokenVerifier {
     }
 
     async fn key_for(&self, kid: &str) -> Result<Arc<DecodingKey>, TokenError> {
-        if let Some(key) = self.keys.read().await.get(kid) {
-            return Ok(key.clone());
+        {
+            let cache = self.keys.read().await;
+            if !cache.is_stale()
+                && let Some(key) = cache.keys.get(kid)
+            {
+                return Ok(key.clone());
+            }
         }
         let mut refetch = self.refetch.lock().await;
         // Another caller may have fetched while we waited for the lock.
-        if let Some(key) = self.keys.read().await.get(kid) {
-            return Ok(key.clone());
-        }
+        let cached = {
+            let cache = self.keys.read().await;
+            let key = cache.keys.get(kid).cloned();
+            if !cache.is_stale()
+                && let Some(key) = key
+            {
+                return Ok(key);
+            }
+            key
+        };
         if let Some(last) = refetch.last_attempt
             && last.elapsed() < REFETCH_INTERVAL
         {
-            return Err(if refetch.last_succeeded {
-                TokenError::Invalid("unknown kid")
-            } else {
-                TokenError::JwksUnavailable
-            });
+            return match cached {
+                Some(key) => Ok(key),
+                None if refetch.last_succeeded => Err(TokenError::Invalid("unknown kid")),
+                None => Err(TokenError::JwksUnavailable),
+            };
         }
         refetch.last_attempt = Some(Instant::now());
         match self.fetch().await {
@@ -122,13 +151,15 @@ impl TokenVerifier {
                 refetch.last_succeeded = true;
                 tracing::info!(keys = keys.len(), "fetched the JWKS");
                 let found = keys.get(kid).cloned();
-                *self.keys.write().await = keys;
+                *self.keys.write().await = KeyCache { keys, fetched_at: Some(Instant::now()) };
+                // A key that left the JWKS is revoked: its tokens fail from now on.
                 found.ok_or(TokenError::Invalid("unknown kid"))
             }
             Err(error) => {
                 refetch.last_succeeded = false;
                 tracing::warn!(error = %error, "could not fetch the JWKS");
-                Err(TokenError::JwksUnavailable)
+                // A known key stays usable while the endpoint is away; only unknown kids need it.
+                cached.ok_or(TokenError::JwksUnavailable)
             }
         }
     }
@@ -154,5 +185,19 @@ impl TokenVerifier {
             }
         }
         Ok(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fetched_key_set_goes_stale_after_its_maximum_age() {
+        let fresh = KeyCache { keys: HashMap::new(), fetched_at: Some(Instant::now()) };
+        assert!(!fresh.is_stale());
+        let old = Instant::now().checked_sub(MAX_KEY_AGE + Duration::from_secs(1)).unwrap();
+        assert!(KeyCache { keys: HashMap::new(), fetched_at: Some(old) }.is_stale());
+        assert!(KeyCache::default().is_stale(), "never fetched");
     }
 }

@@ -87,7 +87,8 @@ impl Commands {
             }
             Ok(AppendOutcome::Replayed(stored)) => replay(stored),
             Err(AppendError::Conflict { actual, .. }) => Err(CommandError::VersionConflict {
-                expected: u64::from(user.version),
+                // What the caller expected, or (for "any") the version this call read and built on.
+                expected: if expected_version != 0 { expected_version } else { u64::from(user.version) },
                 actual: u64::from(actual.unwrap_or(user.version + 1)),
             }),
             Err(error) => Err(CommandError::Internal(error.into())),

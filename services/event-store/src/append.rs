@@ -171,16 +171,25 @@ impl EventStore {
         Ok(owner)
     }
 
-    /// Deletes idempotency records older than `keep`; returns how many went.
+    /// Deletes idempotency records older than `keep`, a thousand per short transaction (a long delete would hold
+    /// back every reader of the log); returns how many went.
     pub async fn prune_idempotency_records(&self, keep: std::time::Duration) -> Result<u64, StoreError> {
-        let seconds = i64::try_from(keep.as_secs()).unwrap_or(i64::MAX);
-        let result = sqlx::query(
-            "DELETE FROM idempotency_records WHERE created_at < now() - make_interval(secs => $1::double precision)",
-        )
-        .bind(seconds as f64)
-        .execute(&self.pool)
-        .await?;
-        Ok(result.rows_affected())
+        let seconds = keep.as_secs_f64();
+        let mut pruned = 0;
+        loop {
+            let deleted = sqlx::query(
+                "DELETE FROM idempotency_records WHERE ctid IN (SELECT ctid FROM idempotency_records \
+                 WHERE created_at < now() - make_interval(secs => $1::double precision) LIMIT 1000)",
+            )
+            .bind(seconds)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            pruned += deleted;
+            if deleted == 0 {
+                return Ok(pruned);
+            }
+        }
     }
 }
 
@@ -191,6 +200,10 @@ impl EventStore {
 /// replays its answer), then the claims in a fixed order (so two appends cannot deadlock on them), then the
 /// events, then the stored answer. Nothing here calls the network; keep the transaction short, since an open
 /// transaction holds back every reader of the log (see [`EventStore::read_all_after`]).
+///
+/// One append per transaction: positions are `xid · 2^16 + index`, so a second append in the same transaction
+/// would reuse the first's positions (and fail on `events_position_key`). Put all of a transaction's events in
+/// one [`Append`].
 pub async fn append_in_transaction(tx: &mut PgConnection, append: &Append) -> Result<AppendOutcome, AppendError> {
     validate(append)?;
     if let Some(record) = &append.idempotency

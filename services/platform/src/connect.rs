@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Connection options for a database URL, with kiroku's application name.
 pub fn postgres_options(url: &str) -> Result<PgConnectOptions> {
@@ -37,7 +38,7 @@ pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool>
 }
 
 /// A client on `url`, retried until Redis answers or 30 s have passed. Once connected, fred reconnects by
-/// itself whenever Redis goes away, so callers see errors while it is down rather than a dead client.
+/// itself whenever Redis goes away; meanwhile commands fail after 3 s rather than waiting for it.
 pub async fn connect_redis(url: &str) -> Result<Client> {
     let config = Config::from_url(url).context("parse REDIS_URL")?;
     let started = Instant::now();
@@ -47,6 +48,9 @@ pub async fn connect_redis(url: &str) -> Result<Client> {
                 c.connection_timeout = Duration::from_secs(5);
                 c.internal_command_timeout = Duration::from_secs(5);
             })
+            // Without a timeout, commands queue until Redis is back: a caller could not fall back to PostgreSQL
+            // (the projector) or report the outage (health). Longer than any BLOCK kiroku uses (1 s).
+            .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
             .set_policy(ReconnectPolicy::new_constant(0, 500))
             .build()
             .context("configure Redis client")?;

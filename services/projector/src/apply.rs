@@ -19,6 +19,22 @@ pub(crate) enum ApplyError {
     Database(#[from] sqlx::Error),
 }
 
+impl ApplyError {
+    /// True when applying the same event again cannot succeed without a change (of code or of data): only
+    /// those count as attempts towards the dead letters. Lost connections, deadlocks, serialization failures
+    /// and timeouts are retried without counting.
+    pub(crate) fn is_permanent(&self) -> bool {
+        match self {
+            ApplyError::Database(sqlx::Error::Database(db)) => {
+                // Class 22 (data exception) and 23 (integrity constraint violation).
+                db.code().is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
+            }
+            ApplyError::Database(_) => false,
+            ApplyError::Decode(_) | ApplyError::UnknownEventType { .. } | ApplyError::MissingPredecessor(..) => true,
+        }
+    }
+}
+
 /// Applies one event to one generation of the read models. Applying it twice changes nothing.
 pub(crate) async fn apply(conn: &mut PgConnection, generation: i32, event: &RecordedEvent) -> Result<(), ApplyError> {
     let unknown = || ApplyError::UnknownEventType {

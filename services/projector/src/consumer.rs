@@ -56,6 +56,7 @@ impl Consumer {
     pub(crate) async fn run(self, shutdown: Shutdown) {
         let mut group_ready = false;
         let mut next_claim = Instant::now() + self.settings.claim_idle;
+        let mut next_tidy = Instant::now();
         let mut quiet_until = Instant::now();
         while !shutdown.is_triggered() {
             if !group_ready {
@@ -100,7 +101,37 @@ impl Consumer {
                     Err(error) => tracing::debug!(%error, "XAUTOCLAIM failed"),
                 }
             }
+            if Instant::now() >= next_tidy {
+                next_tidy = Instant::now() + Duration::from_secs(60);
+                if let Err(error) = self.forget_gone_consumers(Duration::from_secs(600)).await {
+                    tracing::debug!(%error, "could not tidy the consumer group");
+                }
+            }
         }
+        // Leaving: take our name out of the group unless entries are still pending under it.
+        if let Err(error) = self.forget_gone_consumers(Duration::ZERO).await {
+            tracing::debug!(%error, "could not tidy the consumer group");
+        }
+    }
+
+    /// Removes consumers with nothing pending that have been idle for `idle` (every process has a name of its
+    /// own, so names of dead processes would otherwise pile up). This process removes itself only when `idle` is
+    /// zero, which it passes when leaving.
+    async fn forget_gone_consumers(&self, idle: Duration) -> Result<()> {
+        let consumers: Vec<HashMap<String, fred::types::Value>> =
+            self.redis.xinfo_consumers(&self.settings.stream_key, &self.settings.group).await?;
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        for consumer in consumers {
+            let name = consumer.get("name").and_then(fred::types::Value::as_string).unwrap_or_default();
+            let pending = consumer.get("pending").and_then(fred::types::Value::as_u64).unwrap_or(1);
+            let idle_for = consumer.get("idle").and_then(fred::types::Value::as_u64).unwrap_or(0);
+            let is_self = name == self.settings.consumer;
+            if pending == 0 && (is_self == (idle_ms == 0)) && idle_for >= idle_ms && !name.is_empty() {
+                let _: i64 =
+                    self.redis.xgroup_delconsumer(&self.settings.stream_key, &self.settings.group, &name).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn ensure_group(&self) -> Result<()> {

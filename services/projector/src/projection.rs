@@ -115,7 +115,9 @@ impl Projection {
         if new_checkpoint > checkpoint {
             save_checkpoint(&mut tx, generation, new_checkpoint).await?;
         }
-        failpoint("projector.before_commit");
+        if applied > 0 {
+            failpoint("projector.before_commit");
+        }
         tx.commit().await?;
         Ok(Step { checkpoint: new_checkpoint, applied, more, dead_lettered: vec![] })
     }
@@ -134,6 +136,12 @@ impl Projection {
                     savepoint.commit().await?;
                     step.applied += 1;
                     step.checkpoint = event.position;
+                }
+                Err(error) if !error.is_permanent() => {
+                    // Transient: keep what applied so far, and try this one again on the next step.
+                    savepoint.rollback().await?;
+                    tracing::warn!(position = %event.position, %error, "event failed to apply; will retry");
+                    break;
                 }
                 Err(error) => {
                     savepoint.rollback().await?;

@@ -8,6 +8,7 @@ use kiroku::v1::{
     ListRegistrationFailuresResponse, ListUsersRequest, ListUsersResponse, LookupUserRequest, LookupUserResponse,
     WatchEventsRequest, lookup_user_request,
 };
+use kiroku_domain::UserEvent;
 use kiroku_event_store::EventStore;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -117,7 +118,9 @@ impl QueryService for QueryGrpc {
             .read_stream(id, after, u32::try_from(limit + 1).unwrap_or(u32::MAX))
             .await
             .map_err(QueryError::from)?;
-        if events.is_empty() && after == 0 {
+        // Ids are unique across aggregates; only a User's stream is a user's history.
+        let another_aggregate = events.first().is_some_and(|e| e.aggregate_type != UserEvent::AGGREGATE_TYPE);
+        if another_aggregate || (events.is_empty() && after == 0) {
             return Err(QueryError::NotFound("user").into());
         }
         let next_page_token = if events.len() as i64 > limit {

@@ -117,13 +117,15 @@ impl Watcher {
             ending: ending.clone(),
             last: Position::ZERO,
             last_sent: Instant::now(),
+            full_since: None,
             stall_timeout: self.settings.stall_timeout,
+            shutdown: self.shutdown.clone(),
         };
         // Live only starts after everything final now: what committed before the call is not sent (an older
         // transaction still open commits later in log order, and is sent).
         let horizon = self.store.safe_horizon().await?;
         let live_from = horizon.max(*self.scanned.borrow());
-        tokio::spawn(subscriber.run(start, live_from, self.shutdown.clone()));
+        tokio::spawn(subscriber.run(start, live_from));
         // The client gets what is buffered, then the reason the stream ended.
         let tail = futures::stream::once(async move {
             ending.lock().ok().and_then(|mut e| e.take()).unwrap_or_else(|| Status::unavailable("stream ended"))
@@ -232,7 +234,10 @@ struct Subscriber {
     /// Everything at or below it has been sent or filtered out.
     last: Position,
     last_sent: Instant,
+    /// Since when the client's buffer has been found full by a progress mark (reset by any message sent).
+    full_since: Option<Instant>,
     stall_timeout: Duration,
+    shutdown: Shutdown,
 }
 
 /// Why a subscriber stopped.
@@ -260,8 +265,8 @@ enum Sent {
 }
 
 impl Subscriber {
-    async fn run(mut self, start: Option<Position>, scanned: Position, shutdown: Shutdown) {
-        let Err(end) = self.follow(start, scanned, &shutdown).await else { return };
+    async fn run(mut self, start: Option<Position>, scanned: Position) {
+        let Err(end) = self.follow(start, scanned).await else { return };
         let status = match end {
             End::Gone => return,
             End::TooSlow => QueryError::ConsumerTooSlow.into(),
@@ -274,11 +279,11 @@ impl Subscriber {
         // Dropping `out` ends the client's stream after what is buffered, then the status above.
     }
 
-    async fn follow(&mut self, start: Option<Position>, scanned: Position, shutdown: &Shutdown) -> Result<(), End> {
+    async fn follow(&mut self, start: Option<Position>, scanned: Position) -> Result<(), End> {
         match start {
             Some(after) => {
                 self.last = after;
-                self.replay(shutdown).await?;
+                self.replay().await?;
             }
             None => self.last = scanned,
         }
@@ -287,11 +292,11 @@ impl Subscriber {
         loop {
             let idle = PROGRESS_EVERY.saturating_sub(self.last_sent.elapsed());
             let behind = tokio::select! {
-                () = shutdown.wait() => return Err(End::ShuttingDown),
+                () = self.shutdown.wait() => return Err(End::ShuttingDown),
                 () = self.out.closed() => return Err(End::Gone),
                 () = tokio::time::sleep(idle) => {
-                    let progress = watch_events_response::Kind::Progress(Progress { position: self.last.get() });
-                    matches!(self.send(progress, Mode::Live).await?, Sent::Behind)
+                    self.progress()?;
+                    false
                 }
                 item = self.items.recv() => match item {
                     Ok(Item::Event(event)) => matches!(self.offer(&event, Mode::Live).await?, Sent::Behind),
@@ -309,16 +314,16 @@ impl Subscriber {
             if behind {
                 // Items broadcast from now on are kept for us; the store fills in everything before them.
                 self.items = self.items.resubscribe();
-                self.replay(shutdown).await?;
+                self.replay().await?;
             }
         }
     }
 
     /// Reads from the store after `last` until a read comes back short: that covers everything the pump had
     /// broadcast when this subscriber (re)subscribed, so live items after it continue without a gap.
-    async fn replay(&mut self, shutdown: &Shutdown) -> Result<(), End> {
+    async fn replay(&mut self) -> Result<(), End> {
         loop {
-            if shutdown.is_triggered() {
+            if self.shutdown.is_triggered() {
                 return Err(End::ShuttingDown);
             }
             let horizon = self.store.safe_horizon().await.map_err(|e| End::Failed(e.into()))?;
@@ -357,13 +362,38 @@ impl Subscriber {
                 Err(mpsc::error::TrySendError::Full(_)) => return Ok(Sent::Behind),
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::Gone),
             },
-            Mode::Replay => match tokio::time::timeout(self.stall_timeout, self.out.send(message)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(End::Gone),
-                Err(_) => return Err(End::TooSlow),
+            Mode::Replay => tokio::select! {
+                () = self.shutdown.wait() => return Err(End::ShuttingDown),
+                sent = tokio::time::timeout(self.stall_timeout, self.out.send(message)) => match sent {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Err(End::Gone),
+                    Err(_) => return Err(End::TooSlow),
+                },
             },
         }
         self.last_sent = Instant::now();
+        self.full_since = None;
         Ok(Sent::Yes)
+    }
+
+    /// A progress mark, if there is room for it. There is nothing to replay for a mark, so a full buffer is not
+    /// "behind"; but a client whose buffer stays full for the stall timeout is too slow even on a quiet log.
+    fn progress(&mut self) -> Result<(), End> {
+        let message = Ok(WatchEventsResponse {
+            kind: Some(watch_events_response::Kind::Progress(Progress { position: self.last.get() })),
+        });
+        match self.out.try_send(message) {
+            Ok(()) => self.full_since = None,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let since = *self.full_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.stall_timeout {
+                    return Err(End::TooSlow);
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::Gone),
+        }
+        // Either way, the next mark is due a second from now.
+        self.last_sent = Instant::now();
+        Ok(())
     }
 }
