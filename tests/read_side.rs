@@ -121,12 +121,12 @@ async fn without_min_position_a_user_appears_eventually_and_a_far_position_is_pr
     // No projector yet: the read model cannot reach the position within the caller's deadline.
     let mut request =
         tonic::Request::new(GetUserRequest { user_id: registered.user_id.clone(), min_position: registered.position });
-    request.set_timeout(Duration::from_millis(700));
+    request.set_timeout(Duration::from_millis(1500));
     let started = std::time::Instant::now();
     let behind = client.get_user(request).await.unwrap_err();
     assert_eq!(behind.code(), Code::Unavailable, "{behind:?}");
     assert_eq!(reason(&behind), "PROJECTION_BEHIND");
-    assert!(started.elapsed() < Duration::from_millis(700), "answered before the caller's deadline");
+    assert!(started.elapsed() < Duration::from_millis(1500), "answered before the caller's deadline");
 
     let projector = app.start_projector(&[]).await;
     let user = eventually(Duration::from_secs(20), "the user in the read model", || {
@@ -292,13 +292,27 @@ async fn a_projector_killed_mid_batch_and_restarted_leaves_every_user_present_on
     assert!(behind > 0, "the killed batch was not committed");
     register_many(&app, 21, 20).await;
 
-    let _projector = ServiceProcess::spawn("kiroku-projector", &app.projector_process_env(&[])).unwrap();
+    let _projector = ServiceProcess::spawn(
+        "kiroku-projector",
+        &app.projector_process_env(&[("KIROKU_PROJECTOR_CLAIM_IDLE_MS", "500")]),
+    )
+    .unwrap();
     app.wait_for_users(40).await;
     let (count, distinct): (i64, i64) = sqlx::query_as("SELECT count(*), count(DISTINCT github_id) FROM users_read")
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
     assert_eq!((count, distinct), (40, 40));
+    // What the dead process had read but not acknowledged is taken over (XAUTOCLAIM) and acknowledged.
+    let stream = app.redis.events_stream();
+    eventually(Duration::from_secs(30), "no entry left pending", || async {
+        let groups: Vec<std::collections::HashMap<String, fred::types::Value>> =
+            app.redis.client.xinfo_groups(&stream).await?;
+        let pending = groups.first().and_then(|g| g.get("pending").and_then(fred::types::Value::as_u64));
+        Ok((pending == Some(0)).then_some(()))
+    })
+    .await
+    .unwrap();
     app.stop().await;
 }
 

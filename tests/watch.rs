@@ -220,7 +220,7 @@ async fn filters_select_events_and_progress_still_advances() {
 async fn a_subscriber_that_stops_reading_is_cut_off_while_another_gets_everything() {
     let app = CommandApp::spawn().await;
     let (query, client) =
-        app.start_query(&[("KIROKU_WATCH_BUFFER", "16"), ("KIROKU_WATCH_STALL_TIMEOUT_MS", "500")]).await;
+        app.start_query(&[("KIROKU_WATCH_BUFFER", "32"), ("KIROKU_WATCH_STALL_TIMEOUT_MS", "1000")]).await;
     let mut healthy = watch(&client, WatchEventsRequest::default()).await;
     let mut stalled = watch(&client, WatchEventsRequest::default()).await;
     assert!(matches!(next(&mut healthy).await, Said::CaughtUp(_)));
@@ -259,7 +259,7 @@ async fn a_subscriber_that_stops_reading_is_cut_off_while_another_gets_everythin
     assert_eq!(received.len(), total, "the healthy subscriber gets every event");
 
     // The stalled subscriber, read at last: what was buffered, then RESOURCE_EXHAUSTED.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     let mut got = 0;
     let status = loop {
         match tokio::time::timeout(Duration::from_secs(20), stalled.message()).await.unwrap() {
