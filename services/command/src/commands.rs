@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use kiroku_domain::{Auth0Subject, SCHEMA_VERSION};
-use kiroku_event_store::{EventMetadata, EventStore, IdempotencyKey, NewEvent};
+use kiroku_event_store::{EventMetadata, EventStore, IdempotencyKey, NewEvent, StoredOutcome};
 use ulid::Ulid;
 
 use crate::auth::{TokenError, TokenVerifier};
@@ -14,6 +14,12 @@ pub(crate) struct Commands {
     pub(crate) store: EventStore,
     pub(crate) verifier: TokenVerifier,
     pub(crate) github: GitHubClient,
+}
+
+/// A verified call: new (with its subject, unparsed, and its idempotency key), or a repeat of an answered one.
+pub(crate) enum Admitted {
+    New { subject: String, key: Option<IdempotencyKey> },
+    Repeat(StoredOutcome),
 }
 
 /// One incoming call: its own id and what the caller said about it.
@@ -64,8 +70,21 @@ impl Commands {
         Commands { store, verifier, github }
     }
 
+    /// The first steps of every command, in this order: verify the token, then look up the answer stored for
+    /// (RPC, verified subject, request id). Only then may a command call GitHub.
+    pub(crate) async fn admit(&self, token: &str, call: &Call, rpc: &str) -> Result<Admitted, CommandError> {
+        let subject = self.authenticate(token).await?;
+        let key = call.idempotency_key(rpc, &subject);
+        if let Some(key) = &key
+            && let Some(stored) = self.store.stored_outcome(key).await?
+        {
+            return Ok(Admitted::Repeat(stored));
+        }
+        Ok(Admitted::New { subject, key })
+    }
+
     /// Verifies the token and returns its subject, still unparsed (any verified subject can own a request id).
-    pub(crate) async fn authenticate(&self, token: &str) -> Result<String, CommandError> {
+    async fn authenticate(&self, token: &str) -> Result<String, CommandError> {
         match self.verifier.verify(token).await {
             Ok(verified) => Ok(verified.subject),
             Err(TokenError::Expired) => Err(CommandError::TokenExpired),

@@ -10,7 +10,7 @@ use kiroku_event_store::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{Call, Commands, github_subject};
+use crate::commands::{Admitted, Call, Commands, github_subject};
 use crate::error::CommandError;
 use crate::github::Fetched;
 
@@ -36,13 +36,10 @@ enum Outcome {
 
 impl Commands {
     pub(crate) async fn register_user(&self, token: &str, call: &Call) -> Result<Registered, CommandError> {
-        let subject = self.authenticate(token).await?;
-        let key = call.idempotency_key(RPC, &subject);
-        if let Some(key) = &key
-            && let Some(stored) = self.store.stored_outcome(key).await?
-        {
-            return replay(stored);
-        }
+        let (subject, key) = match self.admit(token, call, RPC).await? {
+            Admitted::New { subject, key } => (subject, key),
+            Admitted::Repeat(stored) => return replay(stored),
+        };
         let subject = github_subject(&subject)?;
         let profile = match self.github.fetch_user(subject.github_id(), None).await? {
             Fetched::Profile(profile) => profile,

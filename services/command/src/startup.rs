@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use fred::prelude::*;
 use kiroku::v1::command_service_server::CommandServiceServer;
 use kiroku_event_store::EventStore;
-use kiroku_platform::health::{Dependencies, report_health};
-use kiroku_platform::{Shutdown, connect_postgres, connect_redis};
+use kiroku_platform::health::{Dependencies, health_service};
+use kiroku_platform::{Shutdown, connect_redis, open_database};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -38,10 +38,7 @@ impl Application {
     /// Connects to PostgreSQL and Redis (retrying for up to 30 s each), applies migrations when
     /// `KIROKU_MIGRATE` says so, and binds the listener (port 0 picks a free one).
     pub async fn build(settings: Settings) -> Result<Application> {
-        let pool = connect_postgres(&settings.database_url, 32).await?;
-        if settings.migrate {
-            kiroku_event_store::migrate(&pool).await.context("apply migrations")?;
-        }
+        let pool = open_database(&settings.database_url, 32, settings.migrate).await?;
         let redis = connect_redis(&settings.redis_url).await?;
         let http = http_client()?;
         let commands = Commands::new(
@@ -75,14 +72,11 @@ impl Application {
     /// ones finish, and the relay stops after its current step.
     pub async fn run_until_stopped(self, shutdown: Shutdown) -> Result<()> {
         let Application { listener, local_addr, store, redis, settings, commands } = self;
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        let health = tokio::spawn(report_health(
-            reporter,
+        let (health_service, health) = health_service(
             vec![SERVICE_NAME],
             Dependencies { postgres: store.pool().clone(), redis: None },
-            Duration::from_secs(1),
             shutdown.clone(),
-        ));
+        );
         let relay =
             tokio::spawn(Relay::new(store.clone(), redis.clone(), settings.relay.clone()).run(shutdown.clone()));
 

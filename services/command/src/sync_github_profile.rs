@@ -7,7 +7,7 @@ use kiroku_event_store::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{Call, Commands, github_subject};
+use crate::commands::{Admitted, Call, Commands, github_subject};
 use crate::error::CommandError;
 use crate::github::Fetched;
 use crate::register_user::AUTH0_CLAIM;
@@ -35,13 +35,10 @@ impl Commands {
         expected_version: u64,
         call: &Call,
     ) -> Result<Synced, CommandError> {
-        let subject = self.authenticate(token).await?;
-        let key = call.idempotency_key(RPC, &subject);
-        if let Some(key) = &key
-            && let Some(stored) = self.store.stored_outcome(key).await?
-        {
-            return replay(stored);
-        }
+        let (subject, key) = match self.admit(token, call, RPC).await? {
+            Admitted::New { subject, key } => (subject, key),
+            Admitted::Repeat(stored) => return replay(stored),
+        };
         let subject = github_subject(&subject)?;
         let owner = self
             .store

@@ -37,6 +37,16 @@ pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool>
     }
 }
 
+/// A pool on `url` (retried like [`connect_postgres`]), with pending migrations applied when `migrate` is set
+/// (`KIROKU_MIGRATE`).
+pub async fn open_database(url: &str, max_connections: u32, migrate: bool) -> Result<PgPool> {
+    let pool = connect_postgres(url, max_connections).await?;
+    if migrate {
+        kiroku_event_store::migrate(&pool).await.context("apply migrations")?;
+    }
+    Ok(pool)
+}
+
 /// A client on `url`, retried until Redis answers or 30 s have passed. Once connected, fred reconnects by
 /// itself whenever Redis goes away; meanwhile commands fail after 3 s rather than waiting for it.
 pub async fn connect_redis(url: &str) -> Result<Client> {

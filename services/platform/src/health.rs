@@ -6,6 +6,7 @@ use std::time::Duration;
 use fred::prelude::*;
 use sqlx::PgPool;
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
 
 use crate::Shutdown;
@@ -37,6 +38,18 @@ impl Dependencies {
         let (postgres, redis) = tokio::join!(postgres, redis);
         postgres && redis
     }
+}
+
+/// The `grpc.health.v1` service for `services`, kept up to date by a background probe every second until
+/// shutdown (see [`report_health`]).
+pub fn health_service(
+    services: Vec<&'static str>,
+    dependencies: Dependencies,
+    shutdown: Shutdown,
+) -> (HealthServer<impl Health>, tokio::task::JoinHandle<()>) {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    let probe = tokio::spawn(report_health(reporter, services, dependencies, Duration::from_secs(1), shutdown));
+    (service, probe)
 }
 
 /// Sets `""` and `services` to SERVING or NOT_SERVING every `interval` until shutdown, then NOT_SERVING.

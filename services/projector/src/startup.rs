@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use fred::prelude::*;
-use kiroku_platform::health::{Dependencies, report_health};
-use kiroku_platform::{Shutdown, connect_postgres, connect_redis};
+use kiroku_platform::health::{Dependencies, health_service};
+use kiroku_platform::{Shutdown, connect_redis, open_database};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -28,10 +28,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Application> {
-        let pool = connect_postgres(&settings.database_url, 8).await?;
-        if settings.migrate {
-            kiroku_event_store::migrate(&pool).await.context("apply migrations")?;
-        }
+        let pool = open_database(&settings.database_url, 8, settings.migrate).await?;
         let redis = connect_redis(&settings.redis_url).await?;
         let reader = connect_redis(&settings.redis_url).await?;
         let listener = TcpListener::bind(settings.health_addr)
@@ -60,14 +57,11 @@ impl Application {
         let consumer = tokio::spawn(consumer.run(shutdown.clone()));
         let lag = tokio::spawn(report_lag(projection, shutdown.clone()));
 
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        let health = tokio::spawn(report_health(
-            reporter,
+        let (health_service, health) = health_service(
             vec![SERVICE_NAME],
             Dependencies { postgres: pool.clone(), redis: Some(redis.clone()) },
-            Duration::from_secs(1),
             shutdown.clone(),
-        ));
+        );
         tracing::info!(prefix = %settings.redis_prefix, consumer = %settings.consumer_name, "kiroku-projector started");
         let stopping = shutdown.clone();
         kiroku_platform::grpc::server()

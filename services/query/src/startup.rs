@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use fred::prelude::*;
 use kiroku::v1::query_service_server::QueryServiceServer;
 use kiroku_event_store::EventStore;
-use kiroku_platform::health::{Dependencies, report_health};
-use kiroku_platform::{Shutdown, connect_postgres, connect_redis};
+use kiroku_platform::health::{Dependencies, health_service};
+use kiroku_platform::{Shutdown, connect_redis, open_database};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -30,10 +30,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Application> {
-        let pool = connect_postgres(&settings.database_url, 32).await?;
-        if settings.migrate {
-            kiroku_event_store::migrate(&pool).await.context("apply migrations")?;
-        }
+        let pool = open_database(&settings.database_url, 32, settings.migrate).await?;
         let redis = connect_redis(&settings.redis_url).await?;
         let listener = TcpListener::bind(settings.listen_addr)
             .await
@@ -50,14 +47,11 @@ impl Application {
         let Application { listener, local_addr, store, redis, settings } = self;
         let watcher = Watcher::start(store.clone(), settings.watch, shutdown.clone()).await?;
         let queries = QueryGrpc::new(ReadModels::new(store.pool().clone()), store.clone(), watcher);
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        let health = tokio::spawn(report_health(
-            reporter,
+        let (health_service, health) = health_service(
             vec![SERVICE_NAME],
             Dependencies { postgres: store.pool().clone(), redis: Some(redis.clone()) },
-            Duration::from_secs(1),
             shutdown.clone(),
-        ));
+        );
         let (reflection_v1, reflection_v1alpha) = kiroku_platform::grpc::reflection()?;
         tracing::info!(address = %local_addr, "kiroku-query listening");
         let stopping = shutdown.clone();
