@@ -10,8 +10,10 @@ use crate::{DeadLetterAction, ProjectorAction};
 pub(crate) async fn run(action: ProjectorAction) -> Result<()> {
     let url = config::database_url(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
     let pool = kiroku_platform::connect_postgres(&url, 4).await?;
-    // Dead letters are skipped for good after this many attempts; replays apply once.
-    let projection = Projection::new(pool.clone(), u32::MAX);
+    // A rebuild meets the same failing events as the live projector and dead-letters them the same way.
+    let max_attempts = config::number_or(&Environment, "KIROKU_PROJECTOR_MAX_ATTEMPTS", 5u32)
+        .unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
+    let projection = Projection::new(pool.clone(), max_attempts.max(1));
     match action {
         ProjectorAction::Rebuild => {
             let rebuilt = rebuild::rebuild(&pool, &projection).await?;

@@ -168,7 +168,7 @@ impl Relay {
             }
             if tokio::time::Instant::now() >= next_prune {
                 self.prune_idempotency_records().await;
-                next_prune = tokio::time::Instant::now() + Duration::from_secs(3600);
+                next_prune = tokio::time::Instant::now() + Duration::from_secs(60);
             }
             tokio::select! {
                 () = shutdown.wait() => return Ok(()),
@@ -203,7 +203,8 @@ impl Relay {
     }
 
     async fn prune_idempotency_records(&self) {
-        match self.store.prune_idempotency_records(self.settings.idempotency_retention).await {
+        // Ten thousand at most per minute (600,000 an hour), so the relay never pauses long for it.
+        match self.store.prune_idempotency_records(self.settings.idempotency_retention, 10).await {
             Ok(0) => {}
             Ok(pruned) => tracing::info!(pruned, "pruned old idempotency records"),
             Err(error) => tracing::warn!(%error, "could not prune idempotency records"),

@@ -6,7 +6,7 @@ use kiroku_domain::{AuditEvent, UserEvent, UserProfileUpdated, UserRegistered, U
 use kiroku_event_store::RecordedEvent;
 use sqlx::PgConnection;
 
-/// Why an event could not be applied. Every variant is retried, then dead-lettered.
+/// Why an event could not be applied: retried while transient, dead-lettered after enough other failures.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ApplyError {
     #[error("{0}")]
@@ -20,17 +20,24 @@ pub(crate) enum ApplyError {
 }
 
 impl ApplyError {
-    /// True when applying the same event again cannot succeed without a change (of code or of data): only
-    /// those count as attempts towards the dead letters. Lost connections, deadlocks, serialization failures
-    /// and timeouts are retried without counting.
-    pub(crate) fn is_permanent(&self) -> bool {
+    /// True when trying the same event again later may well succeed by itself: a lost connection, a deadlock or
+    /// serialization failure, a timeout or cancellation, a server short of resources or shutting down. Those are
+    /// retried without counting; everything else counts an attempt towards the dead letters, so that nothing can
+    /// block the projection for ever.
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
-            ApplyError::Database(sqlx::Error::Database(db)) => {
-                // Class 22 (data exception) and 23 (integrity constraint violation).
-                db.code().is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
-            }
-            ApplyError::Database(_) => false,
-            ApplyError::Decode(_) | ApplyError::UnknownEventType { .. } | ApplyError::MissingPredecessor(..) => true,
+            ApplyError::Database(sqlx::Error::Database(db)) => db.code().is_some_and(|code| {
+                code.starts_with("08") // connection exception
+                    || code.starts_with("53") // insufficient resources
+                    || code.starts_with("57") // operator intervention: cancel, shutdown
+                    || code == "40001" // serialization failure
+                    || code == "40P01" // deadlock
+                    || code == "55P03" // lock not available
+            }),
+            ApplyError::Database(
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed,
+            ) => true,
+            _ => false,
         }
     }
 }

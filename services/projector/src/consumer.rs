@@ -83,17 +83,22 @@ impl Consumer {
                     Vec::new()
                 }
             };
-            if let Err(error) = self.process(&entries).await {
-                tracing::warn!(error = format!("{error:#}"), "projection step failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+            match self.process(&entries).await {
+                // An event that failed to apply: give the database (or the operator) a moment.
+                Ok(true) => tokio::time::sleep(Duration::from_millis(500)).await,
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(error = format!("{error:#}"), "projection step failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
             }
             if Instant::now() >= next_claim {
                 next_claim = Instant::now() + self.settings.claim_idle.min(Duration::from_secs(5));
                 match self.claim_stale().await {
                     Ok(claimed) if !claimed.is_empty() => {
                         tracing::info!(entries = claimed.len(), "took over entries left pending by another consumer");
-                        if let Err(error) = self.process(&claimed).await {
+                        if let Err(error) = self.process(&claimed).await.map(drop) {
                             tracing::warn!(error = format!("{error:#}"), "projection step failed; retrying");
                         }
                     }
@@ -108,7 +113,9 @@ impl Consumer {
                 }
             }
         }
-        // Leaving: take our name out of the group unless entries are still pending under it.
+        // Leaving: take our name out of the group unless entries are still pending under it. Close the reader
+        // first, so that a read already sent cannot add entries to our name in between.
+        let _ = self.reader.quit().await;
         if let Err(error) = self.forget_gone_consumers(Duration::ZERO).await {
             tracing::debug!(%error, "could not tidy the consumer group");
         }
@@ -177,14 +184,15 @@ impl Consumer {
         Ok(entries)
     }
 
-    /// Applies what `entries` announce (or, with none, whatever the store has), then acknowledges them.
-    async fn process(&self, entries: &[Entry]) -> Result<()> {
+    /// Applies what `entries` announce (or, with none, whatever the store has), then acknowledges them. True when
+    /// an event failed to apply and held the projection back.
+    async fn process(&self, entries: &[Entry]) -> Result<bool> {
         let delivered: Vec<Delivered> = entries.iter().filter_map(|(_, fields)| decode(fields)).collect();
         let wanted = delivered.iter().map(|d| d.event.position).max().unwrap_or(Position::ZERO);
         let mut step = self.projection.step(Target::Active, &delivered).await?;
         self.publish_dead_letters(&step.dead_lettered).await;
         // A broken chain was read from the store in batches: go on until the delivered entries are covered.
-        while step.more || (step.checkpoint < wanted && step.applied > 0) {
+        while !step.blocked && (step.more || (step.checkpoint < wanted && step.applied > 0)) {
             step = self.projection.step(Target::Active, &[]).await?;
             self.publish_dead_letters(&step.dead_lettered).await;
         }
@@ -199,7 +207,7 @@ impl Consumer {
             let _: i64 =
                 self.redis.xack(&self.settings.stream_key, &self.settings.group, done).await.context("XACK")?;
         }
-        Ok(())
+        Ok(step.blocked)
     }
 
     async fn publish_dead_letters(&self, dead: &[DeadLetter]) {

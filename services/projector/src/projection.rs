@@ -41,6 +41,8 @@ pub struct Step {
     pub applied: usize,
     /// True when the step read a full batch from the store: there may be more right away.
     pub more: bool,
+    /// True when an event failed and stopped the step short of what it read: wait before the next step.
+    pub blocked: bool,
     pub dead_lettered: Vec<DeadLetter>,
 }
 
@@ -119,7 +121,7 @@ impl Projection {
             failpoint("projector.before_commit");
         }
         tx.commit().await?;
-        Ok(Step { checkpoint: new_checkpoint, applied, more, dead_lettered: vec![] })
+        Ok(Step { checkpoint: new_checkpoint, applied, more, blocked: false, dead_lettered: vec![] })
     }
 
     /// The slow path after a failed batch: each event in a savepoint. The first failing event gets one more
@@ -137,10 +139,11 @@ impl Projection {
                     step.applied += 1;
                     step.checkpoint = event.position;
                 }
-                Err(error) if !error.is_permanent() => {
+                Err(error) if error.is_transient() => {
                     // Transient: keep what applied so far, and try this one again on the next step.
                     savepoint.rollback().await?;
                     tracing::warn!(position = %event.position, %error, "event failed to apply; will retry");
+                    step.blocked = true;
                     break;
                 }
                 Err(error) => {
@@ -148,6 +151,7 @@ impl Projection {
                     let attempts = record_failure(&mut tx, event.position, &error.to_string()).await?;
                     if attempts < self.max_attempts {
                         tracing::warn!(position = %event.position, attempts, %error, "event failed to apply");
+                        step.blocked = true;
                         break;
                     }
                     tracing::error!(position = %event.position, attempts, %error, "event dead-lettered");

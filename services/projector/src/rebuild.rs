@@ -2,13 +2,13 @@
 //! transactions (an open transaction holds back every reader of the log), then flips the active generation in one
 //! short transaction. Queries read the old generation until the flip and the new one after it.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use kiroku_event_store::Position;
 use sqlx::PgPool;
 
-use crate::projection::{PROJECTION, Projection, Target};
+use crate::projection::{PROJECTION, Projection, Step, Target};
 
 /// What a rebuild did.
 #[derive(Debug)]
@@ -40,7 +40,7 @@ pub async fn rebuild(pool: &PgPool, projection: &Projection) -> Result<Rebuilt> 
 
     let mut events = 0;
     loop {
-        let step = projection.step(Target::Generation(generation), &[]).await?;
+        let step = catch_up_step(projection, generation).await?;
         events += step.applied;
         if !step.more && step.applied == 0 {
             break;
@@ -55,7 +55,7 @@ pub async fn rebuild(pool: &PgPool, projection: &Projection) -> Result<Rebuilt> 
         .await?;
     anyhow::ensure!(current == active, "another rebuild flipped the projection meanwhile");
     let checkpoint = loop {
-        let step = projection.step(Target::Generation(generation), &[]).await?;
+        let step = catch_up_step(projection, generation).await?;
         events += step.applied;
         if !step.more && step.applied == 0 {
             break step.checkpoint;
@@ -75,6 +75,19 @@ pub async fn rebuild(pool: &PgPool, projection: &Projection) -> Result<Rebuilt> 
         .execute(pool)
         .await?;
     Ok(Rebuilt { generation, checkpoint, events, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// One step of the new generation. A step held back by a failing event is retried for a while, and then the
+/// rebuild gives up: flipping to a generation that stopped short would hide users.
+async fn catch_up_step(projection: &Projection, generation: i32) -> Result<Step> {
+    for _ in 0..20 {
+        let step = projection.step(Target::Generation(generation), &[]).await?;
+        if !step.blocked {
+            return Ok(step);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("an event keeps failing to apply (see projection_failures); the rebuild stops before the flip")
 }
 
 /// Deletes a generation's rows a few thousand at a time.
