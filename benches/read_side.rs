@@ -15,7 +15,7 @@ use chrono::Utc;
 use kiroku_domain::{Auth0Subject, GitHubId, GitHubProfile, RegisterUser, User, UserEvent, UserId};
 use kiroku_event_store::{Append, AppendOutcome, Claim, EventMetadata, EventStore, ExpectedVersion, NewEvent};
 use kiroku_platform::Shutdown;
-use kiroku_testkit::{TestDb, TestRedis};
+use kiroku_testkit::{TestDb, TestRedis, percentile};
 use serde_json::json;
 
 fn registration(n: u64) -> Append {
@@ -44,10 +44,6 @@ fn registration(n: u64) -> Append {
         ],
         idempotency: None,
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0)
 }
 
 #[tokio::main]

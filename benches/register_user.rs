@@ -80,7 +80,7 @@ async fn main() {
     }
     let elapsed = started.elapsed();
     latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1000.0;
+    let pct = |p: f64| kiroku_testkit::percentile(&latencies, p).as_secs_f64() * 1000.0;
     println!(
         "{}",
         serde_json::to_string_pretty(&json!({

@@ -15,7 +15,7 @@ use chrono::Utc;
 use kiroku::v1::query_service_client::QueryServiceClient;
 use kiroku::v1::{WatchEventsRequest, watch_events_request, watch_events_response};
 use kiroku_event_store::{Append, AppendOutcome, EventMetadata, EventStore, ExpectedVersion, NewEvent};
-use kiroku_testkit::{ServiceProcess, TestDb, TestRedis};
+use kiroku_testkit::{ServiceProcess, TestDb, TestRedis, percentile};
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -49,10 +49,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0)
 }
 
 async fn connect(address: &str) -> Channel {

@@ -263,3 +263,10 @@ impl ServiceProcess {
         Ok(tokio::time::timeout(timeout, self.child.wait()).await.context("no exit before the timeout")??)
     }
 }
+
+/// The nearest-rank percentile `p` (0.0 to 1.0) of values sorted ascending, or the default when there are none.
+/// Benchmarks report latencies with it.
+pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
+    let rank = ((sorted.len().saturating_sub(1)) as f64 * p).round() as usize;
+    sorted.get(rank).copied().unwrap_or_default()
+}

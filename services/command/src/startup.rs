@@ -64,10 +64,6 @@ impl Application {
         self.local_addr
     }
 
-    pub fn port(&self) -> u16 {
-        self.local_addr.port()
-    }
-
     /// Serves until `shutdown` fires: health goes NOT_SERVING, the server stops taking calls and lets in-flight
     /// ones finish, and the relay stops after its current step.
     pub async fn run_until_stopped(self, shutdown: Shutdown) -> Result<()> {

@@ -69,10 +69,7 @@ where
 }
 
 fn report(name: &str, events_per_tx: u64, outcome: &Outcome) -> serde_json::Value {
-    let pct = |p: f64| {
-        let i = ((outcome.latencies.len() as f64 - 1.0) * p).round() as usize;
-        outcome.latencies.get(i).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0)
-    };
+    let pct = |p: f64| kiroku_testkit::percentile(&outcome.latencies, p).as_secs_f64() * 1000.0;
     let secs = outcome.elapsed.as_secs_f64();
     json!({
         "scenario": name,

@@ -12,7 +12,7 @@ const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Connection options for a database URL, with kiroku's application name.
-pub fn postgres_options(url: &str) -> Result<PgConnectOptions> {
+fn postgres_options(url: &str) -> Result<PgConnectOptions> {
     Ok(PgConnectOptions::from_str(url).context("parse DATABASE_URL")?.application_name("kiroku"))
 }
 

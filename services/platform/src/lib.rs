@@ -11,7 +11,7 @@ pub mod health;
 mod shutdown;
 mod telemetry;
 
-pub use connect::{connect_postgres, connect_redis, open_database, postgres_options};
+pub use connect::{connect_postgres, connect_redis, open_database};
 pub use failpoint::failpoint;
 pub use shutdown::{Shutdown, ShutdownTrigger, run_until_signal, shutdown_signal};
 pub use telemetry::init_tracing;

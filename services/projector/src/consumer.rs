@@ -221,7 +221,7 @@ impl Consumer {
 }
 
 /// Adds a dead letter to `{prefix}:events:dead`.
-pub async fn publish_dead_letter(redis: &Client, key: &str, letter: &DeadLetter) -> Result<()> {
+async fn publish_dead_letter(redis: &Client, key: &str, letter: &DeadLetter) -> Result<()> {
     let fields: Vec<(&str, String)> = vec![
         ("projection", PROJECTION.to_owned()),
         ("position", letter.event.position.to_string()),

@@ -9,7 +9,6 @@ mod projection;
 pub mod rebuild;
 mod startup;
 
-pub use consumer::publish_dead_letter;
 pub use projection::{PROJECTION, Projection, Status};
 pub use startup::{Application, SERVICE_NAME};
 
