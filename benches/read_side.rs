@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use kiroku_domain::{Auth0Subject, GitHubId, GitHubProfile, RegisterUser, User, UserEvent, UserId};
+use kiroku_domain::{Auth0Subject, GitHubId, GitHubProfile, RegisterUser, User, UserCommand, UserEvent, UserId};
 use kiroku_event_store::{Append, AppendOutcome, Claim, EventMetadata, EventStore, ExpectedVersion, NewEvent};
 use kiroku_platform::Shutdown;
 use kiroku_testkit::{TestDb, TestRedis, percentile};
@@ -22,14 +22,15 @@ fn registration(n: u64) -> Append {
     let subject: Auth0Subject = format!("github|{n}").parse().unwrap();
     let profile =
         GitHubProfile { id: GitHubId::new(n), login: format!("user{n}"), name: None, avatar_url: None, etag: None };
-    let event = User::register(None, &RegisterUser { subject: subject.clone(), profile, now: Utc::now() }).unwrap();
+    let command = UserCommand::Register(RegisterUser { subject: subject.clone(), profile, now: Utc::now() });
+    let (event_type, data) = User::decide(None, &command).unwrap()[0].encode().unwrap();
     Append {
         aggregate_id: UserId::generate().as_uuid(),
         aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
         expected: ExpectedVersion::NoStream,
         events: vec![NewEvent {
-            event_type: event.event_type().to_owned(),
-            data: event.to_json(),
+            event_type: event_type.to_owned(),
+            data,
             metadata: EventMetadata {
                 request_id: None,
                 correlation_id: n.to_string(),
@@ -38,10 +39,10 @@ fn registration(n: u64) -> Append {
             },
             occurred_at: Utc::now(),
         }],
-        claims: vec![
-            Claim { kind: "auth0_subject".into(), value: subject.to_string() },
-            Claim { kind: "github_id".into(), value: n.to_string() },
-        ],
+        claims: User::claims(&subject)
+            .into_iter()
+            .map(|(kind, value)| Claim { kind: kind.as_str().to_owned(), value })
+            .collect(),
         idempotency: None,
     }
 }
@@ -57,11 +58,7 @@ async fn main() {
     let (trigger, shutdown) = Shutdown::new();
 
     let relay_redis = kiroku_platform::connect_redis(&redis.url).await.unwrap();
-    let relay = kiroku_command::relay::Relay::new(
-        store.clone(),
-        relay_redis,
-        kiroku_command::relay::RelaySettings::new(&redis.prefix),
-    );
+    let relay = kiroku_relay::Relay::new(store.clone(), relay_redis, kiroku_relay::RelaySettings::new(&redis.prefix));
     tokio::spawn(relay.run(shutdown.clone()));
     let env: Vec<(&str, String)> = vec![
         ("DATABASE_URL", db.url.clone()),

@@ -365,7 +365,7 @@ async fn a_poison_event_is_dead_lettered_the_rest_proceeds_and_the_cli_replays_i
     register_many(&app, 1, 5).await;
     app.wait_for_users(6).await; // five real users and the stray row
 
-    let dead_key = format!("{}:events:dead", app.redis.prefix);
+    let dead_key = app.redis.dead_letters_stream();
     let dead: Vec<(String, std::collections::HashMap<String, String>)> =
         eventually(Duration::from_secs(20), "a dead letter", || async {
             let entries: Vec<(String, std::collections::HashMap<String, String>)> =

@@ -156,7 +156,11 @@ impl TestRedis {
     }
 
     pub fn events_stream(&self) -> String {
-        format!("{}:events", self.prefix)
+        kiroku_relay::stream::events_key(&self.prefix)
+    }
+
+    pub fn dead_letters_stream(&self) -> String {
+        kiroku_relay::stream::dead_letters_key(&self.prefix)
     }
 }
 

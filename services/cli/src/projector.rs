@@ -3,6 +3,7 @@
 use anyhow::Result;
 use kiroku_platform::config::{self, Environment, exit_on_config_error};
 use kiroku_projector::{Projection, dead_letters, rebuild};
+use kiroku_relay::stream;
 use serde_json::json;
 
 use crate::{DeadLetterAction, ProjectorAction};
@@ -51,7 +52,7 @@ pub(crate) async fn run(action: ProjectorAction) -> Result<()> {
                 config::redis_prefix(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
             let redis = kiroku_platform::connect_redis(&redis_url).await?;
             let (replayed, failed) =
-                dead_letters::replay(&pool, &projection, &redis, &format!("{prefix}:events:dead")).await?;
+                dead_letters::replay(&pool, &projection, &redis, &stream::dead_letters_key(&prefix)).await?;
             println!("{}", json!({ "replayed": replayed, "still_failing": failed }));
         }
     }

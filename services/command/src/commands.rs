@@ -1,8 +1,11 @@
 //! What every command shares: the dependencies, authentication, idempotency keys and event metadata.
 
 use chrono::{DateTime, Utc};
-use kiroku_domain::{Auth0Subject, SCHEMA_VERSION};
-use kiroku_event_store::{EventMetadata, EventStore, IdempotencyKey, NewEvent, StoredOutcome};
+use kiroku_domain::{Auth0Subject, ClaimKind, EncodeError, SCHEMA_VERSION};
+use kiroku_event_store::{
+    Claim, EventMetadata, EventStore, IdempotencyKey, IdempotencyRecord, NewEvent, StoredOutcome,
+};
+use serde::Serialize;
 use ulid::Ulid;
 
 use crate::auth::{TokenError, TokenVerifier};
@@ -41,8 +44,22 @@ impl Call {
         Call { command_id, request_id, correlation_id, received_at: Utc::now() }
     }
 
-    /// An event of this call, ready to append.
-    pub(crate) fn event(&self, event_type: &str, data: serde_json::Value) -> NewEvent {
+    /// The events a decision produced, encoded and stamped with this call's metadata, ready to append.
+    pub(crate) fn events<E>(
+        &self,
+        decided: &[E],
+        encode: impl Fn(&E) -> Result<(&'static str, serde_json::Value), EncodeError>,
+    ) -> Result<Vec<NewEvent>, CommandError> {
+        decided
+            .iter()
+            .map(|event| {
+                let (event_type, data) = encode(event).map_err(|e| CommandError::Internal(e.into()))?;
+                Ok(self.event(event_type, data))
+            })
+            .collect()
+    }
+
+    fn event(&self, event_type: &str, data: serde_json::Value) -> NewEvent {
         NewEvent {
             event_type: event_type.to_owned(),
             data,
@@ -99,6 +116,22 @@ impl Commands {
 
 pub(crate) fn github_subject(subject: &str) -> Result<Auth0Subject, CommandError> {
     subject.parse().map_err(|_| CommandError::NotAGitHubIdentity)
+}
+
+/// The event store's claim of an identity.
+pub(crate) fn claim(kind: ClaimKind, value: String) -> Claim {
+    Claim { kind: kind.as_str().to_owned(), value }
+}
+
+/// The answer to store under the call's idempotency key, if it has one.
+pub(crate) fn idempotency_record(
+    key: &Option<IdempotencyKey>,
+    outcome: &impl Serialize,
+) -> Result<Option<IdempotencyRecord>, CommandError> {
+    let Some(key) = key else { return Ok(None) };
+    let outcome = serde_json::to_value(outcome)
+        .map_err(|e| CommandError::Internal(anyhow::Error::new(e).context("encode a command's answer")))?;
+    Ok(Some(IdempotencyRecord { key: key.clone(), outcome }))
 }
 
 impl From<GitHubError> for CommandError {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use kiroku_platform::config::{self, ConfigError, Source};
 use url::Url;
 
-use crate::relay::RelaySettings;
+use kiroku_relay::RelaySettings;
 
 /// Everything `kiroku-command` needs to start.
 #[derive(Clone)]

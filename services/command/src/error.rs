@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use kiroku_domain::UserId;
+use kiroku_domain::{UserError, UserId};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -32,6 +32,9 @@ pub enum CommandError {
     VersionConflict { expected: u64, actual: u64 },
     #[error("no user is registered for this identity")]
     UserNotFound,
+    /// The domain refused the command.
+    #[error(transparent)]
+    Refused(#[from] UserError),
     /// Anything unexpected: logged once where it is turned into a status, opaque to the client.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -84,8 +87,19 @@ impl From<CommandError> for Status {
                 let details = ErrorDetails::with_error_info("VERSION_CONFLICT", ERROR_DOMAIN, metadata);
                 Status::with_error_details(Code::Aborted, error.to_string(), details)
             }
-            CommandError::UserNotFound => {
+            CommandError::UserNotFound | CommandError::Refused(UserError::NotRegistered) => {
                 Status::with_error_details(Code::NotFound, error.to_string(), info("USER_NOT_FOUND"))
+            }
+            // GitHub answered for the account, but with a profile kiroku cannot record: nothing the caller can
+            // fix by retrying.
+            CommandError::Refused(UserError::MissingLogin) => {
+                Status::with_error_details(Code::FailedPrecondition, error.to_string(), info("GITHUB_PROFILE_INVALID"))
+            }
+            CommandError::Refused(UserError::ProfileMismatch { .. }) => {
+                Status::with_error_details(Code::FailedPrecondition, error.to_string(), info("GITHUB_PROFILE_MISMATCH"))
+            }
+            CommandError::Refused(UserError::AlreadyRegistered) => {
+                Status::with_error_details(Code::AlreadyExists, error.to_string(), info("USER_ALREADY_EXISTS"))
             }
             CommandError::Internal(error) => {
                 tracing::error!(error = format!("{error:#}"), "internal error");
@@ -113,6 +127,20 @@ mod tests {
         let info = status.get_details_error_info().unwrap();
         assert_eq!((info.reason.as_str(), info.domain.as_str()), ("USER_ALREADY_EXISTS", "kiroku.v1"));
         assert_eq!(info.metadata["user_id"], user_id.to_string());
+    }
+
+    #[test]
+    fn domain_refusals_are_client_errors_not_internal_ones() {
+        let mismatch = Status::from(CommandError::Refused(UserError::ProfileMismatch {
+            subject: kiroku_domain::GitHubId::new(1),
+            profile: kiroku_domain::GitHubId::new(2),
+        }));
+        assert_eq!(mismatch.code(), Code::FailedPrecondition);
+        assert_eq!(mismatch.get_details_error_info().unwrap().reason, "GITHUB_PROFILE_MISMATCH");
+        let missing = Status::from(CommandError::Refused(UserError::MissingLogin));
+        assert_eq!(missing.code(), Code::FailedPrecondition);
+        assert_eq!(Status::from(CommandError::Refused(UserError::NotRegistered)).code(), Code::NotFound);
+        assert_eq!(Status::from(CommandError::Refused(UserError::AlreadyRegistered)).code(), Code::AlreadyExists);
     }
 
     #[test]

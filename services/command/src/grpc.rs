@@ -1,12 +1,13 @@
-//! The gRPC edge of the command side: validates requests, runs the use case inside a span that carries the
-//! request id, and turns the result into a response or a status (through `From<CommandError> for Status`).
+//! The gRPC edge of the command side: validates requests, records the request id in the RPC's span (opened by
+//! the platform's access log), and turns the result into a response or a status (through
+//! `From<CommandError> for Status`).
 
 use std::sync::Arc;
 
 use kiroku::v1::command_service_server::CommandService;
 use kiroku::v1::{RegisterUserRequest, RegisterUserResponse, SyncGitHubProfileRequest, SyncGitHubProfileResponse};
+use kiroku_platform::access::CORRELATION_HEADER;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use crate::commands::{Call, Commands};
 use crate::error::CommandError;
@@ -44,11 +45,11 @@ fn token(value: &str) -> Result<&str, CommandError> {
 
 /// A correlation id the caller passed in the `x-correlation-id` header, if it is sane.
 fn correlation_id<T>(request: &Request<T>) -> Option<String> {
-    let value = request.metadata().get("x-correlation-id")?.to_str().ok()?;
+    let value = request.metadata().get(CORRELATION_HEADER)?.to_str().ok()?;
     request_id(value).ok().flatten()
 }
 
-/// The call's identity, checked, and recorded in the current span (the RPC's).
+/// The call's identity, checked, and recorded in the current span (the RPC's, opened by the access log).
 fn start_call(raw_request_id: &str, correlation: Option<String>) -> Result<Call, CommandError> {
     let call = Call::new(request_id(raw_request_id)?, correlation);
     let span = tracing::Span::current();
@@ -67,20 +68,13 @@ impl CommandService for CommandGrpc {
     ) -> Result<Response<RegisterUserResponse>, Status> {
         let correlation = correlation_id(&request);
         let message = request.into_inner();
-        let span =
-            tracing::info_span!("RegisterUser", request_id = tracing::field::Empty, command_id = tracing::field::Empty);
-        async move {
-            let token = token(&message.auth0_token)?;
-            let call = start_call(&message.request_id, correlation)?;
-            let registered = self.commands.register_user(token, &call).await?;
-            Ok(Response::new(RegisterUserResponse {
-                user_id: registered.user_id.to_string(),
-                position: registered.position.get(),
-            }))
-        }
-        .instrument(span)
-        .await
-        .map_err(|error: CommandError| Status::from(error))
+        let token = token(&message.auth0_token)?;
+        let call = start_call(&message.request_id, correlation)?;
+        let registered = self.commands.register_user(token, &call).await?;
+        Ok(Response::new(RegisterUserResponse {
+            user_id: registered.user_id.to_string(),
+            position: registered.position.get(),
+        }))
     }
 
     async fn sync_git_hub_profile(
@@ -89,25 +83,15 @@ impl CommandService for CommandGrpc {
     ) -> Result<Response<SyncGitHubProfileResponse>, Status> {
         let correlation = correlation_id(&request);
         let message = request.into_inner();
-        let span = tracing::info_span!(
-            "SyncGitHubProfile",
-            request_id = tracing::field::Empty,
-            command_id = tracing::field::Empty
-        );
-        async move {
-            let token = token(&message.auth0_token)?;
-            let call = start_call(&message.request_id, correlation)?;
-            let synced = self.commands.sync_github_profile(token, message.expected_version, &call).await?;
-            Ok(Response::new(SyncGitHubProfileResponse {
-                user_id: synced.user_id.to_string(),
-                version: u64::from(synced.version),
-                position: synced.position.get(),
-                changed: synced.changed,
-            }))
-        }
-        .instrument(span)
-        .await
-        .map_err(|error: CommandError| Status::from(error))
+        let token = token(&message.auth0_token)?;
+        let call = start_call(&message.request_id, correlation)?;
+        let synced = self.commands.sync_github_profile(token, message.expected_version, &call).await?;
+        Ok(Response::new(SyncGitHubProfileResponse {
+            user_id: synced.user_id.to_string(),
+            version: u64::from(synced.version),
+            position: synced.position.get(),
+            changed: synced.changed,
+        }))
     }
 }
 

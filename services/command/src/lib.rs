@@ -8,11 +8,10 @@ mod error;
 mod github;
 mod grpc;
 mod register_user;
-pub mod relay;
 mod startup;
 mod sync_github_profile;
 
-pub use startup::{Application, SERVICE_NAME};
+pub use startup::Application;
 
 /// Runs the service until SIGTERM or Ctrl-C, then stops within 10 s.
 pub async fn run(settings: config::Settings) -> anyhow::Result<()> {

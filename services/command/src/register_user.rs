@@ -2,23 +2,19 @@
 //! `UserRegistered` event with the identity claims — or, when a claim is taken, a `UserRegistrationFailed`.
 
 use kiroku_domain::{
-    AuditEvent, AuditId, Auth0Subject, RegisterUser, RegistrationRefusal, User, UserEvent, UserId, refuse_registration,
+    AuditCommand, AuditEvent, AuditId, Auth0Subject, ClaimKind, RegisterUser, RegistrationAudit, RegistrationRefusal,
+    User, UserCommand, UserEvent, UserId,
 };
 use kiroku_event_store::{
-    Append, AppendError, AppendOutcome, Claim, ExpectedVersion, IdempotencyKey, IdempotencyRecord, Position,
-    StoredOutcome,
+    Append, AppendError, AppendOutcome, ExpectedVersion, IdempotencyKey, Position, StoredOutcome,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{Admitted, Call, Commands, github_subject};
+use crate::commands::{Admitted, Call, Commands, claim, github_subject, idempotency_record};
 use crate::error::CommandError;
 use crate::github::Fetched;
 
 const RPC: &str = "RegisterUser";
-
-/// Claim kinds: one user per Auth0 subject and per GitHub account.
-pub(crate) const AUTH0_CLAIM: &str = "auth0_subject";
-pub(crate) const GITHUB_CLAIM: &str = "github_id";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Registered {
@@ -49,18 +45,15 @@ impl Commands {
         };
 
         let user_id = UserId::generate();
-        let command = RegisterUser { subject: subject.clone(), profile, now: call.received_at };
-        let event = User::register(None, &command).map_err(|e| CommandError::Internal(e.into()))?;
+        let command = UserCommand::Register(RegisterUser { subject: subject.clone(), profile, now: call.received_at });
+        let events = User::decide(None, &command)?;
         let append = Append {
             aggregate_id: user_id.as_uuid(),
             aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
             expected: ExpectedVersion::NoStream,
-            events: vec![call.event(event.event_type(), event.to_json())],
-            claims: vec![
-                Claim { kind: AUTH0_CLAIM.to_owned(), value: subject.to_string() },
-                Claim { kind: GITHUB_CLAIM.to_owned(), value: subject.github_id().to_string() },
-            ],
-            idempotency: record(&key, &Outcome::Registered { user_id }),
+            events: call.events(&events, UserEvent::encode)?,
+            claims: User::claims(&subject).into_iter().map(|(kind, value)| claim(kind, value)).collect(),
+            idempotency: idempotency_record(&key, &Outcome::Registered { user_id })?,
         };
         match self.store.append(&append).await {
             Ok(AppendOutcome::Appended(appended)) => {
@@ -69,11 +62,10 @@ impl Commands {
             }
             Ok(AppendOutcome::Replayed(stored)) => replay(stored),
             Err(AppendError::ClaimRefused { kind, owner, .. }) => {
-                let reason = if kind == AUTH0_CLAIM {
-                    RegistrationRefusal::DuplicateAuth0Id
-                } else {
-                    RegistrationRefusal::DuplicateGithubId
-                };
+                let kind = ClaimKind::from_name(&kind).ok_or_else(|| {
+                    CommandError::Internal(anyhow::anyhow!("the store refused an unknown claim {kind}"))
+                })?;
+                let reason = RegistrationRefusal::duplicate(kind);
                 self.refuse(&subject, reason, UserId::from_uuid(owner), key, call).await
             }
             Err(error) => Err(CommandError::Internal(error.into())),
@@ -89,14 +81,20 @@ impl Commands {
         key: Option<IdempotencyKey>,
         call: &Call,
     ) -> Result<Registered, CommandError> {
-        let event = refuse_registration(subject, reason, Some(existing), call.received_at);
+        let command = AuditCommand::RecordRefusal {
+            subject: subject.clone(),
+            reason,
+            existing: Some(existing),
+            now: call.received_at,
+        };
+        let events = RegistrationAudit::decide(None, &command);
         let append = Append {
             aggregate_id: AuditId::generate().as_uuid(),
             aggregate_type: AuditEvent::AGGREGATE_TYPE.to_owned(),
             expected: ExpectedVersion::NoStream,
-            events: vec![call.event(event.event_type(), event.to_json())],
+            events: call.events(&events, AuditEvent::encode)?,
             claims: vec![],
-            idempotency: record(&key, &Outcome::AlreadyExists { user_id: existing }),
+            idempotency: idempotency_record(&key, &Outcome::AlreadyExists { user_id: existing })?,
         };
         match self.store.append(&append).await {
             Ok(AppendOutcome::Appended(_)) => {
@@ -107,11 +105,6 @@ impl Commands {
             Err(error) => Err(CommandError::Internal(error.into())),
         }
     }
-}
-
-fn record(key: &Option<IdempotencyKey>, outcome: &Outcome) -> Option<IdempotencyRecord> {
-    let outcome = serde_json::to_value(outcome).ok()?;
-    key.clone().map(|key| IdempotencyRecord { key, outcome })
 }
 
 fn replay(stored: StoredOutcome) -> Result<Registered, CommandError> {

@@ -1,16 +1,13 @@
 //! SyncGitHubProfile: re-read the caller's GitHub profile (conditionally, with the stored ETag) and append
 //! `UserProfileUpdated` when the login, name or avatar changed.
 
-use kiroku_domain::{SyncProfile, User, UserEvent, UserId};
-use kiroku_event_store::{
-    Append, AppendError, AppendOutcome, Claim, ExpectedVersion, IdempotencyRecord, Position, StoredOutcome,
-};
+use kiroku_domain::{ClaimKind, SyncProfile, User, UserCommand, UserEvent, UserId};
+use kiroku_event_store::{Append, AppendError, AppendOutcome, ExpectedVersion, Position, StoredOutcome};
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{Admitted, Call, Commands, github_subject};
+use crate::commands::{Admitted, Call, Commands, claim, github_subject, idempotency_record};
 use crate::error::CommandError;
 use crate::github::Fetched;
-use crate::register_user::AUTH0_CLAIM;
 
 const RPC: &str = "SyncGitHubProfile";
 
@@ -42,7 +39,7 @@ impl Commands {
         let subject = github_subject(&subject)?;
         let owner = self
             .store
-            .claim_owner(&Claim { kind: AUTH0_CLAIM.to_owned(), value: subject.to_string() })
+            .claim_owner(&claim(ClaimKind::Auth0Subject, subject.to_string()))
             .await?
             .ok_or(CommandError::UserNotFound)?;
         let user_id = UserId::from_uuid(owner);
@@ -63,20 +60,18 @@ impl Commands {
             Fetched::Profile(profile) => Some(profile),
             Fetched::NotModified => None,
         };
-        let decision = User::sync_profile(Some(&user), &SyncProfile { profile, now: call.received_at })
-            .map_err(|e| CommandError::Internal(e.into()))?;
-        let Some(event) = decision else {
+        let command = UserCommand::SyncProfile(SyncProfile { profile, now: call.received_at });
+        let events = User::decide(Some(&user), &command)?;
+        if events.is_empty() {
             return Ok(Synced { user_id, version: user.version, position: latest, changed: false });
-        };
+        }
         let append = Append {
             aggregate_id: owner,
             aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
             expected: ExpectedVersion::Exact(user.version),
-            events: vec![call.event(event.event_type(), event.to_json())],
+            events: call.events(&events, UserEvent::encode)?,
             claims: vec![],
-            idempotency: key.and_then(|key| {
-                Some(IdempotencyRecord { key, outcome: serde_json::to_value(Outcome { user_id }).ok()? })
-            }),
+            idempotency: idempotency_record(&key, &Outcome { user_id })?,
         };
         match self.store.append(&append).await {
             Ok(AppendOutcome::Appended(appended)) => {

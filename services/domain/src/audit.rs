@@ -3,8 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::DecodeError;
-use crate::ids::{Auth0Subject, GitHubId, UserId};
+use crate::ids::{Auth0Subject, ClaimKind, GitHubId, UserId};
 
 /// Why a registration was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,6 +13,16 @@ pub enum RegistrationRefusal {
     DuplicateAuth0Id,
     /// The GitHub account already belongs to a user.
     DuplicateGithubId,
+}
+
+impl RegistrationRefusal {
+    /// The refusal of a registration whose claim of `kind` another user already holds.
+    pub fn duplicate(kind: ClaimKind) -> RegistrationRefusal {
+        match kind {
+            ClaimKind::Auth0Subject => RegistrationRefusal::DuplicateAuth0Id,
+            ClaimKind::GitHubId => RegistrationRefusal::DuplicateGithubId,
+        }
+    }
 }
 
 /// A registration was refused; the attempt is kept for the audit trail.
@@ -27,58 +36,48 @@ pub struct UserRegistrationFailed {
     pub duplicate_user_id: Option<UserId>,
 }
 
-impl UserRegistrationFailed {
-    pub const TYPE: &'static str = "UserRegistrationFailed";
+crate::events! {
+    /// Every event of the `UserRegistrationAudit` aggregate.
+    pub enum AuditEvent("UserRegistrationAudit") {
+        UserRegistrationFailed,
+    }
 }
 
-/// Every event of the `UserRegistrationAudit` aggregate.
+/// Every command of the `UserRegistrationAudit` aggregate.
+#[derive(Clone, Debug)]
+pub enum AuditCommand {
+    /// Record a registration refused because `existing` already holds the identity.
+    RecordRefusal { subject: Auth0Subject, reason: RegistrationRefusal, existing: Option<UserId>, now: DateTime<Utc> },
+}
+
+/// The `UserRegistrationAudit` aggregate: a fresh one per refused registration, holding its one event.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AuditEvent {
-    RegistrationFailed(UserRegistrationFailed),
+pub struct RegistrationAudit {
+    pub failure: UserRegistrationFailed,
 }
 
-impl AuditEvent {
-    pub const AGGREGATE_TYPE: &'static str = "UserRegistrationAudit";
-    pub const TYPES: [&'static str; 1] = [UserRegistrationFailed::TYPE];
-
-    pub fn event_type(&self) -> &'static str {
-        match self {
-            AuditEvent::RegistrationFailed(_) => UserRegistrationFailed::TYPE,
+impl RegistrationAudit {
+    /// The state after one more event.
+    pub fn evolve(_state: Option<RegistrationAudit>, event: &AuditEvent) -> Option<RegistrationAudit> {
+        match event {
+            AuditEvent::UserRegistrationFailed(failure) => Some(RegistrationAudit { failure: failure.clone() }),
         }
     }
 
-    pub fn to_json(&self) -> serde_json::Value {
-        match self {
-            AuditEvent::RegistrationFailed(e) => serde_json::to_value(e).unwrap_or(serde_json::Value::Null),
+    /// Which events a command produces. An audit records; it refuses nothing.
+    pub fn decide(_state: Option<&RegistrationAudit>, command: &AuditCommand) -> Vec<AuditEvent> {
+        match command {
+            AuditCommand::RecordRefusal { subject, reason, existing, now } => {
+                vec![AuditEvent::UserRegistrationFailed(UserRegistrationFailed {
+                    auth0_id: subject.clone(),
+                    github_id: subject.github_id(),
+                    reason: *reason,
+                    attempted_at: *now,
+                    duplicate_user_id: *existing,
+                })]
+            }
         }
     }
-
-    pub fn decode(event_type: &str, data: &serde_json::Value) -> Option<Result<AuditEvent, DecodeError>> {
-        match event_type {
-            UserRegistrationFailed::TYPE => Some(
-                serde_json::from_value(data.clone())
-                    .map(AuditEvent::RegistrationFailed)
-                    .map_err(|source| DecodeError { event_type: event_type.to_owned(), source }),
-            ),
-            _ => None,
-        }
-    }
-}
-
-/// Records a registration refused because `existing` already holds the identity.
-pub fn refuse_registration(
-    subject: &Auth0Subject,
-    reason: RegistrationRefusal,
-    existing: Option<UserId>,
-    now: DateTime<Utc>,
-) -> AuditEvent {
-    AuditEvent::RegistrationFailed(UserRegistrationFailed {
-        auth0_id: subject.clone(),
-        github_id: subject.github_id(),
-        reason,
-        attempted_at: now,
-        duplicate_user_id: existing,
-    })
 }
 
 #[cfg(test)]
@@ -92,14 +91,18 @@ mod tests {
     fn a_refusal_names_the_existing_user_and_the_reason() {
         let existing: UserId = "0191d1b4-7e2c-7cc0-9a4b-3c1d2e3f4a5b".parse().unwrap();
         let at = Utc.with_ymd_and_hms(2026, 11, 27, 6, 0, 0).unwrap();
-        let event = refuse_registration(
-            &"github|7".parse().unwrap(),
-            RegistrationRefusal::DuplicateGithubId,
-            Some(existing),
-            at,
-        );
+        let command = AuditCommand::RecordRefusal {
+            subject: "github|7".parse().unwrap(),
+            reason: RegistrationRefusal::DuplicateGithubId,
+            existing: Some(existing),
+            now: at,
+        };
+        let events = RegistrationAudit::decide(None, &command);
+        assert_eq!(events.len(), 1);
+        let (event_type, data) = events[0].encode().unwrap();
+        assert_eq!(event_type, "UserRegistrationFailed");
         assert_eq!(
-            event.to_json(),
+            data,
             json!({
                 "auth0_id": "github|7",
                 "github_id": "7",
@@ -108,6 +111,8 @@ mod tests {
                 "duplicate_user_id": "0191d1b4-7e2c-7cc0-9a4b-3c1d2e3f4a5b",
             })
         );
-        assert_eq!(AuditEvent::decode(event.event_type(), &event.to_json()).unwrap().unwrap(), event);
+        assert_eq!(AuditEvent::decode(event_type, &data).unwrap().unwrap(), events[0]);
+        let audit = RegistrationAudit::evolve(None, &events[0]).unwrap();
+        assert_eq!(audit.failure.reason, RegistrationRefusal::DuplicateGithubId);
     }
 }

@@ -150,6 +150,31 @@ impl fmt::Display for Auth0Subject {
     }
 }
 
+/// The kinds of identity a user holds exclusively. The event store's claims (kind, value) enforce it: the first
+/// append that claims a value owns it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ClaimKind {
+    /// An Auth0 subject, `github|<id>`.
+    Auth0Subject,
+    /// A GitHub account id.
+    GitHubId,
+}
+
+impl ClaimKind {
+    /// The kind as the claims table stores it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ClaimKind::Auth0Subject => "auth0_subject",
+            ClaimKind::GitHubId => "github_id",
+        }
+    }
+
+    /// The kind stored as `name`, if it is one.
+    pub fn from_name(name: &str) -> Option<ClaimKind> {
+        [ClaimKind::Auth0Subject, ClaimKind::GitHubId].into_iter().find(|kind| kind.as_str() == name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,17 +1,18 @@
-//! kiroku's domain, pure and synchronous: which events a command produces (`decide`) and what state events
-//! build (`evolve`). No I/O here: token checks and GitHub calls happen before, appends after.
+//! kiroku's domain, pure and synchronous: for each aggregate, `decide` (which events a command produces) and
+//! `evolve` (what state events build). No I/O here: token checks and GitHub calls happen before, appends after.
 //!
-//! Event payloads are versioned JSON (`schema_version` in the metadata); [`UserEvent::decode`] and
-//! [`AuditEvent::decode`] are the one place that reads them back.
+//! Events are serde-tagged enums whose variant names are the event types, stored as `event_type` plus the
+//! variant's payload as versioned JSON (`schema_version` in the metadata). The `events!` macro below gives each
+//! enum its one list of type names, and its `encode` and `decode`: the one place payloads are written and read.
 
 mod audit;
 mod ids;
 mod user;
 
-pub use audit::{AuditEvent, RegistrationRefusal, UserRegistrationFailed, refuse_registration};
-pub use ids::{AuditId, Auth0Subject, GitHubId, IdError, UserId};
+pub use audit::{AuditCommand, AuditEvent, RegistrationAudit, RegistrationRefusal, UserRegistrationFailed};
+pub use ids::{AuditId, Auth0Subject, ClaimKind, GitHubId, IdError, UserId};
 pub use user::{
-    GitHubProfile, PersonalProfile, ProfileChanges, RegisterUser, SyncProfile, User, UserError, UserEvent,
+    GitHubProfile, PersonalProfile, ProfileChanges, RegisterUser, SyncProfile, User, UserCommand, UserError, UserEvent,
     UserProfileUpdated, UserRegistered,
 };
 
@@ -26,3 +27,65 @@ pub struct DecodeError {
     #[source]
     pub source: serde_json::Error,
 }
+
+/// An event that cannot be written as JSON (a payload type that serde cannot represent: a bug, never data).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode a {event_type} event: {source}")]
+pub struct EncodeError {
+    pub event_type: &'static str,
+    #[source]
+    pub source: serde_json::Error,
+}
+
+/// Defines an aggregate's event enum: one variant per event, named after its payload type, which is also the
+/// event type stored in the log. Serde tags it with `event_type` and `data`, which is how `encode` and
+/// `decode` split it into the log's two columns and join them back.
+macro_rules! events {
+    ($(#[$meta:meta])* pub enum $name:ident ($aggregate:literal) { $($variant:ident),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        #[serde(tag = "event_type", content = "data")]
+        pub enum $name {
+            $($variant($variant),)+
+        }
+
+        impl $name {
+            /// The aggregate type these events belong to.
+            pub const AGGREGATE_TYPE: &'static str = $aggregate;
+            /// Every event type of the aggregate.
+            pub const TYPES: &'static [&'static str] = &[$(stringify!($variant)),+];
+
+            /// The type stored with the event.
+            pub fn event_type(&self) -> &'static str {
+                match self {
+                    $($name::$variant(_) => stringify!($variant),)+
+                }
+            }
+
+            /// The event type and its payload, as the log stores them.
+            pub fn encode(&self) -> Result<(&'static str, serde_json::Value), $crate::EncodeError> {
+                let event_type = self.event_type();
+                let error = |source| $crate::EncodeError { event_type, source };
+                match serde_json::to_value(self).map_err(error)? {
+                    serde_json::Value::Object(mut tagged) => {
+                        Ok((event_type, tagged.remove("data").unwrap_or(serde_json::Value::Null)))
+                    }
+                    _ => Err(error(serde::ser::Error::custom("a tagged event is not an object"))),
+                }
+            }
+
+            /// Reads a stored payload back. `None` for an event type this aggregate does not have.
+            pub fn decode(event_type: &str, data: &serde_json::Value) -> Option<Result<$name, $crate::DecodeError>> {
+                if !Self::TYPES.contains(&event_type) {
+                    return None;
+                }
+                let tagged = serde_json::json!({ "event_type": event_type, "data": data });
+                Some(serde_json::from_value(tagged).map_err(|source| $crate::DecodeError {
+                    event_type: event_type.to_owned(),
+                    source,
+                }))
+            }
+        }
+    };
+}
+pub(crate) use events;

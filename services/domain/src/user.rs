@@ -3,8 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::DecodeError;
-use crate::ids::{Auth0Subject, GitHubId, UserId};
+use crate::ids::{Auth0Subject, ClaimKind, GitHubId, UserId};
 
 /// What GitHub says about an account, as far as kiroku cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,10 +50,6 @@ pub struct UserRegistered {
     pub github_etag: Option<String>,
 }
 
-impl UserRegistered {
-    pub const TYPE: &'static str = "UserRegistered";
-}
-
 /// The personal fields that changed, and only those.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProfileChanges {
@@ -82,49 +77,11 @@ pub struct UserProfileUpdated {
     pub github_etag: Option<String>,
 }
 
-impl UserProfileUpdated {
-    pub const TYPE: &'static str = "UserProfileUpdated";
-}
-
-/// Every event of the `User` aggregate.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum UserEvent {
-    Registered(UserRegistered),
-    ProfileUpdated(UserProfileUpdated),
-}
-
-impl UserEvent {
-    pub const AGGREGATE_TYPE: &'static str = "User";
-    pub const TYPES: [&'static str; 2] = [UserRegistered::TYPE, UserProfileUpdated::TYPE];
-
-    pub fn event_type(&self) -> &'static str {
-        match self {
-            UserEvent::Registered(_) => UserRegistered::TYPE,
-            UserEvent::ProfileUpdated(_) => UserProfileUpdated::TYPE,
-        }
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        // These types hold only strings, numbers and timestamps: serializing them cannot fail.
-        let encoded = match self {
-            UserEvent::Registered(e) => serde_json::to_value(e),
-            UserEvent::ProfileUpdated(e) => serde_json::to_value(e),
-        };
-        encoded.unwrap_or(serde_json::Value::Null)
-    }
-
-    /// Reads a stored payload back. `None` for an event type this aggregate does not know.
-    pub fn decode(event_type: &str, data: &serde_json::Value) -> Option<Result<UserEvent, DecodeError>> {
-        let error = |source| DecodeError { event_type: event_type.to_owned(), source };
-        match event_type {
-            UserRegistered::TYPE => {
-                Some(serde_json::from_value(data.clone()).map(UserEvent::Registered).map_err(error))
-            }
-            UserProfileUpdated::TYPE => {
-                Some(serde_json::from_value(data.clone()).map(UserEvent::ProfileUpdated).map_err(error))
-            }
-            _ => None,
-        }
+crate::events! {
+    /// Every event of the `User` aggregate.
+    pub enum UserEvent("User") {
+        UserRegistered,
+        UserProfileUpdated,
     }
 }
 
@@ -170,6 +127,13 @@ pub struct SyncProfile {
     pub now: DateTime<Utc>,
 }
 
+/// Every command of the `User` aggregate.
+#[derive(Clone, Debug)]
+pub enum UserCommand {
+    Register(RegisterUser),
+    SyncProfile(SyncProfile),
+}
+
 impl User {
     /// Builds the state from the aggregate's events, oldest first. `None` when there is no `UserRegistered`.
     pub fn from_events<'a>(id: UserId, events: impl IntoIterator<Item = &'a UserEvent>) -> Option<User> {
@@ -179,7 +143,7 @@ impl User {
     /// The state after one more event.
     pub fn evolve(state: Option<User>, id: UserId, event: &UserEvent) -> Option<User> {
         match (state, event) {
-            (None, UserEvent::Registered(e)) => Some(User {
+            (None, UserEvent::UserRegistered(e)) => Some(User {
                 id,
                 auth0_id: e.auth0_id.clone(),
                 github_id: e.github_id,
@@ -189,7 +153,7 @@ impl User {
                 updated_at: e.registered_at,
                 version: 1,
             }),
-            (Some(mut user), UserEvent::ProfileUpdated(e)) => {
+            (Some(mut user), UserEvent::UserProfileUpdated(e)) => {
                 if let Some(login) = &e.personal.github_username {
                     user.personal.github_username.clone_from(login);
                 }
@@ -215,57 +179,69 @@ impl User {
         }
     }
 
-    /// Decides the registration of a new user. Uniqueness is not decided here: the event store's claims do it.
-    pub fn register(state: Option<&User>, command: &RegisterUser) -> Result<UserEvent, UserError> {
-        if state.is_some() {
-            return Err(UserError::AlreadyRegistered);
+    /// Decides which events a command produces, given the user's state (`None`: not registered).
+    /// Uniqueness of identities is not decided here: the event store's claims do it (see [`ClaimKind`]).
+    pub fn decide(state: Option<&User>, command: &UserCommand) -> Result<Vec<UserEvent>, UserError> {
+        match command {
+            UserCommand::Register(command) => register(state, command).map(|event| vec![event]),
+            UserCommand::SyncProfile(command) => sync_profile(state, command).map(Vec::from_iter),
         }
-        let profile = &command.profile;
-        if profile.login.trim().is_empty() {
-            return Err(UserError::MissingLogin);
-        }
-        if profile.id != command.subject.github_id() {
-            return Err(UserError::ProfileMismatch { subject: command.subject.github_id(), profile: profile.id });
-        }
-        Ok(UserEvent::Registered(UserRegistered {
-            auth0_id: command.subject.clone(),
-            github_id: profile.id,
-            personal: PersonalProfile::from_github(profile),
-            registered_at: command.now,
-            github_etag: profile.etag.clone(),
-        }))
     }
 
-    /// Decides what a fresh look at the GitHub profile changes: nothing, or one `UserProfileUpdated` with the
-    /// changed fields (login, name, avatar).
-    pub fn sync_profile(state: Option<&User>, command: &SyncProfile) -> Result<Option<UserEvent>, UserError> {
-        let user = state.ok_or(UserError::NotRegistered)?;
-        let Some(profile) = &command.profile else { return Ok(None) };
-        if profile.id != user.github_id {
-            return Err(UserError::ProfileMismatch { subject: user.github_id, profile: profile.id });
-        }
-        if profile.login.trim().is_empty() {
-            return Err(UserError::MissingLogin);
-        }
-        let fresh = PersonalProfile::from_github(profile);
-        let changed = |old: &str, new: &str| (old != new).then(|| new.to_owned());
-        let changes = ProfileChanges {
-            github_username: changed(&user.personal.github_username, &fresh.github_username),
-            display_name: changed(&user.personal.display_name, &fresh.display_name),
-            avatar_url: match (&user.personal.avatar_url, &fresh.avatar_url) {
-                (old, Some(new)) if old.as_ref() != Some(new) => Some(new.clone()),
-                _ => None,
-            },
-        };
-        if changes.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(UserEvent::ProfileUpdated(UserProfileUpdated {
-            personal: changes,
-            updated_at: command.now,
-            github_etag: profile.etag.clone(),
-        })))
+    /// What the user holds exclusively once registered: one user per Auth0 subject and per GitHub account.
+    pub fn claims(subject: &Auth0Subject) -> [(ClaimKind, String); 2] {
+        [(ClaimKind::Auth0Subject, subject.to_string()), (ClaimKind::GitHubId, subject.github_id().to_string())]
     }
+}
+
+fn register(state: Option<&User>, command: &RegisterUser) -> Result<UserEvent, UserError> {
+    if state.is_some() {
+        return Err(UserError::AlreadyRegistered);
+    }
+    let profile = &command.profile;
+    if profile.login.trim().is_empty() {
+        return Err(UserError::MissingLogin);
+    }
+    if profile.id != command.subject.github_id() {
+        return Err(UserError::ProfileMismatch { subject: command.subject.github_id(), profile: profile.id });
+    }
+    Ok(UserEvent::UserRegistered(UserRegistered {
+        auth0_id: command.subject.clone(),
+        github_id: profile.id,
+        personal: PersonalProfile::from_github(profile),
+        registered_at: command.now,
+        github_etag: profile.etag.clone(),
+    }))
+}
+
+/// Nothing, or one `UserProfileUpdated` with the changed fields (login, name, avatar).
+fn sync_profile(state: Option<&User>, command: &SyncProfile) -> Result<Option<UserEvent>, UserError> {
+    let user = state.ok_or(UserError::NotRegistered)?;
+    let Some(profile) = &command.profile else { return Ok(None) };
+    if profile.id != user.github_id {
+        return Err(UserError::ProfileMismatch { subject: user.github_id, profile: profile.id });
+    }
+    if profile.login.trim().is_empty() {
+        return Err(UserError::MissingLogin);
+    }
+    let fresh = PersonalProfile::from_github(profile);
+    let changed = |old: &str, new: &str| (old != new).then(|| new.to_owned());
+    let changes = ProfileChanges {
+        github_username: changed(&user.personal.github_username, &fresh.github_username),
+        display_name: changed(&user.personal.display_name, &fresh.display_name),
+        avatar_url: match (&user.personal.avatar_url, &fresh.avatar_url) {
+            (old, Some(new)) if old.as_ref() != Some(new) => Some(new.clone()),
+            _ => None,
+        },
+    };
+    if changes.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(UserEvent::UserProfileUpdated(UserProfileUpdated {
+        personal: changes,
+        updated_at: command.now,
+        github_etag: profile.etag.clone(),
+    })))
 }
 
 #[cfg(test)]
@@ -293,32 +269,59 @@ mod tests {
         "github|583231".parse().unwrap()
     }
 
+    fn registering(profile: GitHubProfile) -> UserCommand {
+        UserCommand::Register(RegisterUser { subject: subject(), profile, now: now() })
+    }
+
+    fn syncing(profile: Option<GitHubProfile>) -> UserCommand {
+        UserCommand::SyncProfile(SyncProfile { profile, now: now() })
+    }
+
     /// given(events).when(command).then(events), after disintegrate's test harness.
     struct Given(Option<User>);
+
+    struct When(Result<Vec<UserEvent>, UserError>);
 
     fn given(events: &[UserEvent]) -> Given {
         Given(User::from_events(UserId::from_uuid(uuid::Uuid::nil()), events))
     }
 
     impl Given {
-        fn when_registering(self, profile: GitHubProfile) -> Result<UserEvent, UserError> {
-            User::register(self.0.as_ref(), &RegisterUser { subject: subject(), profile, now: now() })
+        fn when(self, command: UserCommand) -> When {
+            When(User::decide(self.0.as_ref(), &command))
+        }
+    }
+
+    impl When {
+        fn then(self, expected: &[UserEvent]) {
+            assert_eq!(self.0.as_deref(), Ok(expected));
         }
 
-        fn when_syncing(self, profile: Option<GitHubProfile>) -> Result<Option<UserEvent>, UserError> {
-            User::sync_profile(self.0.as_ref(), &SyncProfile { profile, now: now() })
+        fn then_refused(self, expected: UserError) {
+            assert_eq!(self.0, Err(expected));
+        }
+
+        fn event(self) -> UserEvent {
+            let mut events = self.0.unwrap();
+            assert_eq!(events.len(), 1, "{events:?}");
+            events.remove(0)
         }
     }
 
     fn registered() -> UserEvent {
-        given(&[]).when_registering(octocat()).unwrap()
+        given(&[]).when(registering(octocat())).event()
+    }
+
+    fn payload(event: &UserEvent) -> serde_json::Value {
+        event.encode().unwrap().1
     }
 
     #[test]
     fn registers_a_new_user_with_the_personal_fields_apart() {
-        let event = given(&[]).when_registering(octocat()).unwrap();
+        let event = given(&[]).when(registering(octocat())).event();
+        assert_eq!(event.event_type(), "UserRegistered");
         assert_eq!(
-            event.to_json(),
+            payload(&event),
             json!({
                 "auth0_id": "github|583231",
                 "github_id": "583231",
@@ -336,36 +339,44 @@ mod tests {
     #[test]
     fn the_display_name_falls_back_to_the_login_when_github_has_no_name() {
         let profile = GitHubProfile { name: None, ..octocat() };
-        let UserEvent::Registered(event) = given(&[]).when_registering(profile).unwrap() else { panic!() };
+        let UserEvent::UserRegistered(event) = given(&[]).when(registering(profile)).event() else { panic!() };
         assert_eq!(event.personal.display_name, "octocat");
         let blank = GitHubProfile { name: Some("  ".to_owned()), ..octocat() };
-        let UserEvent::Registered(event) = given(&[]).when_registering(blank).unwrap() else { panic!() };
+        let UserEvent::UserRegistered(event) = given(&[]).when(registering(blank)).event() else { panic!() };
         assert_eq!(event.personal.display_name, "octocat");
     }
 
     #[test]
     fn refuses_a_profile_of_another_account_than_the_token_names() {
         let other = GitHubProfile { id: GitHubId::new(1), ..octocat() };
-        assert!(matches!(given(&[]).when_registering(other), Err(UserError::ProfileMismatch { .. })));
+        given(&[])
+            .when(registering(other))
+            .then_refused(UserError::ProfileMismatch { subject: GitHubId::new(583231), profile: GitHubId::new(1) });
+    }
+
+    #[test]
+    fn refuses_a_profile_without_a_login() {
+        let nameless = GitHubProfile { login: " ".to_owned(), ..octocat() };
+        given(&[]).when(registering(nameless)).then_refused(UserError::MissingLogin);
     }
 
     #[test]
     fn refuses_to_register_a_user_twice() {
-        assert_eq!(given(&[registered()]).when_registering(octocat()), Err(UserError::AlreadyRegistered));
+        given(&[registered()]).when(registering(octocat())).then_refused(UserError::AlreadyRegistered);
     }
 
     #[test]
     fn an_unchanged_profile_changes_nothing() {
-        assert_eq!(given(&[registered()]).when_syncing(Some(octocat())), Ok(None));
-        assert_eq!(given(&[registered()]).when_syncing(None), Ok(None), "304 Not Modified");
+        given(&[registered()]).when(syncing(Some(octocat()))).then(&[]);
+        given(&[registered()]).when(syncing(None)).then(&[]);
     }
 
     #[test]
     fn a_changed_profile_records_only_the_changed_fields() {
         let renamed = GitHubProfile { login: "octodog".to_owned(), etag: Some("\"def\"".to_owned()), ..octocat() };
-        let event = given(&[registered()]).when_syncing(Some(renamed)).unwrap().unwrap();
+        let event = given(&[registered()]).when(syncing(Some(renamed))).event();
         assert_eq!(
-            event.to_json(),
+            payload(&event),
             json!({ "personal": { "github_username": "octodog" }, "updated_at": "2026-11-27T06:00:00Z", "github_etag": "\"def\"" })
         );
         let user = User::from_events(UserId::generate(), &[registered(), event]).unwrap();
@@ -376,15 +387,25 @@ mod tests {
 
     #[test]
     fn syncing_an_unregistered_user_is_refused() {
-        assert_eq!(given(&[]).when_syncing(Some(octocat())), Err(UserError::NotRegistered));
+        given(&[]).when(syncing(Some(octocat()))).then_refused(UserError::NotRegistered);
     }
 
     #[test]
     fn events_decode_back_to_what_was_encoded() {
         let event = registered();
-        let decoded = UserEvent::decode(event.event_type(), &event.to_json()).unwrap().unwrap();
-        assert_eq!(decoded, event);
+        let (event_type, data) = event.encode().unwrap();
+        assert_eq!(UserEvent::decode(event_type, &data).unwrap().unwrap(), event);
         assert!(UserEvent::decode("SomethingElse", &json!({})).is_none());
-        assert!(UserEvent::decode(UserRegistered::TYPE, &json!({ "auth0_id": "nope" })).unwrap().is_err());
+        assert!(UserEvent::decode("UserRegistered", &json!({ "auth0_id": "nope" })).unwrap().is_err());
+        assert_eq!(UserEvent::TYPES, ["UserRegistered", "UserProfileUpdated"]);
+        assert_eq!(UserEvent::AGGREGATE_TYPE, "User");
+    }
+
+    #[test]
+    fn a_user_claims_its_auth0_subject_and_github_account() {
+        assert_eq!(
+            User::claims(&subject()),
+            [(ClaimKind::Auth0Subject, "github|583231".to_owned()), (ClaimKind::GitHubId, "583231".to_owned())]
+        );
     }
 }

@@ -234,7 +234,7 @@ pub async fn append_in_transaction(tx: &mut PgConnection, append: &Append) -> Re
             .bind(&record.key.caller)
             .bind(&record.key.request_id)
             .bind(i32::try_from(appended.version).unwrap_or(i32::MAX))
-            .bind(appended.last_position().as_i64())
+            .bind(appended.last_position())
             .execute(&mut *tx)
             .await?;
     }
@@ -268,7 +268,7 @@ async fn stored_outcome(
             outcome: row.try_get("outcome")?,
             aggregate_id: row.try_get("aggregate_id")?,
             version: u32::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0),
-            position: Position::from_i64(row.try_get("position")?),
+            position: row.try_get("position")?,
         })
     })
     .transpose()
@@ -368,8 +368,8 @@ async fn insert_events(tx: &mut PgConnection, append: &Append) -> Result<Appende
     let mut current = 0i32;
     for row in &rows {
         current = row.try_get("current_version")?;
-        if let Some(position) = row.try_get::<Option<i64>, _>("position")? {
-            positions.push(Position::from_i64(position));
+        if let Some(position) = row.try_get::<Option<Position>, _>("position")? {
+            positions.push(position);
             version = u32::try_from(row.try_get::<i32, _>("event_version")?).unwrap_or(0);
         }
     }

@@ -7,11 +7,11 @@ use crate::event::Position;
 impl EventStore {
     /// The checkpoint saved under `name`, or [`Position::ZERO`] when there is none.
     pub async fn load_checkpoint(&self, name: &str) -> Result<Position, StoreError> {
-        let position: Option<i64> = sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
+        let position: Option<Position> = sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(position.map(Position::from_i64).unwrap_or(Position::ZERO))
+        Ok(position.unwrap_or(Position::ZERO))
     }
 
     /// Saves a checkpoint. It only moves forward: a stale writer (a leader that lost its lock) cannot move it back.
@@ -22,7 +22,7 @@ impl EventStore {
              WHERE checkpoints.position < excluded.position",
         )
         .bind(name)
-        .bind(position.as_i64())
+        .bind(position)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -4,6 +4,9 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef, Postgres};
 use ulid::Ulid;
 use uuid::Uuid;
 
@@ -27,12 +30,30 @@ impl Position {
 
     /// As PostgreSQL's bigint. Positions come from xid8 values far below 2^47, so they always fit; anything
     /// larger is clamped, which for a lower bound only means "nothing is after it".
-    pub(crate) fn as_i64(self) -> i64 {
+    fn as_i64(self) -> i64 {
         i64::try_from(self.0).unwrap_or(i64::MAX)
     }
+}
 
-    pub(crate) fn from_i64(value: i64) -> Self {
-        Position(u64::try_from(value).unwrap_or(0))
+// A position is a `bigint` in every table (events, checkpoints, read models): bind and read it as one, so that no
+// caller converts by hand.
+impl sqlx::Type<Postgres> for Position {
+    fn type_info() -> PgTypeInfo {
+        <i64 as sqlx::Type<Postgres>>::type_info()
+    }
+}
+
+impl sqlx::Encode<'_, Postgres> for Position {
+    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        <i64 as sqlx::Encode<'_, Postgres>>::encode_by_ref(&self.as_i64(), buf)
+    }
+}
+
+impl sqlx::Decode<'_, Postgres> for Position {
+    fn decode(value: PgValueRef<'_>) -> Result<Self, BoxDynError> {
+        let value = <i64 as sqlx::Decode<'_, Postgres>>::decode(value)?;
+        // The horizon of an empty cluster can be -1; "before everything" is the same position as zero.
+        Ok(Position(u64::try_from(value).unwrap_or(0)))
     }
 }
 

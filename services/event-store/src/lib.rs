@@ -2,16 +2,21 @@
 //!
 //! - [`EventStore::append`] writes events to one aggregate at an expected version, together with the uniqueness
 //!   claims and the idempotency record that guard them, in one short transaction with no network call inside.
-//! - [`EventStore::read_stream`] reads one aggregate in version order; [`EventStore::read_all_after`] reads the
-//!   whole log by global [`Position`], never past a position below which something could still commit.
+//! - [`EventStore::read_stream`] reads one aggregate in version order; [`EventStore::read_batch`] reads the
+//!   whole log by global [`Position`], never past a position below which something could still commit, and a
+//!   [`Follower`] follows it as it grows (the one follow loop of kiroku).
+//! - Named checkpoints, the head, the lag of a follower, and the leader lock of followers that must be alone.
 //!
-//! The invariant this crate owns: a reader that follows [`EventStore::read_all_after`] from any position sees every
-//! committed event exactly once, in one stable order, whatever the concurrency of writers (see ARCHITECTURE.md).
+//! The invariant this crate owns: a reader that follows the log from any position sees every committed event
+//! exactly once, in one stable order, whatever the concurrency of writers (see ARCHITECTURE.md). No other crate
+//! writes SQL against `events`; the pool stays inside.
 
 mod append;
 mod checkpoint;
 mod error;
 mod event;
+mod follow;
+mod leader;
 mod migrate;
 mod notify;
 mod read;
@@ -22,7 +27,10 @@ pub use append::{
 };
 pub use error::{AppendError, StoreError};
 pub use event::{EventMetadata, NewEvent, Position, RecordedEvent};
+pub use follow::Follower;
+pub use leader::LeaderLock;
 pub use migrate::migrate;
+pub use read::{Batch, Lag};
 
 use std::sync::Arc;
 
@@ -51,9 +59,5 @@ impl EventStore {
     /// Wakes followers listening on [`EVENTS_CHANNEL`] (soon, and coalesced with other commits).
     pub fn announce_commit(&self) {
         self.announcer.committed(&self.pool);
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
     }
 }

@@ -1,5 +1,6 @@
-//! Reading: one aggregate in version order, or the whole log by global position.
+//! Reading: one aggregate in version order, or the whole log by global position below the horizon.
 
+use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 use uuid::Uuid;
@@ -13,16 +14,42 @@ const READ_STREAM: &str = "SELECT position, id, aggregate_id, aggregate_type, ev
     event_data, metadata, occurred_at, created_at FROM events WHERE aggregate_id = $1 AND event_version > $2 \
     ORDER BY event_version LIMIT $3";
 
-/// Every event after a position, in position order, but only below the oldest transaction still running:
-/// `pg_current_snapshot()` is this statement's snapshot, so every transaction with an xid below its xmin has
-/// finished, and its events are visible now or never will be. Nothing can later commit below what we return.
-const READ_ALL_AFTER: &str = "SELECT position, id, aggregate_id, aggregate_type, event_type, event_version, \
-    event_data, metadata, occurred_at, created_at FROM events \
-    WHERE position > $1 AND position < (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) \
-    ORDER BY position LIMIT $2";
+/// The horizon, and every event after a position below it, in position order — in one statement, hence one
+/// snapshot. `pg_current_snapshot()` is this statement's snapshot: every transaction with an xid below its xmin
+/// has finished, and its events are visible now or never will be; every transaction that can still commit has
+/// an xid (hence positions, `xid · 2^16 + index`) at or above it. Nothing can later commit below what we return,
+/// nor at or below the horizon. The horizon row comes back even when no event does (the LEFT JOIN).
+const READ_BATCH: &str = "SELECT h.horizon, e.position, e.id, e.aggregate_id, e.aggregate_type, e.event_type, \
+    e.event_version, e.event_data, e.metadata, e.occurred_at, e.created_at \
+    FROM (SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1 AS horizon) h \
+    LEFT JOIN LATERAL (SELECT * FROM events WHERE position > $1 AND position <= h.horizon \
+                       ORDER BY position LIMIT $2) e ON true \
+    ORDER BY e.position";
 
 /// The highest position that is final: every event at or below it has committed (and is visible) or never will.
 const SAFE_HORIZON: &str = "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1";
+
+/// What one read of the log after a position found.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Batch {
+    /// Final events after the position read from, in position order.
+    pub events: Vec<RecordedEvent>,
+    /// Everything at or below it has been read: nothing unread can ever commit there. The last event's position
+    /// when the batch is full; otherwise the horizon at the time of the read (or the position read from, when
+    /// that is higher).
+    pub through: Position,
+    /// True when the read stopped at its limit: more is there right away.
+    pub full: bool,
+}
+
+/// How far a follower at some position is behind the log.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Lag {
+    /// Final events after the follower's position.
+    pub events: u64,
+    /// When the oldest of them was committed; `None` when there is none.
+    pub oldest_committed_at: Option<DateTime<Utc>>,
+}
 
 impl EventStore {
     /// One aggregate's events with a version above `after_version`, in version order, at most `limit`.
@@ -41,18 +68,68 @@ impl EventStore {
         rows.iter().map(decode).collect()
     }
 
-    /// Up to `limit` events with a position above `after`, in position order, never skipping one that commits
-    /// later (see [`READ_ALL_AFTER`]). An empty answer means "nothing more is final yet", not "the end".
+    /// Up to `limit` final events after `after`, in position order, never skipping one that commits later, and
+    /// how far that read covers the log (see [`Batch::through`]).
+    pub async fn read_batch(&self, after: Position, limit: u32) -> Result<Batch, StoreError> {
+        let rows = sqlx::query(READ_BATCH).bind(after).bind(i64::from(limit)).fetch_all(&self.pool).await?;
+        let horizon: Position = match rows.first() {
+            Some(row) => row.try_get("horizon")?,
+            None => Position::ZERO,
+        };
+        let events = rows
+            .iter()
+            .filter(|row| row.try_get::<Option<Position>, _>("position").ok().flatten().is_some())
+            .map(decode)
+            .collect::<Result<Vec<_>, _>>()?;
+        let full = events.len() >= limit as usize && limit > 0;
+        let through = match events.last() {
+            Some(last) if full => last.position,
+            last => horizon.max(after).max(last.map_or(Position::ZERO, |e| e.position)),
+        };
+        Ok(Batch { events, through, full })
+    }
+
+    /// Up to `limit` final events after `after`, in position order (the events of [`EventStore::read_batch`]).
+    /// An empty answer means "nothing more is final yet", not "the end".
     pub async fn read_all_after(&self, after: Position, limit: u32) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows =
-            sqlx::query(READ_ALL_AFTER).bind(after.as_i64()).bind(i64::from(limit)).fetch_all(&self.pool).await?;
-        rows.iter().map(decode).collect()
+        Ok(self.read_batch(after, limit).await?.events)
+    }
+
+    /// The event at `position`, if one committed there.
+    pub async fn read_event(&self, position: Position) -> Result<Option<RecordedEvent>, StoreError> {
+        let row = sqlx::query(
+            "SELECT position, id, aggregate_id, aggregate_type, event_type, event_version, event_data, metadata, \
+             occurred_at, created_at FROM events WHERE position = $1",
+        )
+        .bind(position)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(decode).transpose()
     }
 
     /// The highest position that is final now: no event at or below it can still commit.
     pub async fn safe_horizon(&self) -> Result<Position, StoreError> {
-        let horizon: i64 = sqlx::query_scalar(SAFE_HORIZON).fetch_one(&self.pool).await?;
-        Ok(Position::from_i64(horizon))
+        Ok(sqlx::query_scalar(SAFE_HORIZON).fetch_one(&self.pool).await?)
+    }
+
+    /// The highest position committed so far ([`Position::ZERO`] for an empty log). It may be above the
+    /// horizon while an older transaction is still open.
+    pub async fn head(&self) -> Result<Position, StoreError> {
+        let head: Option<Position> =
+            sqlx::query_scalar("SELECT max(position) FROM events").fetch_one(&self.pool).await?;
+        Ok(head.unwrap_or(Position::ZERO))
+    }
+
+    /// How far a follower whose checkpoint is `after` is behind the final part of the log.
+    pub async fn lag(&self, after: Position) -> Result<Lag, StoreError> {
+        let (events, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
+            "SELECT count(*), min(created_at) FROM events \
+             WHERE position > $1 AND position <= (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1",
+        )
+        .bind(after)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Lag { events: u64::try_from(events).unwrap_or(0), oldest_committed_at: oldest })
     }
 
     /// The current version of an aggregate (0 when it has no events).
@@ -72,7 +149,7 @@ fn decode(row: &PgRow) -> Result<RecordedEvent, StoreError> {
         .parse()
         .map_err(|e| StoreError::Corrupt { table: "events", detail: format!("id {id:?} is not a ULID: {e}") })?;
     Ok(RecordedEvent {
-        position: Position::from_i64(row.try_get("position")?),
+        position: row.try_get("position")?,
         event_id,
         aggregate_id: row.try_get("aggregate_id")?,
         aggregate_type: row.try_get("aggregate_type")?,

@@ -44,10 +44,8 @@ fn appended(outcome: AppendOutcome) -> Appended {
 async fn read_everything(store: &EventStore) -> Vec<RecordedEvent> {
     // The horizon is cluster-wide: a transaction of another test running in parallel may hold it back for a
     // moment. Wait until every committed event is final, so that "everything" means everything.
-    let committed: Option<i64> =
-        sqlx::query_scalar("SELECT max(position) FROM events").fetch_one(store.pool()).await.unwrap();
-    if let Some(committed) = committed {
-        let committed = Position::new(committed as u64);
+    let committed = store.head().await.unwrap();
+    if committed > Position::ZERO {
         kiroku_testkit::eventually(Duration::from_secs(30), "committed events to be final", || async {
             Ok((store.safe_horizon().await? >= committed).then_some(()))
         })

@@ -1,33 +1,106 @@
-//! What both gRPC servers carry besides their own service: reflection (v1 and v1alpha, with
-//! `google/rpc/error_details.proto` so `grpcurl -format-error` decodes details) and the server's settings.
+//! The one way kiroku serves gRPC: a service's own `kiroku.v1` services, `grpc.health.v1` driven by dependency
+//! probes, and server reflection (v1 and v1alpha) that lists exactly what the port serves, with
+//! `google/rpc/error_details.proto` so `grpcurl -format-error` decodes details. Every RPC runs inside a span
+//! and ends with one access-log line (see [`access`](crate::access)).
 
+use std::convert::Infallible;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
 use tonic::transport::Server;
-use tonic_reflection::server::v1::ServerReflectionServer as ReflectionV1;
-use tonic_reflection::server::v1alpha::ServerReflectionServer as ReflectionV1Alpha;
+use tower_service::Service;
 
-/// Server reflection, both versions grpcurl may ask for.
-pub fn reflection() -> Result<(
-    ReflectionV1<impl tonic_reflection::server::v1::ServerReflection>,
-    ReflectionV1Alpha<impl tonic_reflection::server::v1alpha::ServerReflection>,
-)> {
-    let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kiroku::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("build reflection v1")?;
-    let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(kiroku::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .context("build reflection v1alpha")?;
-    Ok((v1, v1alpha))
+use crate::Shutdown;
+use crate::access::AccessLogLayer;
+use crate::health::{Dependencies, health_service};
+
+const HEALTH: &str = "grpc.health.v1.Health";
+const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
+const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+
+/// A gRPC server under construction: the services it will serve and the names its health entries report.
+#[derive(Default)]
+pub struct GrpcServer {
+    routes: RoutesBuilder,
+    /// What reflection lists besides health and reflection itself.
+    services: Vec<&'static str>,
+    /// Health entries besides `""`.
+    health_entries: Vec<&'static str>,
 }
 
-/// A server builder with HTTP/2 keepalive, so idle connections and streams survive proxies and dead peers are
-/// noticed.
-pub fn server() -> Server {
-    Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+impl GrpcServer {
+    pub fn new() -> Self {
+        GrpcServer::default()
+    }
+
+    /// Serves `service`, lists it in reflection, and gives it a health entry of its own name.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.routes.add_service(service);
+        self.services.push(S::NAME);
+        self.health_entries.push(S::NAME);
+        self
+    }
+
+    /// A health entry that names no gRPC service (the projector reports its own state this way).
+    pub fn health_entry(mut self, name: &'static str) -> Self {
+        self.health_entries.push(name);
+        self
+    }
+
+    /// Serves on `listener` until `shutdown`: health goes NOT_SERVING, new calls are refused, in-flight calls
+    /// finish. HTTP/2 keepalive keeps idle connections and streams alive through proxies and notices dead peers.
+    pub async fn serve(self, listener: TcpListener, dependencies: Dependencies, shutdown: Shutdown) -> Result<()> {
+        let GrpcServer { mut routes, services, health_entries } = self;
+        let (health, probe) = health_service(health_entries, dependencies, shutdown.clone());
+        let listed: Vec<&str> = services.iter().copied().chain([HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA]).collect();
+        let (reflection_v1, reflection_v1alpha) = reflection(&listed)?;
+        routes.add_service(health).add_service(reflection_v1).add_service(reflection_v1alpha);
+        let stopping = shutdown.clone();
+        let served = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(AccessLogLayer)
+            .add_routes(routes.routes())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stopping.wait().await })
+            .await
+            .context("serve gRPC");
+        // The probe sets NOT_SERVING once shutdown begins; it ends by itself right after.
+        let _ = tokio::time::timeout(Duration::from_secs(2), probe).await;
+        served
+    }
+}
+
+/// Server reflection, both versions grpcurl may ask for, listing `services` only: the descriptor set holds
+/// every kiroku service, and a port must not advertise one it does not serve.
+fn reflection(
+    services: &[&str],
+) -> Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+)> {
+    let configure = || {
+        services.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(kiroku::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |builder, name| builder.with_service_name(*name),
+        )
+    };
+    let v1 = configure().build_v1().context("build reflection v1")?;
+    let v1alpha = configure().build_v1alpha().context("build reflection v1alpha")?;
+    Ok((v1, v1alpha))
 }

@@ -3,6 +3,7 @@
 //!
 //! It knows no business rule and no SQL of the log.
 
+pub mod access;
 pub mod config;
 mod connect;
 mod failpoint;

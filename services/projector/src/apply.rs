@@ -50,12 +50,14 @@ pub(crate) async fn apply(conn: &mut PgConnection, generation: i32, event: &Reco
     };
     match event.aggregate_type.as_str() {
         UserEvent::AGGREGATE_TYPE => match UserEvent::decode(&event.event_type, &event.data).ok_or_else(unknown)?? {
-            UserEvent::Registered(registered) => user_registered(conn, generation, event, &registered).await,
-            UserEvent::ProfileUpdated(updated) => profile_updated(conn, generation, event, &updated).await,
+            UserEvent::UserRegistered(registered) => user_registered(conn, generation, event, &registered).await,
+            UserEvent::UserProfileUpdated(updated) => profile_updated(conn, generation, event, &updated).await,
         },
         AuditEvent::AGGREGATE_TYPE => {
             match AuditEvent::decode(&event.event_type, &event.data).ok_or_else(unknown)?? {
-                AuditEvent::RegistrationFailed(failed) => registration_failed(conn, generation, event, &failed).await,
+                AuditEvent::UserRegistrationFailed(failed) => {
+                    registration_failed(conn, generation, event, &failed).await
+                }
             }
         }
         // Aggregates this projection does not read (none yet): their positions still advance the checkpoint.
@@ -84,7 +86,7 @@ async fn user_registered(
     .bind(&registered.personal.avatar_url)
     .bind(registered.registered_at)
     .bind(i32::try_from(event.version).unwrap_or(i32::MAX))
-    .bind(i64::try_from(event.position.get()).unwrap_or(i64::MAX))
+    .bind(event.position)
     .execute(conn)
     .await?;
     Ok(())
@@ -110,7 +112,7 @@ async fn profile_updated(
     .bind(&updated.personal.display_name)
     .bind(&updated.personal.avatar_url)
     .bind(updated.updated_at)
-    .bind(i64::try_from(event.position.get()).unwrap_or(i64::MAX))
+    .bind(event.position)
     .execute(&mut *conn)
     .await?
     .rows_affected();
@@ -152,7 +154,7 @@ async fn registration_failed(
     .bind(reason)
     .bind(failed.attempted_at)
     .bind(failed.duplicate_user_id.map(|id| id.as_uuid()))
-    .bind(i64::try_from(event.position.get()).unwrap_or(i64::MAX))
+    .bind(event.position)
     .execute(conn)
     .await?;
     Ok(())

@@ -7,14 +7,15 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use chrono::{DateTime, Utc};
 use fred::prelude::*;
-use kiroku_event_store::{Position, RecordedEvent};
+use kiroku_event_store::Position;
 use kiroku_platform::Shutdown;
+use kiroku_relay::stream::{self, DeadLetterEntry, Entry};
 
-use crate::projection::{DeadLetter, Delivered, PROJECTION, Projection, Target};
+use crate::projection::{DeadLetter, PROJECTION, Projection, Target};
 
-type Entry = (String, HashMap<String, String>);
+/// A stream entry as Redis returns it: its id and its fields.
+type RawEntry = (String, HashMap<String, String>);
 
 /// How the consumer runs.
 #[derive(Clone, Debug)]
@@ -29,8 +30,8 @@ pub(crate) struct ConsumerSettings {
 impl ConsumerSettings {
     pub(crate) fn new(prefix: &str, consumer: String, claim_idle: Duration) -> Self {
         ConsumerSettings {
-            stream_key: format!("{prefix}:events"),
-            dead_letter_key: format!("{prefix}:events:dead"),
+            stream_key: stream::events_key(prefix),
+            dead_letter_key: stream::dead_letters_key(prefix),
             group: PROJECTION.to_owned(),
             consumer,
             claim_idle,
@@ -151,8 +152,8 @@ impl Consumer {
         }
     }
 
-    async fn read_new(&self) -> Result<Vec<Entry>> {
-        let response: HashMap<String, Vec<Entry>> = self
+    async fn read_new(&self) -> Result<Vec<RawEntry>> {
+        let response: HashMap<String, Vec<RawEntry>> = self
             .reader
             .xreadgroup_map(
                 &self.settings.group,
@@ -167,9 +168,9 @@ impl Consumer {
         Ok(response.into_values().flatten().collect())
     }
 
-    async fn claim_stale(&self) -> Result<Vec<Entry>> {
+    async fn claim_stale(&self) -> Result<Vec<RawEntry>> {
         let idle = u64::try_from(self.settings.claim_idle.as_millis()).unwrap_or(u64::MAX);
-        let (_, entries, _): (String, Vec<Entry>, Vec<String>) = self
+        let (_, entries, _): (String, Vec<RawEntry>, Vec<String>) = self
             .redis
             .xautoclaim(
                 &self.settings.stream_key,
@@ -186,8 +187,9 @@ impl Consumer {
 
     /// Applies what `entries` announce (or, with none, whatever the store has), then acknowledges them. True when
     /// an event failed to apply and held the projection back.
-    async fn process(&self, entries: &[Entry]) -> Result<bool> {
-        let delivered: Vec<Delivered> = entries.iter().filter_map(|(_, fields)| decode(fields)).collect();
+    async fn process(&self, entries: &[RawEntry]) -> Result<bool> {
+        // A malformed entry is skipped here: the chain then breaks, and the store fills in.
+        let delivered: Vec<Entry> = entries.iter().filter_map(|(_, fields)| Entry::decode(fields).ok()).collect();
         let wanted = delivered.iter().map(|d| d.event.position).max().unwrap_or(Position::ZERO);
         let mut step = self.projection.step(Target::Active, &delivered).await?;
         self.publish_dead_letters(&step.dead_lettered).await;
@@ -198,9 +200,7 @@ impl Consumer {
         }
         let done: Vec<&str> = entries
             .iter()
-            .filter(|(_, fields)| {
-                fields.get("position").and_then(|p| p.parse::<u64>().ok()).is_none_or(|p| p <= step.checkpoint.get())
-            })
+            .filter(|(_, fields)| stream::entry_position(fields).is_none_or(|p| p <= step.checkpoint))
             .map(|(id, _)| id.as_str())
             .collect();
         if !done.is_empty() {
@@ -222,39 +222,12 @@ impl Consumer {
 
 /// Adds a dead letter to `{prefix}:events:dead`.
 async fn publish_dead_letter(redis: &Client, key: &str, letter: &DeadLetter) -> Result<()> {
-    let fields: Vec<(&str, String)> = vec![
-        ("projection", PROJECTION.to_owned()),
-        ("position", letter.event.position.to_string()),
-        ("event_id", letter.event.event_id.to_string()),
-        ("aggregate_id", letter.event.aggregate_id.to_string()),
-        ("aggregate_type", letter.event.aggregate_type.clone()),
-        ("event_type", letter.event.event_type.clone()),
-        ("version", letter.event.version.to_string()),
-        ("attempts", letter.attempts.to_string()),
-        ("error", letter.error.clone()),
-    ];
-    let _: String = redis.xadd(key, false, None, "*", fields).await?;
+    let entry = DeadLetterEntry {
+        projection: PROJECTION.to_owned(),
+        event: letter.event.clone(),
+        attempts: letter.attempts,
+        error: letter.error.clone(),
+    };
+    let _: String = redis.xadd(key, false, None, "*", entry.encode()).await?;
     Ok(())
-}
-
-/// A stream entry as an event; `None` when it is malformed (then the store fills in).
-fn decode(fields: &HashMap<String, String>) -> Option<Delivered> {
-    let get = |name: &str| fields.get(name);
-    let payload: serde_json::Value = serde_json::from_str(get("payload")?).ok()?;
-    let occurred_at: DateTime<Utc> = payload.get("occurred_at")?.as_str()?.parse().ok()?;
-    Some(Delivered {
-        prev_position: Position::new(get("prev_position")?.parse().ok()?),
-        event: RecordedEvent {
-            position: Position::new(get("position")?.parse().ok()?),
-            event_id: get("event_id")?.parse().ok()?,
-            aggregate_id: get("aggregate_id")?.parse().ok()?,
-            aggregate_type: get("aggregate_type")?.clone(),
-            event_type: get("event_type")?.clone(),
-            version: get("version")?.parse().ok()?,
-            data: payload.get("data")?.clone(),
-            metadata: payload.get("metadata")?.clone(),
-            occurred_at,
-            created_at: occurred_at,
-        },
-    })
 }

@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use fred::prelude::*;
 use kiroku_event_store::Position;
+use kiroku_relay::stream;
 use sqlx::PgPool;
 
 use crate::apply::apply;
@@ -17,21 +18,14 @@ pub struct DeadLetterRow {
 }
 
 pub async fn list(pool: &PgPool) -> Result<Vec<DeadLetterRow>> {
-    let rows: Vec<(i64, i32, String)> = sqlx::query_as(
+    let rows: Vec<(Position, i32, String)> = sqlx::query_as(
         "SELECT position, attempts, last_error FROM projection_failures \
          WHERE projection = $1 AND dead_lettered ORDER BY position",
     )
     .bind(PROJECTION)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(position, attempts, error)| DeadLetterRow {
-            position: Position::new(u64::try_from(position).unwrap_or(0)),
-            attempts,
-            error,
-        })
-        .collect())
+    Ok(rows.into_iter().map(|(position, attempts, error)| DeadLetterRow { position, attempts, error }).collect())
 }
 
 /// Applies every dead letter again, in position order, to the active generation. Those that now apply leave the
@@ -39,12 +33,7 @@ pub async fn list(pool: &PgPool) -> Result<Vec<DeadLetterRow>> {
 pub async fn replay(pool: &PgPool, projection: &Projection, redis: &Client, dead_key: &str) -> Result<(usize, usize)> {
     let (mut replayed, mut failed) = (0, 0);
     for row in list(pool).await? {
-        let before = Position::new(row.position.get() - 1);
-        let Some(event) =
-            projection.store().read_all_after(before, 1).await?.into_iter().find(|e| e.position == row.position)
-        else {
-            continue;
-        };
+        let Some(event) = projection.store().read_event(row.position).await? else { continue };
         let mut tx = pool.begin().await?;
         let generation: i32 = sqlx::query_scalar("SELECT active_generation FROM projections WHERE name = $1 FOR SHARE")
             .bind(PROJECTION)
@@ -54,7 +43,7 @@ pub async fn replay(pool: &PgPool, projection: &Projection, redis: &Client, dead
             Ok(()) => {
                 sqlx::query("DELETE FROM projection_failures WHERE projection = $1 AND position = $2")
                     .bind(PROJECTION)
-                    .bind(i64::try_from(row.position.get()).unwrap_or(i64::MAX))
+                    .bind(row.position)
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
@@ -65,7 +54,7 @@ pub async fn replay(pool: &PgPool, projection: &Projection, redis: &Client, dead
                 tx.rollback().await?;
                 sqlx::query("UPDATE projection_failures SET last_error = $3, updated_at = now() WHERE projection = $1 AND position = $2")
                     .bind(PROJECTION)
-                    .bind(i64::try_from(row.position.get()).unwrap_or(i64::MAX))
+                    .bind(row.position)
                     .bind(error.to_string())
                     .execute(pool)
                     .await?;
@@ -81,7 +70,7 @@ async fn remove_from_stream(redis: &Client, key: &str, position: Position) -> Re
         redis.xrange(key, "-", "+", None).await.context("read the dead-letter stream")?;
     let ids: Vec<String> = entries
         .into_iter()
-        .filter(|(_, fields)| fields.get("position").map(String::as_str) == Some(position.to_string().as_str()))
+        .filter(|(_, fields)| stream::entry_position(fields) == Some(position))
         .map(|(id, _)| id)
         .collect();
     if !ids.is_empty() {

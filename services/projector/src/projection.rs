@@ -6,9 +6,10 @@
 //! when they continue the checkpoint's `prev_position` chain, and from the event store otherwise: a broken
 //! chain (Redis restarted, trimmed, another consumer holding the entries in between) is a read from PostgreSQL.
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use kiroku_event_store::{EventStore, Position, RecordedEvent};
 use kiroku_platform::failpoint;
+use kiroku_relay::stream::Entry;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use crate::apply::apply;
@@ -18,13 +19,6 @@ pub const PROJECTION: &str = "users";
 
 /// Events applied per transaction.
 const BATCH: u32 = 500;
-
-/// A stream entry decoded into an event, with the position published before it.
-#[derive(Clone, Debug)]
-pub struct Delivered {
-    pub prev_position: Position,
-    pub event: RecordedEvent,
-}
 
 /// An event that failed too often and was skipped.
 #[derive(Clone, Debug)]
@@ -74,25 +68,22 @@ impl Projection {
     }
 
     /// Applies the next batch: `delivered` when it continues the chain from the checkpoint, else from the store.
-    pub async fn step(&self, target: Target, delivered: &[Delivered]) -> anyhow::Result<Step> {
+    pub async fn step(&self, target: Target, delivered: &[Entry]) -> anyhow::Result<Step> {
         let mut tx = self.pool.begin().await?;
         let (generation, checkpoint) = lock(&mut tx, target).await?;
-        let fresh: Vec<&Delivered> = delivered.iter().filter(|d| d.event.position > checkpoint).collect();
+        let fresh: Vec<&Entry> = delivered.iter().filter(|d| d.event.position > checkpoint).collect();
         if !delivered.is_empty() && fresh.is_empty() {
             // Everything delivered is applied already (a redelivery, or another consumer got there first).
             tx.rollback().await?;
             return Ok(Step { checkpoint, ..Step::default() });
         }
-        let (events, horizon) = match chained(&fresh, checkpoint) {
-            Some(events) => (events, None),
+        let (events, horizon, more) = match chained(&fresh, checkpoint) {
+            Some(events) => (events, None, false),
             None => {
-                // Read the horizon first: if nothing is found up to the read's own horizon, nothing can appear
-                // at or below this one either.
-                let horizon = self.store.safe_horizon().await?;
-                (self.store.read_all_after(checkpoint, BATCH).await?, Some(horizon))
+                let batch = self.store.read_batch(checkpoint, BATCH).await?;
+                (batch.events, Some(batch.through), batch.full)
             }
         };
-        let more = horizon.is_some() && events.len() == BATCH as usize;
 
         let mut applied = 0;
         let mut failure = None;
@@ -168,9 +159,9 @@ impl Projection {
         Ok(step)
     }
 
-    /// The active generation's checkpoint and the time of the event at it (for lag reports).
-    pub async fn status(&self) -> Result<Status, sqlx::Error> {
-        let (generation, checkpoint): (i32, i64) = sqlx::query_as(
+    /// The active generation's checkpoint and how far it is behind the log (for lag reports).
+    pub async fn status(&self) -> anyhow::Result<Status> {
+        let (generation, checkpoint): (i32, Position) = sqlx::query_as(
             "SELECT p.active_generation, c.position FROM projections p \
              JOIN projection_checkpoints c ON c.projection = p.name AND c.generation = p.active_generation \
              WHERE p.name = $1",
@@ -178,21 +169,11 @@ impl Projection {
         .bind(PROJECTION)
         .fetch_one(&self.pool)
         .await?;
-        let horizon: i64 =
-            sqlx::query_scalar("SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1")
-                .fetch_one(&self.pool)
-                .await?;
-        let oldest_unapplied: Option<DateTime<Utc>> = sqlx::query_scalar(
-            "SELECT created_at FROM events WHERE position > $1 AND position <= $2 ORDER BY position LIMIT 1",
-        )
-        .bind(checkpoint)
-        .bind(horizon)
-        .fetch_optional(&self.pool)
-        .await?;
+        let lag = self.store.lag(checkpoint).await?;
         Ok(Status {
             generation,
-            checkpoint: Position::new(u64::try_from(checkpoint).unwrap_or(0)),
-            lag_seconds: oldest_unapplied.map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0),
+            checkpoint,
+            lag_seconds: lag.oldest_committed_at.map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0),
         })
     }
 }
@@ -207,7 +188,7 @@ pub struct Status {
 }
 
 /// The delivered events if they continue the chain from `checkpoint` without a hole.
-fn chained(fresh: &[&Delivered], checkpoint: Position) -> Option<Vec<RecordedEvent>> {
+fn chained(fresh: &[&Entry], checkpoint: Position) -> Option<Vec<RecordedEvent>> {
     let mut previous = checkpoint;
     for delivered in fresh {
         if delivered.prev_position != previous {
@@ -230,14 +211,14 @@ async fn lock(tx: &mut Transaction<'static, Postgres>, target: Target) -> Result
                 .await?
         }
     };
-    let position: i64 = sqlx::query_scalar(
+    let position: Position = sqlx::query_scalar(
         "SELECT position FROM projection_checkpoints WHERE projection = $1 AND generation = $2 FOR UPDATE",
     )
     .bind(PROJECTION)
     .bind(generation)
     .fetch_one(&mut **tx)
     .await?;
-    Ok((generation, Position::new(u64::try_from(position).unwrap_or(0))))
+    Ok((generation, position))
 }
 
 async fn save_checkpoint(conn: &mut PgConnection, generation: i32, position: Position) -> Result<(), sqlx::Error> {
@@ -246,7 +227,7 @@ async fn save_checkpoint(conn: &mut PgConnection, generation: i32, position: Pos
     )
     .bind(PROJECTION)
     .bind(generation)
-    .bind(i64::try_from(position.get()).unwrap_or(i64::MAX))
+    .bind(position)
     .execute(conn)
     .await?;
     Ok(())
@@ -259,7 +240,7 @@ async fn record_failure(conn: &mut PgConnection, position: Position, error: &str
          last_error = excluded.last_error, updated_at = now() RETURNING attempts",
     )
     .bind(PROJECTION)
-    .bind(i64::try_from(position.get()).unwrap_or(i64::MAX))
+    .bind(position)
     .bind(error)
     .fetch_one(conn)
     .await
@@ -268,7 +249,7 @@ async fn record_failure(conn: &mut PgConnection, position: Position, error: &str
 async fn mark_dead(conn: &mut PgConnection, position: Position) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE projection_failures SET dead_lettered = true WHERE projection = $1 AND position = $2")
         .bind(PROJECTION)
-        .bind(i64::try_from(position.get()).unwrap_or(i64::MAX))
+        .bind(position)
         .execute(conn)
         .await?;
     Ok(())
@@ -278,8 +259,8 @@ async fn mark_dead(conn: &mut PgConnection, position: Position) -> Result<(), sq
 mod tests {
     use super::*;
 
-    fn delivered(prev: u64, position: u64) -> Delivered {
-        Delivered {
+    fn delivered(prev: u64, position: u64) -> Entry {
+        Entry {
             prev_position: Position::new(prev),
             event: RecordedEvent {
                 position: Position::new(position),
@@ -299,11 +280,11 @@ mod tests {
     #[test]
     fn a_batch_is_used_only_when_it_continues_the_chain_from_the_checkpoint() {
         let batch = [delivered(10, 20), delivered(20, 30)];
-        let refs: Vec<&Delivered> = batch.iter().collect();
+        let refs: Vec<&Entry> = batch.iter().collect();
         assert_eq!(chained(&refs, Position::new(10)).map(|e| e.len()), Some(2));
         assert!(chained(&refs, Position::new(5)).is_none(), "a hole before the batch");
         let holey = [delivered(10, 20), delivered(25, 30)];
-        let refs: Vec<&Delivered> = holey.iter().collect();
+        let refs: Vec<&Entry> = holey.iter().collect();
         assert!(chained(&refs, Position::new(10)).is_none(), "a hole inside the batch");
         assert!(chained(&[], Position::new(10)).is_none());
     }

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use fred::prelude::*;
-use kiroku_platform::health::{Dependencies, health_service};
+use kiroku_platform::grpc::GrpcServer;
+use kiroku_platform::health::Dependencies;
 use kiroku_platform::{Shutdown, connect_redis, open_database};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::Settings;
 use crate::consumer::{Consumer, ConsumerSettings};
@@ -57,23 +57,15 @@ impl Application {
         let consumer = tokio::spawn(consumer.run(shutdown.clone()));
         let lag = tokio::spawn(report_lag(projection, shutdown.clone()));
 
-        let (health_service, health) = health_service(
-            vec![SERVICE_NAME],
-            Dependencies { postgres: pool.clone(), redis: Some(redis.clone()) },
-            shutdown.clone(),
-        );
         tracing::info!(prefix = %settings.redis_prefix, consumer = %settings.consumer_name, "kiroku-projector started");
-        let stopping = shutdown.clone();
-        kiroku_platform::grpc::server()
-            .add_service(health_service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stopping.wait().await })
-            .await
-            .context("serve health")?;
+        GrpcServer::new()
+            .health_entry(SERVICE_NAME)
+            .serve(listener, Dependencies { postgres: pool.clone(), redis: Some(redis.clone()) }, shutdown)
+            .await?;
         // The consumer finishes the step it is in (its transaction commits or rolls back as a whole).
         let _ = tokio::time::timeout(Duration::from_secs(8), async {
             let _ = consumer.await;
             let _ = lag.await;
-            let _ = health.await;
         })
         .await;
         pool.close().await;

@@ -10,7 +10,7 @@ mod startup;
 mod watch;
 mod wire;
 
-pub use startup::{Application, SERVICE_NAME};
+pub use startup::Application;
 pub use watch::WatchSettings;
 
 /// Runs the service until SIGTERM or Ctrl-C, then stops within 10 s.

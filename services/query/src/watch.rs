@@ -1,7 +1,8 @@
 //! WatchEvents: catch-up from PostgreSQL, then live, with no gap and no duplicate at the switch.
 //!
-//! - **One upstream reader per process** (the pump) follows the log by position, woken by `LISTEN
-//!   kiroku_events` and polling as a fallback, and fans events and progress marks out over a broadcast channel.
+//! - **One upstream reader per process** (the pump) follows the log with the event store's `Follower` (woken by
+//!   the commit announcement, polling as a fallback), and fans events and progress marks out over a broadcast
+//!   channel.
 //! - **Each subscriber** subscribes first, then replays from the store until a read comes back short (which
 //!   covers everything the pump had seen when it subscribed), then takes live items, skipping what it has
 //!   delivered. If it lags behind the broadcast buffer, it falls back to replay from the store.
@@ -21,9 +22,8 @@ use kiroku::v1::{
     CaughtUp, Progress, WatchEventsRequest, WatchEventsResponse, watch_events_request, watch_events_response,
 };
 use kiroku_domain::{AuditEvent, UserEvent};
-use kiroku_event_store::{EVENTS_CHANNEL, EventStore, Position, RecordedEvent};
+use kiroku_event_store::{EventStore, Follower, Position, RecordedEvent};
 use kiroku_platform::Shutdown;
-use sqlx::postgres::PgListener;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -87,8 +87,8 @@ impl Watcher {
         let head = store.safe_horizon().await?;
         let (items, _) = broadcast::channel(settings.broadcast_buffer.max(16));
         let (scanned_tx, scanned) = watch::channel(head);
-        let listener = PgListener::connect_with(store.pool()).await?;
-        tokio::spawn(pump(store.clone(), listener, items.clone(), scanned_tx, head, shutdown.clone()));
+        let follower = store.follow(head, BATCH, POLL_EVERY).await;
+        tokio::spawn(pump(follower, items.clone(), scanned_tx, shutdown.clone()));
         Ok(Watcher { store, items, scanned, settings, shutdown })
     }
 
@@ -136,9 +136,7 @@ impl Watcher {
 
     /// The highest position a client may resume after: committed events and announced progress.
     async fn head(&self) -> Result<Position, QueryError> {
-        let committed: Option<i64> =
-            sqlx::query_scalar("SELECT max(position) FROM events").fetch_one(self.store.pool()).await?;
-        let committed = Position::new(committed.and_then(|p| u64::try_from(p).ok()).unwrap_or(0));
+        let committed = self.store.head().await?;
         let horizon = self.store.safe_horizon().await?;
         let scanned = *self.scanned.borrow();
         Ok(committed.max(scanned).max(horizon))
@@ -147,41 +145,34 @@ impl Watcher {
 
 /// Follows the log and broadcasts it; the only reader of the store for live delivery in this process.
 async fn pump(
-    store: EventStore,
-    mut listener: PgListener,
+    mut follower: Follower,
     items: broadcast::Sender<Item>,
     scanned: watch::Sender<Position>,
-    mut after: Position,
     shutdown: Shutdown,
 ) {
-    let listening = listener.listen(EVENTS_CHANNEL).await.is_ok();
     loop {
-        let horizon = store.safe_horizon().await;
-        match (horizon, store.read_all_after(after, BATCH).await) {
-            (Ok(horizon), Ok(events)) => {
-                let full = events.len() == BATCH as usize;
-                for event in events {
-                    after = event.position;
+        let batch = tokio::select! {
+            () = shutdown.wait() => return,
+            batch = follower.next() => batch,
+        };
+        match batch {
+            Ok(batch) => {
+                for event in batch.events {
                     // No receivers is fine: nobody is watching.
                     let _ = items.send(Item::Event(Arc::new(event)));
                 }
-                if !full {
-                    after = after.max(horizon);
-                }
-                if after > *scanned.borrow() {
-                    let _ = items.send(Item::Progress(after));
-                    let _ = scanned.send(after);
-                }
-                if full {
-                    continue;
+                if batch.through > *scanned.borrow() {
+                    let _ = items.send(Item::Progress(batch.through));
+                    let _ = scanned.send(batch.through);
                 }
             }
-            (Err(error), _) | (_, Err(error)) => tracing::warn!(%error, "watch feed cannot read the log"),
-        }
-        tokio::select! {
-            () = shutdown.wait() => return,
-            _ = listener.recv(), if listening => {}
-            () = tokio::time::sleep(POLL_EVERY) => {}
+            Err(error) => {
+                tracing::warn!(%error, "watch feed cannot read the log");
+                tokio::select! {
+                    () = shutdown.wait() => return,
+                    () = tokio::time::sleep(POLL_EVERY) => {}
+                }
+            }
         }
     }
 }
@@ -195,7 +186,7 @@ struct Filter {
 
 impl Filter {
     fn new(request: &WatchEventsRequest) -> Result<Filter, QueryError> {
-        let known_events: HashSet<&str> = UserEvent::TYPES.into_iter().chain(AuditEvent::TYPES).collect();
+        let known_events: HashSet<&str> = UserEvent::TYPES.iter().chain(AuditEvent::TYPES).copied().collect();
         let known_aggregates = [UserEvent::AGGREGATE_TYPE, AuditEvent::AGGREGATE_TYPE];
         for name in &request.event_types {
             if !known_events.contains(name.as_str()) {
@@ -326,14 +317,12 @@ impl Subscriber {
             if self.shutdown.is_triggered() {
                 return Err(End::ShuttingDown);
             }
-            let horizon = self.store.safe_horizon().await.map_err(|e| End::Failed(e.into()))?;
-            let events = self.store.read_all_after(self.last, BATCH).await.map_err(|e| End::Failed(e.into()))?;
-            let full = events.len() == BATCH as usize;
-            for event in &events {
+            let batch = self.store.read_batch(self.last, BATCH).await.map_err(|e| End::Failed(e.into()))?;
+            for event in &batch.events {
                 self.offer(event, Mode::Replay).await?;
             }
-            if !full {
-                self.last = self.last.max(horizon);
+            if !batch.full {
+                self.last = self.last.max(batch.through);
                 return Ok(());
             }
         }

@@ -1,35 +1,34 @@
 //! The relay: publishes committed events from the `events` table (the outbox) to the Redis stream
-//! `{prefix}:events`, in global position order, chained by `prev_position`.
+//! `{prefix}:events`, in global position order, chained by `prev_position`. `kiroku-command` always runs one.
 //!
-//! - One leader among all command processes: a PostgreSQL session advisory lock held on a dedicated
-//!   connection. A leader that loses that connection stops publishing before anyone else can take over,
-//!   as far as it can tell; and should two ever publish at once, the Lua script below keeps the stream in order.
-//! - The checkpoint (the highest position published) lives in PostgreSQL and is saved after Redis has the
-//!   batch. Killed in between, the relay publishes the batch again on restart; the script skips what the stream
-//!   already holds, and consumers deduplicate by position anyway.
-//! - It wakes on `LISTEN kiroku_events` (sent at commit by a trigger), and polls as a fallback.
+//! - One leader per stream among all command processes: the event store's leader lock, named after the stream.
+//!   A leader checks its lock's connection before each batch and stops when it is gone; should two ever publish
+//!   at once, the Lua script below keeps the stream in order.
+//! - It follows the log with the event store's [`Follower`] (woken by the commit announcement sent after commit,
+//!   polling as a fallback). The checkpoint (the highest position published) lives in PostgreSQL and is saved
+//!   after Redis has the batch. Killed in between, the relay publishes the batch again on restart; the script
+//!   skips what the stream already holds, and consumers deduplicate by position anyway.
 //! - When Redis comes back empty, the relay carries on from its checkpoint: the first new entry's
 //!   `prev_position` names an entry the stream no longer has, which tells consumers to read the gap from
 //!   PostgreSQL.
+//!
+//! [`stream`] is the stream's format, shared with every reader of the stream.
+
+pub mod stream;
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use fred::prelude::*;
-use kiroku_event_store::{EVENTS_CHANNEL, EventStore, Position, RecordedEvent};
+use kiroku_event_store::{EventStore, Follower, Position, RecordedEvent};
 use kiroku_platform::{Shutdown, failpoint};
-use sqlx::postgres::PgListener;
-use sqlx::{Connection, PgConnection};
 
-/// The advisory lock key that elects the relay leader ("kiroku relay" in ASCII, folded into 63 bits).
-const LEADER_LOCK: i64 = 0x6b69_726f_6b75_7265;
-
-/// How many fields every stream entry has, as alternating names and values.
-const ENTRY_STRINGS: usize = 16;
+use crate::stream::{ENTRY_FIELDS, encode_fields};
 
 /// Adds entries whose position is above the stream's newest, with the position as the entry id
 /// (`<position>-0`), so the stream can never hold a duplicate or an entry out of order, whoever publishes.
-/// Positions are compared as decimal strings (length first): Lua's numbers are doubles.
+/// Positions are compared as decimal strings (length first): Lua's numbers are doubles. ARGV is the MAXLEN, then
+/// 16 strings per entry (its `ENTRY_FIELDS` names and values).
 const PUBLISH_SCRIPT: &str = r#"
 local function above(a, b)
   if #a ~= #b then return #a > #b end
@@ -63,7 +62,7 @@ pub struct RelaySettings {
     pub batch_size: u32,
     /// Events per Redis round trip.
     pub chunk_size: usize,
-    /// How often to look for events when no notification arrives.
+    /// How often to look for events when no commit is announced.
     pub poll_interval: Duration,
     /// How long idempotency records are kept (at least 24 h); the leader prunes older ones.
     pub idempotency_retention: Duration,
@@ -72,7 +71,7 @@ pub struct RelaySettings {
 impl RelaySettings {
     pub fn new(prefix: &str) -> Self {
         RelaySettings {
-            stream_key: format!("{prefix}:events"),
+            stream_key: stream::events_key(prefix),
             max_len: 1_000_000,
             batch_size: 500,
             chunk_size: 100,
@@ -81,7 +80,8 @@ impl RelaySettings {
         }
     }
 
-    fn checkpoint_name(&self) -> String {
+    /// The name of the relay's checkpoint and of its leader lock: one of each per stream.
+    pub fn checkpoint_name(&self) -> String {
         format!("relay:{}", self.stream_key)
     }
 }
@@ -117,15 +117,10 @@ impl Relay {
     }
 
     async fn elect_and_lead(&self, shutdown: &Shutdown) -> Result<()> {
-        let options = (*self.store.pool().connect_options()).clone();
-        let mut lock = PgConnection::connect_with(&options).await.context("open the relay's lock connection")?;
+        let name = self.settings.checkpoint_name();
+        let mut lock = self.store.leader_lock(&name).await.context("open the relay's lock connection")?;
         loop {
-            let acquired: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(LEADER_LOCK)
-                .fetch_one(&mut lock)
-                .await
-                .context("try the relay leader lock")?;
-            if acquired {
+            if lock.try_acquire().await.context("try the relay leader lock")? {
                 break;
             }
             tokio::select! {
@@ -135,50 +130,32 @@ impl Relay {
         }
         tracing::info!(stream = %self.settings.stream_key, "relay is the leader");
         let result = self.lead(&mut lock, shutdown).await;
-        // Closing the connection releases the lock even if the unlock below is never sent.
-        let _ = sqlx::query("SELECT pg_advisory_unlock($1)").bind(LEADER_LOCK).execute(&mut lock).await;
-        let _ = lock.close().await;
+        lock.release().await;
         result
     }
 
-    async fn lead(&self, lock: &mut PgConnection, shutdown: &Shutdown) -> Result<()> {
-        let mut listener = PgListener::connect_with(self.store.pool()).await.context("open the relay's listener")?;
-        listener.listen(EVENTS_CHANNEL).await.context("listen for appended events")?;
+    async fn lead(&self, lock: &mut kiroku_event_store::LeaderLock, shutdown: &Shutdown) -> Result<()> {
         let checkpoint = self.settings.checkpoint_name();
         let mut published = self.store.load_checkpoint(&checkpoint).await.context("load the relay checkpoint")?;
+        let mut follower: Follower =
+            self.store.follow(published, self.settings.batch_size, self.settings.poll_interval).await;
         let mut next_prune = tokio::time::Instant::now();
         loop {
-            // Drain everything final, batch by batch; then sleep until a commit is announced or the poll fires.
-            loop {
-                // Still holding the lock? If its connection died, another process may lead by now.
-                sqlx::query("SELECT 1").execute(&mut *lock).await.context("check the leader lock connection")?;
-                let batch = self
-                    .store
-                    .read_all_after(published, self.settings.batch_size)
-                    .await
-                    .context("read events to publish")?;
-                let Some(last) = batch.last().map(|e| e.position) else { break };
-                self.publish(&batch, published).await.context("publish to Redis")?;
+            // Still holding the lock? If its connection died, another process may lead by now.
+            lock.check().await.context("check the leader lock connection")?;
+            let batch = tokio::select! {
+                () = shutdown.wait() => return Ok(()),
+                batch = follower.next() => batch.context("read events to publish")?,
+            };
+            if let Some(last) = batch.events.last().map(|e| e.position) {
+                self.publish(&batch.events, published).await.context("publish to Redis")?;
                 failpoint("relay.before_checkpoint");
                 self.store.save_checkpoint(&checkpoint, last).await.context("save the relay checkpoint")?;
                 published = last;
-                if batch.len() < self.settings.batch_size as usize {
-                    break;
-                }
             }
-            if tokio::time::Instant::now() >= next_prune {
+            if !batch.full && tokio::time::Instant::now() >= next_prune {
                 self.prune_idempotency_records().await;
                 next_prune = tokio::time::Instant::now() + Duration::from_secs(60);
-            }
-            tokio::select! {
-                () = shutdown.wait() => return Ok(()),
-                notification = listener.recv() => {
-                    // A lost listener connection reconnects on the next recv; the poll covers what it missed.
-                    if let Err(error) = notification {
-                        tracing::debug!(%error, "relay listener interrupted");
-                    }
-                }
-                () = tokio::time::sleep(self.settings.poll_interval) => {}
             }
         }
     }
@@ -186,10 +163,13 @@ impl Relay {
     /// Publishes a batch in chunks, chaining each entry to the position published before it.
     async fn publish(&self, batch: &[RecordedEvent], mut previous: Position) -> Result<()> {
         for chunk in batch.chunks(self.settings.chunk_size.max(1)) {
-            let mut args: Vec<String> = Vec::with_capacity(1 + chunk.len() * ENTRY_STRINGS);
+            let mut args: Vec<String> = Vec::with_capacity(1 + chunk.len() * ENTRY_FIELDS * 2);
             args.push(self.settings.max_len.to_string());
             for event in chunk {
-                append_entry(&mut args, event, previous)?;
+                for (name, value) in encode_fields(previous, event).context("encode a stream entry")? {
+                    args.push(name.to_owned());
+                    args.push(value);
+                }
                 previous = event.position;
             }
             let _added: i64 = self
@@ -210,28 +190,4 @@ impl Relay {
             Err(error) => tracing::warn!(%error, "could not prune idempotency records"),
         }
     }
-}
-
-/// The stream entry of one event: its fields in the order of the contract, `position` first.
-fn append_entry(args: &mut Vec<String>, event: &RecordedEvent, previous: Position) -> Result<()> {
-    let payload = serde_json::json!({
-        "data": event.data,
-        "metadata": event.metadata,
-        "occurred_at": event.occurred_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-    });
-    let fields: [(&str, String); ENTRY_STRINGS / 2] = [
-        ("position", event.position.to_string()),
-        ("prev_position", previous.to_string()),
-        ("event_id", event.event_id.to_string()),
-        ("aggregate_id", event.aggregate_id.to_string()),
-        ("aggregate_type", event.aggregate_type.clone()),
-        ("event_type", event.event_type.clone()),
-        ("version", event.version.to_string()),
-        ("payload", serde_json::to_string(&payload).context("encode payload")?),
-    ];
-    for (name, value) in fields {
-        args.push(name.to_owned());
-        args.push(value);
-    }
-    Ok(())
 }

@@ -1,0 +1,171 @@
+//! The access log: every RPC of every kiroku server runs inside an `rpc` span and ends with exactly one line
+//! giving its method, gRPC code and latency (target `kiroku::access`).
+//!
+//! The code is known only at the very end: an error is a trailers-only response (`grpc-status` in the
+//! headers), a success or a stream's end is in the trailers that follow the body. So the line is written when
+//! the response body is dropped, with whatever status it saw; a call dropped before its status (the client went
+//! away) is `CANCELLED`. Handlers add what only they know to the span: `request_id` (AIP-155, from the message
+//! body) and `command_id`.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use tower_layer::Layer;
+use tower_service::Service;
+use tracing::Instrument;
+
+/// The HTTP header (gRPC metadata) that carries a correlation id across services.
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+
+/// Wraps a gRPC service so that each call gets a span and an access-log line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AccessLogLayer;
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AccessLog { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AccessLog<S> {
+    inner: S,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for AccessLog<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+{
+    type Response = http::Response<Logged<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        // The clone that was made ready is the one to call (tower's usual dance).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let method = request.uri().path().to_owned();
+        let correlation_id = request
+            .headers()
+            .get(CORRELATION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= 128)
+            .map(str::to_owned);
+        let span = tracing::info_span!(
+            "rpc",
+            method = %method,
+            request_id = tracing::field::Empty,
+            command_id = tracing::field::Empty,
+            correlation_id = correlation_id.as_deref(),
+        );
+        let mut record = Record { span: span.clone(), method, started: Instant::now(), code: None };
+        Box::pin(
+            async move {
+                let response = inner.call(request).await?;
+                record.code = grpc_status(response.headers());
+                Ok(response.map(|body| Logged { inner: body, record }))
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// A response body that notes the `grpc-status` of its trailers and writes the access-log line when dropped.
+#[derive(Debug)]
+pub struct Logged<B> {
+    inner: B,
+    record: Record,
+}
+
+impl<B> Body for Logged<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(trailers) = frame.trailers_ref()
+            && let Some(code) = grpc_status(trailers)
+        {
+            this.record.code = Some(code);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What the access-log line says; written once, when dropped.
+#[derive(Debug)]
+struct Record {
+    span: tracing::Span,
+    method: String,
+    started: Instant,
+    code: Option<tonic::Code>,
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        let code = code_name(self.code.unwrap_or(tonic::Code::Cancelled));
+        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let _entered = self.span.enter();
+        // Health probes arrive every few seconds from orchestrators: keep them out of the info log.
+        if self.method.starts_with("/grpc.health.v1.") {
+            tracing::debug!(target: "kiroku::access", code, latency_ms, "rpc finished");
+        } else {
+            tracing::info!(target: "kiroku::access", code, latency_ms, "rpc finished");
+        }
+    }
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<tonic::Code> {
+    headers.get("grpc-status").map(|value| tonic::Code::from_bytes(value.as_bytes()))
+}
+
+/// The canonical name of a code, as grpcurl and every other gRPC tool print it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
