@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use kiroku::v1::RegisterUserRequest;
 use kiroku::v1::command_service_client::CommandServiceClient;
-use kiroku_testkit::{ServiceProcess, TestDb, TestRedis, binary_path};
+use kiroku_testkit::{ServiceProcess, TestDb, TestRedis, binary_path, free_address};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::Code;
 
@@ -30,6 +30,7 @@ async fn register(address: &str, token: &str) -> Result<kiroku::v1::RegisterUser
 async fn the_printed_grpcurl_line_registers_a_user_once() {
     let db = TestDb::create_empty().await.unwrap();
     let redis = TestRedis::acquire().await.unwrap();
+    let identity = free_address();
     let mut dev = ServiceProcess::spawn_piped(
         "kiroku",
         &["dev"],
@@ -39,6 +40,8 @@ async fn the_printed_grpcurl_line_registers_a_user_once() {
             ("KIROKU_REDIS_PREFIX", redis.prefix.clone()),
             ("KIROKU_COMMAND_ADDR", "127.0.0.1:0".to_owned()),
             ("KIROKU_QUERY_ADDR", "127.0.0.1:0".to_owned()),
+            ("KIROKU_PROJECTOR_HEALTH_ADDR", "127.0.0.1:0".to_owned()),
+            ("KIROKU_DEV_IDENTITY_ADDR", identity.to_string()),
         ],
     )
     .unwrap();
@@ -55,6 +58,7 @@ async fn the_printed_grpcurl_line_registers_a_user_once() {
     // A second terminal mints a token for another account, which the dev GitHub endpoint then knows.
     let output = tokio::process::Command::new(binary_path("kiroku"))
         .args(["dev", "token", "--github-id", "4242", "--login", "someone"])
+        .env("KIROKU_DEV_IDENTITY_ADDR", identity.to_string())
         .output()
         .await
         .unwrap();

@@ -220,6 +220,13 @@ pub fn binary_path(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// Which output of a child the test reads.
+enum Pipe {
+    None,
+    Stdout,
+    Stderr,
+}
+
 /// A child process of one of kiroku's binaries, killed (SIGKILL) when dropped.
 pub struct ServiceProcess {
     pub child: tokio::process::Child,
@@ -228,19 +235,30 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Starts `name` with exactly the given environment (plus PATH and a quiet RUST_LOG).
     pub fn spawn(name: &str, env: &[(&str, String)]) -> Result<ServiceProcess> {
-        Self::start(name, &[], env, false)
+        Self::start(name, &[], env, Pipe::None)
     }
 
     /// Like [`ServiceProcess::spawn`], with arguments, and standard output piped to the test.
     pub fn spawn_piped(name: &str, args: &[&str], env: &[(&str, String)]) -> Result<ServiceProcess> {
-        Self::start(name, args, env, true)
+        Self::start(name, args, env, Pipe::Stdout)
     }
 
-    fn start(name: &str, args: &[&str], env: &[(&str, String)], piped: bool) -> Result<ServiceProcess> {
+    /// Like [`ServiceProcess::spawn`], with standard error (the log) piped to the test, which must read it.
+    pub fn spawn_logged(name: &str, env: &[(&str, String)]) -> Result<ServiceProcess> {
+        Self::start(name, &[], env, Pipe::Stderr)
+    }
+
+    fn start(name: &str, args: &[&str], env: &[(&str, String)], pipe: Pipe) -> Result<ServiceProcess> {
         let mut command = tokio::process::Command::new(binary_path(name));
         command.args(args);
-        if piped {
-            command.stdout(std::process::Stdio::piped());
+        match pipe {
+            Pipe::None => {}
+            Pipe::Stdout => {
+                command.stdout(std::process::Stdio::piped());
+            }
+            Pipe::Stderr => {
+                command.stderr(std::process::Stdio::piped());
+            }
         }
         command.env_clear();
         if let Ok(path) = std::env::var("PATH") {
@@ -266,6 +284,25 @@ impl ServiceProcess {
         anyhow::ensure!(status.success(), "kill -TERM failed");
         Ok(tokio::time::timeout(timeout, self.child.wait()).await.context("no exit before the timeout")??)
     }
+}
+
+/// A loopback address with a port that was free a moment ago, for a process whose address must be known in
+/// advance (the OS gives it to nobody else right away; another process could still take it in between).
+pub fn free_address() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("a bound listener has an address")
+}
+
+/// The path of a command-line tool that the project installs itself (`scripts/install-<name>`, cached under
+/// `target/tools/`): grpcurl, buf.
+pub fn tool(name: &str) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("testkit/ is in the repository");
+    let output = std::process::Command::new(root.join("scripts").join(format!("install-{name}")))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("run scripts/install-{name}: {e}"));
+    assert!(output.status.success(), "scripts/install-{name} failed");
+    std::path::PathBuf::from(String::from_utf8(output.stdout).expect("a path").trim())
 }
 
 /// The nearest-rank percentile `p` (0.0 to 1.0) of values sorted ascending, or the default when there are none.

@@ -12,6 +12,8 @@ use sqlx::Connection;
 
 const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/kiroku_dev";
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+/// Where the development identity provider listens (and where `kiroku dev token` finds it).
+const IDENTITY_ADDR: &str = "KIROKU_DEV_IDENTITY_ADDR";
 
 /// The environment, with `kiroku dev`'s defaults and its own identity provider in place of Auth0 and GitHub.
 struct DevSource {
@@ -41,8 +43,7 @@ pub(crate) async fn run() -> Result<()> {
         .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
     create_database_if_missing(&database_url).await?;
 
-    let addr: SocketAddr = DEV_IDENTITY_ADDR.parse().context("parse the identity provider's address")?;
-    let identity = DevIdentityProvider::start(addr).await?;
+    let identity = DevIdentityProvider::start(identity_addr()?).await?;
     let source = DevSource { issuer: identity.issuer().to_owned(), github_api_url: identity.github_api_url() };
 
     let command = kiroku_command::Application::build(
@@ -67,10 +68,10 @@ pub(crate) async fn run() -> Result<()> {
 
     eprintln!();
     eprintln!("  kiroku dev: FOR DEVELOPMENT ONLY. Tokens are signed by a local identity provider on");
-    eprintln!("  {DEV_IDENTITY_ADDR} that stands in for Auth0 and GitHub; never expose these ports.");
+    eprintln!("  {} that stands in for Auth0 and GitHub; never expose these ports.", identity.local_addr());
     eprintln!();
     eprintln!("  CommandService  {command_addr}    QueryService  {query_addr}");
-    eprintln!("  database        {database_url}");
+    eprintln!("  database        {}", without_password(&database_url));
     eprintln!();
     eprintln!("  Register GitHub account {github_id} (login {}) with a 24-hour token:", account.login);
     println!("{}", grpcurl_line(&token, command_addr));
@@ -111,7 +112,7 @@ pub(crate) fn grpcurl_line(token: &str, command_addr: SocketAddr) -> String {
 pub(crate) async fn token(github_id: u64, login: String) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let response = reqwest::Client::new()
-        .post(format!("http://{DEV_IDENTITY_ADDR}/dev/tokens"))
+        .post(format!("http://{}/dev/tokens", identity_addr()?))
         .json(&serde_json::json!({ "github_id": github_id, "login": login }))
         .timeout(Duration::from_secs(5))
         .send()
@@ -123,6 +124,24 @@ pub(crate) async fn token(github_id: u64, login: String) -> Result<()> {
     let token = body["token"].as_str().context("no token in the answer")?;
     println!("{}", grpcurl_line(token, "127.0.0.1:50051".parse()?));
     Ok(())
+}
+
+/// The identity provider's address: `KIROKU_DEV_IDENTITY_ADDR`, or 127.0.0.1:50053.
+fn identity_addr() -> Result<SocketAddr> {
+    let value = Environment.get(IDENTITY_ADDR).unwrap_or_else(|| DEV_IDENTITY_ADDR.to_owned());
+    value.parse().with_context(|| format!("{IDENTITY_ADDR} must be host:port with an IP address"))
+}
+
+/// The URL as it may be shown: without its password.
+fn without_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "(not a URL)".to_owned(),
+    }
 }
 
 /// Creates the database of `url` when it does not exist (connecting to the server's `postgres` database).
@@ -149,4 +168,17 @@ async fn create_database_if_missing(url: &str) -> Result<()> {
 
 fn config_error(error: &ConfigError) -> ! {
     kiroku_platform::config::exit_on_config_error("kiroku dev", error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_password_is_never_shown() {
+        let shown = without_password("postgres://kiroku:hunter2@db:5432/kiroku");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert_eq!(shown, "postgres://kiroku:***@db:5432/kiroku");
+        assert_eq!(without_password(DEFAULT_DATABASE_URL), DEFAULT_DATABASE_URL);
+    }
 }

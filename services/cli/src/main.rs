@@ -72,8 +72,13 @@ enum DeadLetterAction {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    kiroku_platform::init_tracing();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|error| {
+        // Help and version are answers; anything else is a usage error, which exits 64 like a bad setting.
+        let code = if error.use_stderr() { config::EXIT_CONFIG } else { 0 };
+        let _ = error.print();
+        std::process::exit(code)
+    });
+    kiroku_platform::init_tracing(&Environment);
     let outcome = match cli.command {
         Command::Dev { action: None } => dev::run().await,
         Command::Dev { action: Some(DevAction::Token { github_id, login }) } => dev::token(github_id, login).await,

@@ -12,9 +12,9 @@ pub(crate) async fn run(action: ProjectorAction) -> Result<()> {
     let url = config::database_url(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
     let pool = kiroku_platform::connect_postgres(&url, 4).await?;
     // A rebuild meets the same failing events as the live projector and dead-letters them the same way.
-    let max_attempts = config::number_or(&Environment, "KIROKU_PROJECTOR_MAX_ATTEMPTS", 5u32)
+    let max_attempts = config::positive(&Environment, &kiroku_projector::config::MAX_ATTEMPTS)
         .unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
-    let projection = Projection::new(pool.clone(), max_attempts.max(1));
+    let projection = Projection::new(pool.clone(), max_attempts);
     match action {
         ProjectorAction::Rebuild => {
             let rebuilt = rebuild::rebuild(&pool, &projection).await?;

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kiroku_platform::config::{self, ConfigError, Source};
+use kiroku_platform::config::{self, ConfigError, Setting, Source};
 use url::Url;
 
 use kiroku_relay::RelaySettings;
@@ -69,38 +69,68 @@ impl std::fmt::Debug for GitHubSettings {
     }
 }
 
+pub const COMMAND_ADDR: Setting =
+    Setting::new("KIROKU_COMMAND_ADDR", Some("127.0.0.1:50051"), "where CommandService listens");
+pub const AUTH0_ISSUER: Setting =
+    Setting::new("KIROKU_AUTH0_ISSUER", None, "the Auth0 tenant, e.g. https://tenant.auth0.com/ (required)");
+pub const AUTH0_AUDIENCE: Setting =
+    Setting::new("KIROKU_AUTH0_AUDIENCE", None, "the audience RegisterUser's tokens must carry (required)");
+pub const AUTH0_JWKS_URL: Setting =
+    Setting::new("KIROKU_AUTH0_JWKS_URL", None, "the signing keys [default: the issuer + .well-known/jwks.json]");
+pub const GITHUB_API_URL: Setting =
+    Setting::new("KIROKU_GITHUB_API_URL", Some("https://api.github.com"), "where GitHub profiles come from");
+pub const GITHUB_TOKEN: Setting =
+    Setting::new("KIROKU_GITHUB_TOKEN", None, "a GitHub token, for a higher rate limit [default: none]");
+pub const GITHUB_TIMEOUT_MS: Setting =
+    Setting::new("KIROKU_GITHUB_TIMEOUT_MS", Some("5000"), "how long a GitHub call may take, in milliseconds");
+pub const REDIS_MAXLEN: Setting =
+    Setting::new("KIROKU_REDIS_MAXLEN", Some("1000000"), "the relay trims the stream to about this many entries");
+pub const RELAY_BATCH_SIZE: Setting =
+    Setting::new("KIROKU_RELAY_BATCH_SIZE", Some("500"), "events the relay publishes per checkpoint");
+
+/// Every setting of `kiroku-command`, as `--help` lists them.
+pub const SETTINGS: &[Setting] = &[
+    config::DATABASE_URL,
+    config::REDIS_URL,
+    config::REDIS_PREFIX,
+    COMMAND_ADDR,
+    AUTH0_ISSUER,
+    AUTH0_AUDIENCE,
+    AUTH0_JWKS_URL,
+    GITHUB_API_URL,
+    GITHUB_TOKEN,
+    GITHUB_TIMEOUT_MS,
+    config::MIGRATE,
+    REDIS_MAXLEN,
+    RELAY_BATCH_SIZE,
+    config::RUST_LOG,
+];
+
 impl Settings {
     /// Reads and checks every setting; the first bad one is the error.
     pub fn from_source(source: &dyn Source) -> Result<Settings, ConfigError> {
         let redis_prefix = config::redis_prefix(source)?;
-        let issuer = config::required(source, "KIROKU_AUTH0_ISSUER")?;
-        config::web_url("KIROKU_AUTH0_ISSUER", &issuer)?;
-        let jwks_url = match source.get("KIROKU_AUTH0_JWKS_URL") {
-            Some(url) => config::web_url("KIROKU_AUTH0_JWKS_URL", &url)?,
-            None => config::web_url(
-                "KIROKU_AUTH0_ISSUER",
-                &format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/')),
-            )?,
+        let issuer = config::required(source, &AUTH0_ISSUER)?;
+        config::web_url(AUTH0_ISSUER.name, &issuer)?;
+        let jwks_url = match AUTH0_JWKS_URL.get(source) {
+            Some(url) => config::web_url(AUTH0_JWKS_URL.name, &url)?,
+            None => {
+                config::web_url(AUTH0_ISSUER.name, &format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/')))?
+            }
         };
         let mut relay = RelaySettings::new(&redis_prefix);
-        relay.max_len = config::number_or(source, "KIROKU_REDIS_MAXLEN", relay.max_len)?;
-        relay.batch_size = config::number_or(source, "KIROKU_RELAY_BATCH_SIZE", relay.batch_size)?;
-        if relay.batch_size == 0 {
-            return Err(ConfigError::new("KIROKU_RELAY_BATCH_SIZE", "must be at least 1"));
-        }
+        relay.max_len = config::number(source, &REDIS_MAXLEN)?;
+        relay.batch_size = config::positive(source, &RELAY_BATCH_SIZE)?;
         Ok(Settings {
             database_url: config::database_url(source)?,
             redis_url: config::redis_url(source)?,
-            listen_addr: config::socket_addr_or(source, "KIROKU_COMMAND_ADDR", "127.0.0.1:50051")?,
-            migrate: config::bool_or(source, "KIROKU_MIGRATE", true)?,
-            auth0: Auth0Settings { issuer, audience: config::required(source, "KIROKU_AUTH0_AUDIENCE")?, jwks_url },
+            listen_addr: config::socket_addr(source, &COMMAND_ADDR)?,
+            migrate: config::bool(source, &config::MIGRATE)?,
+            auth0: Auth0Settings { issuer, audience: config::required(source, &AUTH0_AUDIENCE)?, jwks_url },
             github: GitHubSettings {
-                api_url: config::web_url(
-                    "KIROKU_GITHUB_API_URL",
-                    &source.get("KIROKU_GITHUB_API_URL").unwrap_or_else(|| "https://api.github.com".to_owned()),
-                )?,
-                token: source.get("KIROKU_GITHUB_TOKEN").map(Secret::new),
-                timeout: Duration::from_millis(config::number_or(source, "KIROKU_GITHUB_TIMEOUT_MS", 5_000u64)?),
+                api_url: config::web_url(GITHUB_API_URL.name, &config::required(source, &GITHUB_API_URL)?)?,
+                token: GITHUB_TOKEN.get(source).map(Secret::new),
+                timeout: Duration::from_millis(config::number(source, &GITHUB_TIMEOUT_MS)?),
             },
             relay,
             redis_prefix,
@@ -132,6 +162,26 @@ mod tests {
         assert_eq!(settings.relay.stream_key, "kiroku:events");
         assert_eq!(settings.github.api_url.as_str(), "https://api.github.com/");
         assert!(settings.migrate);
+    }
+
+    #[test]
+    fn the_declared_defaults_are_the_relays_own() {
+        let settings = from(BASE).unwrap();
+        let own = RelaySettings::new("kiroku");
+        assert_eq!((settings.relay.max_len, settings.relay.batch_size), (own.max_len, own.batch_size));
+    }
+
+    #[test]
+    fn every_setting_read_is_listed_in_help() {
+        let read = std::sync::Mutex::new(Vec::new());
+        let recording = |name: &str| {
+            read.lock().unwrap().push(name.to_owned());
+            BASE.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+        };
+        Settings::from_source(&recording).unwrap();
+        for name in read.into_inner().unwrap() {
+            assert!(SETTINGS.iter().any(|s| s.name == name), "{name} is read but not in SETTINGS");
+        }
     }
 
     #[test]

@@ -68,8 +68,8 @@ impl CommandService for CommandGrpc {
     ) -> Result<Response<RegisterUserResponse>, Status> {
         let correlation = correlation_id(&request);
         let message = request.into_inner();
-        let token = token(&message.auth0_token)?;
         let call = start_call(&message.request_id, correlation)?;
+        let token = token(&message.auth0_token)?;
         let registered = self.commands.register_user(token, &call).await?;
         Ok(Response::new(RegisterUserResponse {
             user_id: registered.user_id.to_string(),
@@ -83,8 +83,8 @@ impl CommandService for CommandGrpc {
     ) -> Result<Response<SyncGitHubProfileResponse>, Status> {
         let correlation = correlation_id(&request);
         let message = request.into_inner();
-        let token = token(&message.auth0_token)?;
         let call = start_call(&message.request_id, correlation)?;
+        let token = token(&message.auth0_token)?;
         let synced = self.commands.sync_github_profile(token, message.expected_version, &call).await?;
         Ok(Response::new(SyncGitHubProfileResponse {
             user_id: synced.user_id.to_string(),

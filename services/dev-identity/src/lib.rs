@@ -152,6 +152,10 @@ impl DevIdentityProvider {
         Ok(DevIdentityProvider { provider, local_addr })
     }
 
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
     pub fn issuer(&self) -> &str {
         &self.provider.issuer
     }

@@ -65,7 +65,9 @@ where
             .and_then(|v| v.to_str().ok())
             .filter(|v| v.len() <= 128)
             .map(str::to_owned);
+        // The span shares the access log's target, so that whatever shows the line shows its fields too.
         let span = tracing::info_span!(
+            target: "kiroku::access",
             "rpc",
             method = %method,
             request_id = tracing::field::Empty,
@@ -131,13 +133,14 @@ struct Record {
 impl Drop for Record {
     fn drop(&mut self) {
         let code = code_name(self.code.unwrap_or(tonic::Code::Cancelled));
-        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let latency_ms = format_args!("{:.3}", self.started.elapsed().as_secs_f64() * 1000.0);
         let _entered = self.span.enter();
-        // Health probes arrive every few seconds from orchestrators: keep them out of the info log.
-        if self.method.starts_with("/grpc.health.v1.") {
-            tracing::debug!(target: "kiroku::access", code, latency_ms, "rpc finished");
+        // Health probes (every few seconds from orchestrators) and reflection (grpcurl) are plumbing: they log
+        // at debug, so that the info log is kiroku's own API.
+        if self.method.starts_with("/kiroku.") {
+            tracing::info!(target: "kiroku::access", %code, %latency_ms, "rpc finished");
         } else {
-            tracing::info!(target: "kiroku::access", code, latency_ms, "rpc finished");
+            tracing::debug!(target: "kiroku::access", %code, %latency_ms, "rpc finished");
         }
     }
 }

@@ -43,37 +43,84 @@ impl<F: Fn(&str) -> Option<String>> Source for F {
     }
 }
 
-pub fn required(source: &dyn Source, name: &'static str) -> Result<String, ConfigError> {
-    source.get(name).ok_or_else(|| ConfigError::new(name, "is required but not set"))
+/// One setting of a process: its environment variable, its default, and what it is for. Each service's
+/// `config.rs` declares its settings as constants and lists them in `SETTINGS`, which is what `--help` shows; the
+/// readers below take the default from here, so help and behaviour cannot disagree.
+#[derive(Clone, Copy, Debug)]
+pub struct Setting {
+    pub name: &'static str,
+    /// The value when the variable is unset or empty; `None` for required settings and computed defaults
+    /// (which `help` then describes).
+    pub default: Option<&'static str>,
+    pub help: &'static str,
 }
 
-pub fn bool_or(source: &dyn Source, name: &'static str, default: bool) -> Result<bool, ConfigError> {
-    match source.get(name).as_deref().map(str::to_ascii_lowercase).as_deref() {
-        None => Ok(default),
-        Some("true" | "1" | "yes") => Ok(true),
-        Some("false" | "0" | "no") => Ok(false),
-        Some(_) => Err(ConfigError::new(name, "must be true or false")),
+impl Setting {
+    pub const fn new(name: &'static str, default: Option<&'static str>, help: &'static str) -> Setting {
+        Setting { name, default, help }
+    }
+
+    /// Its value, or its default.
+    pub fn get(&self, source: &dyn Source) -> Option<String> {
+        source.get(self.name).or_else(|| self.default.map(str::to_owned))
     }
 }
 
-pub fn number_or<T: std::str::FromStr>(source: &dyn Source, name: &'static str, default: T) -> Result<T, ConfigError> {
-    match source.get(name) {
-        None => Ok(default),
-        Some(v) => v.trim().parse().map_err(|_| ConfigError::new(name, format!("must be a number, not {v:?}"))),
+pub const DATABASE_URL: Setting =
+    Setting::new("DATABASE_URL", None, "PostgreSQL, postgres://user@host:port/database (required)");
+pub const REDIS_URL: Setting =
+    Setting::new("REDIS_URL", None, "Redis, redis://host:6379/0; the path selects the database (required)");
+pub const REDIS_PREFIX: Setting = Setting::new(
+    "KIROKU_REDIS_PREFIX",
+    Some("kiroku"),
+    "every Redis key starts with it; the stream is {prefix}:events",
+);
+pub const MIGRATE: Setting =
+    Setting::new("KIROKU_MIGRATE", Some("true"), "apply pending migrations at start-up (true or false)");
+/// Read by the logger rather than by `config.rs`; listed so that `--help` shows it.
+pub const RUST_LOG: Setting = Setting::new("RUST_LOG", Some("info"), "log filter, e.g. info,kiroku_projector=debug");
+
+pub fn required(source: &dyn Source, setting: &Setting) -> Result<String, ConfigError> {
+    setting.get(source).ok_or_else(|| ConfigError::new(setting.name, "is required but not set"))
+}
+
+pub fn bool(source: &dyn Source, setting: &Setting) -> Result<bool, ConfigError> {
+    match required(source, setting)?.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(ConfigError::new(setting.name, "must be true or false")),
     }
 }
 
-pub fn socket_addr_or(source: &dyn Source, name: &'static str, default: &str) -> Result<SocketAddr, ConfigError> {
-    let value = source.get(name).unwrap_or_else(|| default.to_owned());
-    value.parse().map_err(|_| ConfigError::new(name, format!("must be host:port with an IP address, not {value:?}")))
+pub fn number<T: std::str::FromStr>(source: &dyn Source, setting: &Setting) -> Result<T, ConfigError> {
+    let value = required(source, setting)?;
+    value.trim().parse().map_err(|_| ConfigError::new(setting.name, format!("must be a number, not {value:?}")))
+}
+
+/// A number that must be at least 1.
+pub fn positive<T: std::str::FromStr + PartialOrd + From<u8>>(
+    source: &dyn Source,
+    setting: &Setting,
+) -> Result<T, ConfigError> {
+    let value: T = number(source, setting)?;
+    if value < T::from(1) {
+        return Err(ConfigError::new(setting.name, "must be at least 1"));
+    }
+    Ok(value)
+}
+
+pub fn socket_addr(source: &dyn Source, setting: &Setting) -> Result<SocketAddr, ConfigError> {
+    let value = required(source, setting)?;
+    value
+        .parse()
+        .map_err(|_| ConfigError::new(setting.name, format!("must be host:port with an IP address, not {value:?}")))
 }
 
 /// A Redis key prefix: non-empty, no spaces or braces (braces would change cluster hash slots).
 pub fn redis_prefix(source: &dyn Source) -> Result<String, ConfigError> {
-    const NAME: &str = "KIROKU_REDIS_PREFIX";
-    let prefix = source.get(NAME).unwrap_or_else(|| "kiroku".to_owned());
+    let prefix = required(source, &REDIS_PREFIX)?;
     if prefix.chars().any(|c| c.is_whitespace() || c == '{' || c == '}') {
-        return Err(ConfigError::new(NAME, "must not contain spaces or braces"));
+        return Err(ConfigError::new(REDIS_PREFIX.name, "must not contain spaces or braces"));
     }
     Ok(prefix)
 }
@@ -101,8 +148,8 @@ pub fn web_url(name: &'static str, value: &str) -> Result<Url, ConfigError> {
 
 /// A `postgres://` URL. The message never repeats the URL, which may hold a password.
 pub fn database_url(source: &dyn Source) -> Result<String, ConfigError> {
-    const NAME: &str = "DATABASE_URL";
-    let value = required(source, NAME)?;
+    const NAME: &str = DATABASE_URL.name;
+    let value = required(source, &DATABASE_URL)?;
     let url = Url::parse(&value).map_err(|_| ConfigError::new(NAME, "is not a URL"))?;
     if !matches!(url.scheme(), "postgres" | "postgresql") {
         return Err(ConfigError::new(NAME, "must start with postgres://"));
@@ -112,8 +159,8 @@ pub fn database_url(source: &dyn Source) -> Result<String, ConfigError> {
 
 /// A `redis://` URL; its path selects the database.
 pub fn redis_url(source: &dyn Source) -> Result<String, ConfigError> {
-    const NAME: &str = "REDIS_URL";
-    let value = required(source, NAME)?;
+    const NAME: &str = REDIS_URL.name;
+    let value = required(source, &REDIS_URL)?;
     let url = Url::parse(&value).map_err(|_| ConfigError::new(NAME, "is not a URL"))?;
     if !matches!(url.scheme(), "redis" | "rediss") {
         return Err(ConfigError::new(NAME, "must start with redis:// or rediss://"));
@@ -129,6 +176,71 @@ pub fn redis_url(source: &dyn Source) -> Result<String, ConfigError> {
 pub fn exit_on_config_error(program: &str, error: &ConfigError) -> ! {
     eprintln!("{program}: configuration error: {error}");
     std::process::exit(EXIT_CONFIG)
+}
+
+/// A service's command line: `--help` lists every setting with its environment variable and default, each
+/// setting also has a flag (`--database-url` for `DATABASE_URL`, `--command-addr` for `KIROKU_COMMAND_ADDR`), and
+/// anything else exits with [`EXIT_CONFIG`]. The values are flags first, then the environment.
+pub struct CommandLine {
+    matches: clap::ArgMatches,
+    settings: &'static [Setting],
+}
+
+impl CommandLine {
+    /// Parses the process's arguments; prints help or the error and exits when there is nothing to run.
+    pub fn parse(program: &'static str, about: &'static str, settings: &'static [Setting]) -> CommandLine {
+        match CommandLine::try_parse(program, about, settings, std::env::args_os()) {
+            Ok(command_line) => command_line,
+            Err(error) => {
+                // Help and version are answers; anything else is a usage error.
+                let code = if error.use_stderr() { EXIT_CONFIG } else { 0 };
+                let _ = error.print();
+                std::process::exit(code)
+            }
+        }
+    }
+
+    pub fn try_parse(
+        program: &'static str,
+        about: &'static str,
+        settings: &'static [Setting],
+        args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
+    ) -> Result<CommandLine, clap::Error> {
+        let mut command = clap::Command::new(program)
+            .about(about)
+            .version(env!("CARGO_PKG_VERSION"))
+            .after_help("Flags override the environment. Exit code 64: a missing or malformed setting.");
+        for setting in settings {
+            let help = match setting.default {
+                Some(default) => format!("{} [default: {default}]", setting.help),
+                None => setting.help.to_owned(),
+            };
+            command = command.arg(
+                clap::Arg::new(setting.name)
+                    .long(flag(setting.name))
+                    .value_name("VALUE")
+                    .env(setting.name)
+                    .hide_env_values(true)
+                    .help(help),
+            );
+        }
+        Ok(CommandLine { matches: command.try_get_matches_from(args)?, settings })
+    }
+}
+
+impl Source for CommandLine {
+    fn get(&self, name: &str) -> Option<String> {
+        // Settings not declared for this program (read by a shared helper) come from the environment.
+        if !self.settings.iter().any(|s| s.name == name) {
+            return Environment.get(name);
+        }
+        self.matches.get_one::<String>(name).filter(|v| !v.is_empty()).cloned()
+    }
+}
+
+/// The flag of a setting: its variable without `KIROKU_`, in lower case, with dashes.
+fn flag(name: &str) -> String {
+    name.strip_prefix("KIROKU_").unwrap_or(name).to_ascii_lowercase().replace('_', "-")
 }
 
 #[cfg(test)]
@@ -161,7 +273,19 @@ mod tests {
         let bad_redis = source(&[("REDIS_URL", "redis://127.0.0.1:6379/zero")]);
         assert!(redis_url(&bad_redis).unwrap_err().to_string().starts_with("REDIS_URL"));
         let bad_bool = source(&[("KIROKU_MIGRATE", "maybe")]);
-        assert!(bool_or(&bad_bool, "KIROKU_MIGRATE", true).is_err());
-        assert!(bool_or(&empty, "KIROKU_MIGRATE", true).unwrap());
+        assert!(bool(&bad_bool, &MIGRATE).is_err());
+        assert!(bool(&empty, &MIGRATE).unwrap(), "the default applies");
+    }
+
+    #[test]
+    fn the_command_line_takes_flags_and_refuses_unknown_arguments() {
+        const SETTINGS: &[Setting] = &[DATABASE_URL, MIGRATE];
+        let parsed = CommandLine::try_parse("x", "x", SETTINGS, ["x", "--database-url", "postgres://h/db"]).unwrap();
+        assert_eq!(parsed.get("DATABASE_URL").as_deref(), Some("postgres://h/db"));
+        assert_eq!(flag("KIROKU_COMMAND_ADDR"), "command-addr");
+        let error = CommandLine::try_parse("x", "x", SETTINGS, ["x", "--bogus"]).err().unwrap();
+        assert_eq!(error.kind(), clap::error::ErrorKind::UnknownArgument);
+        let help = CommandLine::try_parse("x", "x", SETTINGS, ["x", "--help"]).err().unwrap().to_string();
+        assert!(help.contains("KIROKU_MIGRATE") && help.contains("[default: true]"), "{help}");
     }
 }

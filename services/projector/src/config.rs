@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use kiroku_platform::config::{self, ConfigError, Source};
+use kiroku_platform::config::{self, ConfigError, Setting, Source};
 
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -20,23 +20,70 @@ pub struct Settings {
     pub claim_idle_ms: u64,
 }
 
+pub const HEALTH_ADDR: Setting = Setting::new(
+    "KIROKU_PROJECTOR_HEALTH_ADDR",
+    Some("127.0.0.1:50054"),
+    "where grpc.health.v1 (and reflection) answer",
+);
+pub const MAX_ATTEMPTS: Setting =
+    Setting::new("KIROKU_PROJECTOR_MAX_ATTEMPTS", Some("5"), "attempts before an event is dead-lettered");
+pub const CONSUMER: Setting = Setting::new(
+    "KIROKU_PROJECTOR_CONSUMER",
+    None,
+    "this process's name in the consumer group [default: unique per process]",
+);
+pub const CLAIM_IDLE_MS: Setting = Setting::new(
+    "KIROKU_PROJECTOR_CLAIM_IDLE_MS",
+    Some("30000"),
+    "entries idle this long (ms) in another consumer's pending list are taken over",
+);
+
+/// Every setting of `kiroku-projector`, as `--help` lists them.
+pub const SETTINGS: &[Setting] = &[
+    config::DATABASE_URL,
+    config::REDIS_URL,
+    config::REDIS_PREFIX,
+    HEALTH_ADDR,
+    config::MIGRATE,
+    MAX_ATTEMPTS,
+    CONSUMER,
+    CLAIM_IDLE_MS,
+    config::RUST_LOG,
+];
+
 impl Settings {
     pub fn from_source(source: &dyn Source) -> Result<Settings, ConfigError> {
-        let max_attempts = config::number_or(source, "KIROKU_PROJECTOR_MAX_ATTEMPTS", 5u32)?;
-        if max_attempts == 0 {
-            return Err(ConfigError::new("KIROKU_PROJECTOR_MAX_ATTEMPTS", "must be at least 1"));
-        }
         Ok(Settings {
             database_url: config::database_url(source)?,
             redis_url: config::redis_url(source)?,
             redis_prefix: config::redis_prefix(source)?,
-            migrate: config::bool_or(source, "KIROKU_MIGRATE", true)?,
-            health_addr: config::socket_addr_or(source, "KIROKU_PROJECTOR_HEALTH_ADDR", "127.0.0.1:50054")?,
-            consumer_name: source
-                .get("KIROKU_PROJECTOR_CONSUMER")
+            migrate: config::bool(source, &config::MIGRATE)?,
+            health_addr: config::socket_addr(source, &HEALTH_ADDR)?,
+            consumer_name: CONSUMER
+                .get(source)
                 .unwrap_or_else(|| format!("projector-{}-{}", std::process::id(), ulid::Ulid::new())),
-            max_attempts,
-            claim_idle_ms: config::number_or(source, "KIROKU_PROJECTOR_CLAIM_IDLE_MS", 30_000u64)?,
+            max_attempts: config::positive(source, &MAX_ATTEMPTS)?,
+            claim_idle_ms: config::number(source, &CLAIM_IDLE_MS)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_setting_read_is_listed_in_help() {
+        let base = [("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/kiroku"), ("REDIS_URL", "redis://h:6379/0")];
+        let read = std::sync::Mutex::new(Vec::new());
+        let recording = |name: &str| {
+            read.lock().unwrap().push(name.to_owned());
+            base.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+        };
+        let settings = Settings::from_source(&recording).unwrap();
+        for name in read.into_inner().unwrap() {
+            assert!(SETTINGS.iter().any(|s| s.name == name), "{name} is read but not in SETTINGS");
+        }
+        assert_eq!(settings.max_attempts, 5);
     }
 }

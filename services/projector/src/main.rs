@@ -2,13 +2,17 @@
 
 use std::process::ExitCode;
 
-use kiroku_platform::config::{Environment, exit_on_config_error};
-use kiroku_projector::config::Settings;
+use kiroku_platform::config::{CommandLine, exit_on_config_error};
+use kiroku_projector::config::{SETTINGS, Settings};
+
+const ABOUT: &str = "kiroku's projector: consumes the Redis stream and keeps the read models";
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    kiroku_platform::init_tracing();
-    let settings = Settings::from_source(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku-projector", &e));
+    let command_line = CommandLine::parse("kiroku-projector", ABOUT, SETTINGS);
+    kiroku_platform::init_tracing(&command_line);
+    let settings =
+        Settings::from_source(&command_line).unwrap_or_else(|e| exit_on_config_error("kiroku-projector", &e));
     match kiroku_projector::run(settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -57,7 +57,12 @@ impl Application {
         let consumer = tokio::spawn(consumer.run(shutdown.clone()));
         let lag = tokio::spawn(report_lag(projection, shutdown.clone()));
 
-        tracing::info!(prefix = %settings.redis_prefix, consumer = %settings.consumer_name, "kiroku-projector started");
+        tracing::info!(
+            address = %listener.local_addr()?,
+            prefix = %settings.redis_prefix,
+            consumer = %settings.consumer_name,
+            "kiroku-projector listening"
+        );
         GrpcServer::new()
             .health_entry(SERVICE_NAME)
             .serve(listener, Dependencies { postgres: pool.clone(), redis: Some(redis.clone()) }, shutdown)

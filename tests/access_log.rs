@@ -1,0 +1,145 @@
+//! The access log of the three services, read from the real processes' stderr: every RPC, whatever its service
+//! and outcome (unary, stream, error, cancelled), ends with exactly one line naming its method, its gRPC code and
+//! its latency.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiroku::v1::command_service_client::CommandServiceClient;
+use kiroku::v1::query_service_client::QueryServiceClient;
+use kiroku::v1::{GetUserRequest, ListUsersRequest, RegisterUserRequest, WatchEventsRequest, watch_events_request};
+use kiroku_testkit::{ServiceProcess, TestDb, TestRedis, eventually};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A service process whose log lines the test collects as they come.
+struct Logged {
+    process: ServiceProcess,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Logged {
+    fn start(binary: &str, env: Vec<(&'static str, String)>) -> Logged {
+        let mut process = ServiceProcess::spawn_logged(binary, &env).unwrap();
+        let stderr = process.child.stderr.take().unwrap();
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = lines.clone();
+        let reader = tokio::spawn(async move {
+            let mut stderr = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = stderr.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Logged { process, lines, reader }
+    }
+
+    /// The address from the `… listening address=…` line.
+    async fn address(&self) -> String {
+        eventually(Duration::from_secs(30), "the service to listen", || async {
+            let lines = self.lines.lock().unwrap();
+            Ok(lines.iter().find(|l| l.contains(" listening")).and_then(|line| {
+                line.split_whitespace().find_map(|word| word.strip_prefix("address=")).map(str::to_owned)
+            }))
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Stops the process (SIGTERM) and returns its access-log lines.
+    async fn stop(mut self) -> Vec<String> {
+        self.process.terminate(Duration::from_secs(10)).await.unwrap();
+        self.reader.await.unwrap();
+        let lines = self.lines.lock().unwrap();
+        lines.iter().filter(|line| line.contains("kiroku::access")).cloned().collect()
+    }
+}
+
+/// The access-log lines of `method`, each checked for a code and a latency.
+fn lines_of<'a>(lines: &'a [String], method: &str) -> Vec<&'a String> {
+    let found: Vec<&String> = lines.iter().filter(|line| line.contains(&format!("method={method}"))).collect();
+    for line in &found {
+        assert!(line.contains("latency_ms="), "{line}");
+    }
+    found
+}
+
+fn env(db: &TestDb, redis: &TestRedis) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", db.url.clone()),
+        ("REDIS_URL", redis.url.clone()),
+        ("KIROKU_REDIS_PREFIX", redis.prefix.clone()),
+        ("KIROKU_MIGRATE", "false".to_owned()),
+        (
+            "RUST_LOG",
+            "warn,kiroku_command=info,kiroku_query=info,kiroku_projector=info,kiroku::access=debug".to_owned(),
+        ),
+        ("KIROKU_COMMAND_ADDR", "127.0.0.1:0".to_owned()),
+        ("KIROKU_QUERY_ADDR", "127.0.0.1:0".to_owned()),
+        ("KIROKU_PROJECTOR_HEALTH_ADDR", "127.0.0.1:0".to_owned()),
+        // Never reached: the calls below fail before any token is checked against keys.
+        ("KIROKU_AUTH0_ISSUER", "http://127.0.0.1:9/".to_owned()),
+        ("KIROKU_AUTH0_AUDIENCE", "kiroku-tests".to_owned()),
+    ]
+}
+
+#[tokio::test]
+async fn every_rpc_of_every_service_logs_one_line_with_its_code_and_latency() {
+    let db = TestDb::create().await.unwrap();
+    let redis = TestRedis::acquire().await.unwrap();
+    let command = Logged::start("kiroku-command", env(&db, &redis));
+    let query = Logged::start("kiroku-query", env(&db, &redis));
+    let projector = Logged::start("kiroku-projector", env(&db, &redis));
+
+    let mut commands = CommandServiceClient::connect(format!("http://{}", command.address().await)).await.unwrap();
+    let no_token = RegisterUserRequest { auth0_token: String::new(), request_id: "req-access-1".to_owned() };
+    assert_eq!(commands.register_user(no_token).await.unwrap_err().code(), Code::InvalidArgument);
+    let garbage = RegisterUserRequest { auth0_token: "not-a-jwt".to_owned(), request_id: String::new() };
+    assert_eq!(commands.register_user(garbage).await.unwrap_err().code(), Code::Unauthenticated);
+
+    let mut queries = QueryServiceClient::connect(format!("http://{}", query.address().await)).await.unwrap();
+    queries.list_users(ListUsersRequest::default()).await.unwrap();
+    let bad_id = GetUserRequest { user_id: "nope".to_owned(), min_position: 0 };
+    assert_eq!(queries.get_user(bad_id).await.unwrap_err().code(), Code::InvalidArgument);
+    let request =
+        WatchEventsRequest { start: Some(watch_events_request::Start::FromBeginning(true)), ..Default::default() };
+    let mut stream = queries.watch_events(request).await.unwrap().into_inner();
+    stream.message().await.unwrap().unwrap();
+    // The client goes away mid-stream.
+    drop(stream);
+
+    let projector_address = projector.address().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{projector_address}")).unwrap();
+    let mut health = HealthClient::new(channel.connect().await.unwrap());
+    health.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+
+    // Lines are written when a call ends; the cancelled stream ends when the server notices.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let command_lines = command.stop().await;
+    let query_lines = query.stop().await;
+    let projector_lines = projector.stop().await;
+
+    let register = lines_of(&command_lines, "/kiroku.v1.CommandService/RegisterUser");
+    assert_eq!(register.len(), 2, "{command_lines:#?}");
+    assert!(
+        register[0].contains("code=INVALID_ARGUMENT") && register[0].contains("request_id=\"req-access-1\""),
+        "{}",
+        register[0]
+    );
+    assert!(register[1].contains("code=UNAUTHENTICATED"));
+    let list = lines_of(&query_lines, "/kiroku.v1.QueryService/ListUsers");
+    assert_eq!(list.len(), 1, "{query_lines:#?}");
+    assert!(list[0].contains("code=OK"));
+    let get = lines_of(&query_lines, "/kiroku.v1.QueryService/GetUser");
+    assert_eq!(get.len(), 1);
+    assert!(get[0].contains("code=INVALID_ARGUMENT"));
+    let watch = lines_of(&query_lines, "/kiroku.v1.QueryService/WatchEvents");
+    assert_eq!(watch.len(), 1, "{query_lines:#?}");
+    assert!(watch[0].contains("code=CANCELLED") || watch[0].contains("code=UNAVAILABLE"), "{}", watch[0]);
+    let check = lines_of(&projector_lines, "/grpc.health.v1.Health/Check");
+    assert_eq!(check.len(), 1, "{projector_lines:#?}");
+    assert!(check[0].contains("code=OK"));
+}
