@@ -9,7 +9,7 @@ use kiroku::v1::{
     WatchEventsRequest, lookup_user_request,
 };
 use kiroku_domain::UserEvent;
-use kiroku_event_store::EventStore;
+use kiroku_event_store::{EventStore, Position};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -69,7 +69,7 @@ impl QueryService for QueryGrpc {
         let message = request.into_inner();
         let id = user_id("user_id", &message.user_id)?;
         if message.min_position > 0 {
-            self.read_models.wait_for(message.min_position, patience).await?;
+            self.read_models.wait_for(Position::new(message.min_position), patience).await?;
         }
         let user = self.read_models.user(UserKey::Id(id)).await?.ok_or(QueryError::NotFound("user"))?;
         Ok(Response::new(GetUserResponse { user: Some(user) }))

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use kiroku::v1::{RegistrationFailure, User, UserStatus};
+use kiroku_event_store::Position;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
@@ -101,7 +102,7 @@ impl ReadModels {
                         .try_get::<Option<Uuid>, _>("duplicate_user_id")?
                         .map(|id| id.to_string())
                         .unwrap_or_default(),
-                    position: u64::try_from(row.try_get::<i64, _>("position")?).unwrap_or(0),
+                    position: row.try_get::<Position, _>("position")?.get(),
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
@@ -109,25 +110,25 @@ impl ReadModels {
     }
 
     /// The active generation's checkpoint: every event at or below it is in the read model.
-    pub(crate) async fn checkpoint(&self) -> Result<u64, QueryError> {
-        let position: i64 = sqlx::query_scalar(
+    pub(crate) async fn checkpoint(&self) -> Result<Position, QueryError> {
+        let position: Position = sqlx::query_scalar(
             "SELECT c.position FROM projections p JOIN projection_checkpoints c \
              ON c.projection = p.name AND c.generation = p.active_generation WHERE p.name = 'users'",
         )
         .fetch_one(&self.pool)
         .await?;
-        Ok(u64::try_from(position).unwrap_or(0))
+        Ok(position)
     }
 
     /// Waits until the read model has reached `position`, or `patience` has passed.
-    pub(crate) async fn wait_for(&self, position: u64, patience: Duration) -> Result<(), QueryError> {
+    pub(crate) async fn wait_for(&self, position: Position, patience: Duration) -> Result<(), QueryError> {
         let deadline = Instant::now() + patience;
         loop {
             if self.checkpoint().await? >= position {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                return Err(QueryError::ProjectionBehind(position));
+                return Err(QueryError::ProjectionBehind(position.get()));
             }
             tokio::time::sleep(Duration::from_millis(10).min(deadline.saturating_duration_since(Instant::now()))).await;
         }
