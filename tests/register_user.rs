@@ -374,3 +374,28 @@ async fn a_malformed_request_id_is_an_invalid_argument_and_writes_nothing() {
     assert_eq!(app.total_events().await, 0);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_lost_database_is_unavailable_with_retry_info_and_a_retry_with_the_same_request_id_succeeds() {
+    let (app, proxy) = CommandApp::spawn_behind_proxy().await;
+    app.github_knows(7001, "octo-lost", None).await;
+    app.github_knows(7002, "octo-back", None).await;
+    app.register(7001, "req-before").await.unwrap();
+
+    // The database goes away: every connection is reset, new ones are refused.
+    proxy.cut();
+    let lost = app.register(7002, "req-during").await.unwrap_err();
+    assert_eq!(lost.code(), Code::Unavailable, "a transient database failure is not INTERNAL: {lost:?}");
+    assert_eq!(reason(&lost), "STORE_UNAVAILABLE");
+    assert!(lost.get_details_retry_info().is_some(), "callers are told to retry");
+
+    proxy.restore();
+    let retried = kiroku_testkit::eventually(Duration::from_secs(20), "the retry to succeed", || async {
+        Ok(app.register(7002, "req-during").await.ok())
+    })
+    .await
+    .unwrap();
+    assert_eq!(app.register(7002, "req-during").await.unwrap().user_id, retried.user_id, "one user, first answer");
+    assert_eq!(app.count_events("UserRegistered").await, 2);
+    app.stop().await;
+}

@@ -305,6 +305,74 @@ pub fn tool(name: &str) -> std::path::PathBuf {
     std::path::PathBuf::from(String::from_utf8(output.stdout).expect("a path").trim())
 }
 
+/// A TCP forwarder on loopback that a test can cut, as a network fault or a server crash would: every open
+/// connection is reset and new ones are refused until it is restored. Put it between a service and PostgreSQL or
+/// Redis to see what the service does when its peer goes away.
+pub struct TcpProxy {
+    address: std::net::SocketAddr,
+    up: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Forwards a fresh loopback port to `target`.
+    pub async fn start(target: std::net::SocketAddr) -> Result<TcpProxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let (up, watch) = tokio::sync::watch::channel(true);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let mut watch = watch.clone();
+                if !*watch.borrow() {
+                    // Refused: closed at once, as a port nobody listens on would be (near enough).
+                    let _ = inbound.set_zero_linger();
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watch.wait_for(|up| !*up) => {
+                            // Reset rather than close: the peer sees a broken connection, not a polite goodbye.
+                            let _ = inbound.set_zero_linger();
+                            let _ = outbound.set_zero_linger();
+                        }
+                    }
+                });
+            }
+        });
+        Ok(TcpProxy { address, up, task })
+    }
+
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.address
+    }
+
+    /// `url` with its host and port replaced by the proxy's.
+    pub fn url(&self, url: &str) -> String {
+        let mut parsed = url::Url::parse(url).expect("a URL");
+        parsed.set_ip_host(self.address.ip()).expect("a host");
+        parsed.set_port(Some(self.address.port())).expect("a port");
+        parsed.to_string()
+    }
+
+    /// Resets every open connection and refuses new ones.
+    pub fn cut(&self) {
+        let _ = self.up.send(false);
+    }
+
+    pub fn restore(&self) {
+        let _ = self.up.send(true);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// The nearest-rank percentile `p` (0.0 to 1.0) of values sorted ascending, or the default when there are none.
 /// Benchmarks report latencies with it.
 pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {

@@ -50,6 +50,17 @@ impl CommandApp {
 
     /// Starts the service with extra settings (e.g. `KIROKU_GITHUB_TIMEOUT_MS`).
     pub async fn spawn_with(extra: &[(&str, &str)]) -> CommandApp {
+        CommandApp::spawn_configured(extra, None).await
+    }
+
+    /// Starts the service with its database connections going through a proxy the test can cut.
+    pub async fn spawn_behind_proxy() -> (CommandApp, kiroku_testkit::TcpProxy) {
+        let proxy = kiroku_testkit::TcpProxy::start("127.0.0.1:5432".parse().unwrap()).await.unwrap();
+        let app = CommandApp::spawn_configured(&[], Some(&proxy)).await;
+        (app, proxy)
+    }
+
+    async fn spawn_configured(extra: &[(&str, &str)], proxy: Option<&kiroku_testkit::TcpProxy>) -> CommandApp {
         let db = TestDb::create().await.unwrap();
         let redis = TestRedis::acquire().await.unwrap();
         let auth0 = MockServer::start().await;
@@ -62,8 +73,9 @@ impl CommandApp {
             .mount(&auth0)
             .await;
 
+        let database_url = proxy.map_or_else(|| db.url.clone(), |proxy| proxy.url(&db.url));
         let mut env: Vec<(String, String)> = vec![
-            ("DATABASE_URL".into(), db.url.clone()),
+            ("DATABASE_URL".into(), database_url),
             ("REDIS_URL".into(), redis.url.clone()),
             ("KIROKU_REDIS_PREFIX".into(), redis.prefix.clone()),
             ("KIROKU_AUTH0_ISSUER".into(), format!("{}/", auth0.uri())),

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use kiroku_domain::{UserError, UserId};
+use kiroku_event_store::{AppendError, StoreError};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -32,6 +33,13 @@ pub enum CommandError {
     VersionConflict { expected: u64, actual: u64 },
     #[error("no user is registered for this identity")]
     UserNotFound,
+    /// The database is unreachable or restarting, or the call lost a race it may win on a retry (with the same
+    /// request id).
+    #[error("the event store is unavailable; retry")]
+    StoreUnavailable,
+    /// The event store refuses appends: its next positions would go backwards (an operator must act).
+    #[error("the event store refuses appends until an operator repairs it")]
+    StoreFenced,
     /// The domain refused the command.
     #[error(transparent)]
     Refused(#[from] UserError),
@@ -101,6 +109,16 @@ impl From<CommandError> for Status {
             CommandError::Refused(UserError::AlreadyRegistered) => {
                 Status::with_error_details(Code::AlreadyExists, error.to_string(), info("USER_ALREADY_EXISTS"))
             }
+            CommandError::StoreUnavailable => {
+                let mut details = info("STORE_UNAVAILABLE");
+                details.set_retry_info(Some(Duration::from_secs(1)));
+                Status::with_error_details(Code::Unavailable, error.to_string(), details)
+            }
+            CommandError::StoreFenced => {
+                let mut details = info("STORE_FENCED");
+                details.set_retry_info(Some(Duration::from_secs(60)));
+                Status::with_error_details(Code::Unavailable, error.to_string(), details)
+            }
             CommandError::Internal(error) => {
                 tracing::error!(error = format!("{error:#}"), "internal error");
                 Status::internal("internal error")
@@ -109,9 +127,28 @@ impl From<CommandError> for Status {
     }
 }
 
-impl From<kiroku_event_store::StoreError> for CommandError {
-    fn from(error: kiroku_event_store::StoreError) -> Self {
+impl From<StoreError> for CommandError {
+    fn from(error: StoreError) -> Self {
+        if error.is_transient() {
+            tracing::warn!(%error, "the event store is unavailable");
+            return CommandError::StoreUnavailable;
+        }
         CommandError::Internal(error.into())
+    }
+}
+
+/// Appends that fail for a reason of their own (a conflict, a refused claim) are handled by each use case first;
+/// what is left is the store's state.
+impl From<AppendError> for CommandError {
+    fn from(error: AppendError) -> Self {
+        match error {
+            AppendError::Store(error) => error.into(),
+            AppendError::PositionsBehind { .. } => {
+                tracing::error!(%error, "appends refused");
+                CommandError::StoreFenced
+            }
+            other => CommandError::Internal(other.into()),
+        }
     }
 }
 

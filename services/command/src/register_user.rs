@@ -68,7 +68,7 @@ impl Commands {
                 let reason = RegistrationRefusal::duplicate(kind);
                 self.refuse(&subject, reason, UserId::from_uuid(owner), key, call).await
             }
-            Err(error) => Err(CommandError::Internal(error.into())),
+            Err(error) => Err(error.into()),
         }
     }
 
@@ -102,7 +102,7 @@ impl Commands {
                 Err(CommandError::UserAlreadyExists { user_id: existing })
             }
             Ok(AppendOutcome::Replayed(stored)) => replay(stored),
-            Err(error) => Err(CommandError::Internal(error.into())),
+            Err(error) => Err(error.into()),
         }
     }
 }

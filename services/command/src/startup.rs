@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use fred::prelude::*;
 use kiroku::v1::command_service_server::CommandServiceServer;
-use kiroku_event_store::EventStore;
+use kiroku_event_store::{AppendError, EventStore};
 use kiroku_platform::grpc::GrpcServer;
 use kiroku_platform::health::Dependencies;
 use kiroku_platform::{Shutdown, connect_redis, open_database};
@@ -39,8 +39,14 @@ impl Application {
         let pool = open_database(&settings.database_url, 32, settings.migrate).await?;
         let redis = connect_redis(&settings.redis_url).await?;
         let http = http_client()?;
+        let store = EventStore::new(pool.clone());
+        if let Err(error @ AppendError::PositionsBehind { .. }) = store.check_positions_ahead().await {
+            // The service still starts (its health and the relay stay useful); appends are refused, each with
+            // this error, until an operator moves the cluster's transaction ids past the head.
+            tracing::error!(%error, "appends will be refused");
+        }
         let commands = Commands::new(
-            EventStore::new(pool.clone()),
+            store,
             TokenVerifier::new(settings.auth0.clone(), http.clone()),
             GitHubClient::new(settings.github.clone(), http),
         );

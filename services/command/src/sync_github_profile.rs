@@ -83,7 +83,7 @@ impl Commands {
                 expected: if expected_version != 0 { expected_version } else { u64::from(user.version) },
                 actual: u64::from(actual.unwrap_or(user.version + 1)),
             }),
-            Err(error) => Err(CommandError::Internal(error.into())),
+            Err(error) => Err(error.into()),
         }
     }
 }

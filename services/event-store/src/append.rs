@@ -133,15 +133,38 @@ ORDER BY inserted.position
 
 impl EventStore {
     /// Appends in one transaction of its own (see [`append_in_transaction`] for the order of its steps).
+    ///
+    /// The transaction runs in a task of its own: a caller that gives up (a cancelled RPC drops its future) must
+    /// not abandon it half-way, which would leave an open transaction on a pooled connection (sqlx cannot roll
+    /// back a `BEGIN` whose answer it never read) for the next user to run inside, uncommitted.
     pub async fn append(&self, append: &Append) -> Result<AppendOutcome, AppendError> {
         validate(append)?;
+        self.ensure_positions_ahead().await?;
         if append.claims.is_empty() && append.idempotency.is_none() {
-            // One statement is its own transaction: no BEGIN and COMMIT round trips.
+            // One statement is its own transaction: no BEGIN and COMMIT round trips. Its version read and its
+            // insert share one snapshot, so "any version" needs no resolving.
             let mut conn = self.pool.acquire().await?;
             let appended = insert_events(&mut conn, append).await?;
             self.announce_commit();
             return Ok(AppendOutcome::Appended(appended));
         }
+        let mut append = append.clone();
+        if append.expected == ExpectedVersion::Any {
+            // Resolved before the transaction takes its id: a transaction reading the version after its first
+            // insert could build version N+1 on a version N committed meanwhile by a later transaction, and give
+            // it a lower position. Resolved here, a concurrent append is a conflict instead.
+            append.expected = match self.stream_version(append.aggregate_id).await? {
+                0 => ExpectedVersion::NoStream,
+                version => ExpectedVersion::Exact(version),
+            };
+        }
+        let store = self.clone();
+        tokio::spawn(async move { store.append_transaction(&append).await }).await.map_err(|error| {
+            StoreError::Corrupt { table: "events", detail: format!("the append task failed: {error}") }
+        })?
+    }
+
+    async fn append_transaction(&self, append: &Append) -> Result<AppendOutcome, AppendError> {
         let mut tx = self.pool.begin().await?;
         match append_in_transaction(&mut tx, append).await {
             Ok(AppendOutcome::Appended(appended)) => {
@@ -153,6 +176,32 @@ impl EventStore {
                 tx.rollback().await?;
                 other
             }
+        }
+    }
+
+    /// Refuses appends while the next position would not be above the head of the log (see
+    /// [`AppendError::PositionsBehind`]). Checked before this handle's first append (the command service also
+    /// checks at start-up); once the cluster is ahead, its transaction ids only grow.
+    async fn ensure_positions_ahead(&self) -> Result<(), AppendError> {
+        if self.positions_ahead.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.check_positions_ahead().await?;
+        self.positions_ahead.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the next position (`xid8 · 2^16`, the next transaction id being the current snapshot's xmax) is
+    /// above every position in the log.
+    pub async fn check_positions_ahead(&self) -> Result<(), AppendError> {
+        let (next, head): (Position, Option<Position>) = sqlx::query_as(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint << 16, (SELECT max(position) FROM events)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        match head {
+            Some(head) if next <= head => Err(AppendError::PositionsBehind { head, next }),
+            _ => Ok(()),
         }
     }
 
@@ -209,8 +258,14 @@ impl EventStore {
 /// One append per transaction: positions are `xid · 2^16 + index`, so a second append in the same transaction
 /// would reuse the first's positions (and fail on `events_position_key`). Put all of a transaction's events in
 /// one [`Append`].
+///
+/// [`ExpectedVersion::Any`] is refused here: inside a transaction that may already hold its id, the version
+/// would be read too late to be safe (see [`EventStore::append`]). Read the version first and expect it.
 pub async fn append_in_transaction(tx: &mut PgConnection, append: &Append) -> Result<AppendOutcome, AppendError> {
     validate(append)?;
+    if append.expected == ExpectedVersion::Any {
+        return Err(AppendError::Invalid("ExpectedVersion::Any inside a caller's transaction; expect a version"));
+    }
     if let Some(record) = &append.idempotency
         && !reserve_idempotency_key(tx, record, append.aggregate_id).await?
     {

@@ -3,6 +3,7 @@
 use uuid::Uuid;
 
 use crate::append::ExpectedVersion;
+use crate::event::Position;
 
 /// Why an append wrote nothing.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +19,15 @@ pub enum AppendError {
     /// A unique key is already held by another aggregate.
     #[error("{kind} is already claimed by {owner}")]
     ClaimRefused { kind: String, value: String, owner: Uuid },
+    /// The next position would not be above the highest one in the log (a log restored into another cluster, an
+    /// asynchronous replica promoted, `synchronous_commit = off` and a crash): new events would get positions that
+    /// readers have already passed, and would never be delivered. Nothing is appended until an operator moves
+    /// the cluster's transaction ids past the head (ARCHITECTURE.md, "When positions would go backwards").
+    #[error(
+        "refusing to append: the next position ({next}) is not above the head of the log ({head}); the cluster's \
+         transaction ids are behind the log (see ARCHITECTURE.md, \"When positions would go backwards\")"
+    )]
+    PositionsBehind { head: Position, next: Position },
     /// The append itself is malformed (no events, too many events): a bug in the caller.
     #[error("invalid append: {0}")]
     Invalid(&'static str),
@@ -32,6 +42,43 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("corrupt row in {table}: {detail}")]
     Corrupt { table: &'static str, detail: String },
+}
+
+impl StoreError {
+    /// True when the same call may well succeed if retried later: the database was unreachable, restarting,
+    /// out of connections or resources, or the transaction lost a race (see [`is_transient`]). Callers answer
+    /// these as "unavailable, retry", never as a bug.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Database(error) => is_transient(error),
+            StoreError::Corrupt { .. } => false,
+        }
+    }
+}
+
+impl AppendError {
+    /// See [`StoreError::is_transient`].
+    pub fn is_transient(&self) -> bool {
+        matches!(self, AppendError::Store(error) if error.is_transient())
+    }
+}
+
+/// A database error that is about the database's state, not about the statement: a lost or refused connection,
+/// a server short of resources or shutting down, a cancelled statement, a serialization failure or deadlock, a
+/// lock not available; or the pool's own timeout.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") // connection exception
+                || code.starts_with("53") // insufficient resources (too many connections, disk full, …)
+                || code.starts_with("57") // operator intervention: query cancelled, admin shutdown, starting up
+                || code == "40001" // serialization failure
+                || code == "40P01" // deadlock
+                || code == "55P03" // lock not available
+        }),
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
 }
 
 impl From<sqlx::Error> for AppendError {

@@ -25,7 +25,7 @@ pub use append::{
     Append, AppendOutcome, Appended, Claim, ExpectedVersion, IdempotencyKey, IdempotencyRecord, StoredOutcome,
     append_in_transaction,
 };
-pub use error::{AppendError, StoreError};
+pub use error::{AppendError, StoreError, is_transient};
 pub use event::{EventMetadata, NewEvent, Position, RecordedEvent};
 pub use follow::Follower;
 pub use leader::LeaderLock;
@@ -33,6 +33,7 @@ pub use migrate::migrate;
 pub use read::{Batch, Lag};
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use sqlx::PgPool;
 
@@ -49,11 +50,13 @@ pub const MAX_EVENTS_PER_APPEND: usize = 1 << 16;
 pub struct EventStore {
     pool: PgPool,
     announcer: Arc<CommitAnnouncer>,
+    /// The next position was found above the head (see `EventStore::check_positions_ahead`).
+    positions_ahead: Arc<AtomicBool>,
 }
 
 impl EventStore {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool, announcer: Arc::default() }
+        Self { pool, announcer: Arc::default(), positions_ahead: Arc::default() }
     }
 
     /// Wakes followers listening on [`EVENTS_CHANNEL`] (soon, and coalesced with other commits).

@@ -25,20 +25,7 @@ impl ApplyError {
     /// retried without counting; everything else counts an attempt towards the dead letters, so that nothing can
     /// block the projection for ever.
     pub(crate) fn is_transient(&self) -> bool {
-        match self {
-            ApplyError::Database(sqlx::Error::Database(db)) => db.code().is_some_and(|code| {
-                code.starts_with("08") // connection exception
-                    || code.starts_with("53") // insufficient resources
-                    || code.starts_with("57") // operator intervention: cancel, shutdown
-                    || code == "40001" // serialization failure
-                    || code == "40P01" // deadlock
-                    || code == "55P03" // lock not available
-            }),
-            ApplyError::Database(
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed,
-            ) => true,
-            _ => false,
-        }
+        matches!(self, ApplyError::Database(error) if kiroku_event_store::is_transient(error))
     }
 }
 

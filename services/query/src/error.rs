@@ -21,6 +21,9 @@ pub enum QueryError {
     ConsumerTooSlow,
     #[error("the server is shutting down; resume with after_position")]
     ShuttingDown,
+    /// The database is unreachable or restarting: retry.
+    #[error("the database is unavailable; retry")]
+    Unavailable,
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -33,13 +36,20 @@ impl QueryError {
 
 impl From<sqlx::Error> for QueryError {
     fn from(error: sqlx::Error) -> Self {
+        if kiroku_event_store::is_transient(&error) {
+            tracing::warn!(%error, "the database is unavailable");
+            return QueryError::Unavailable;
+        }
         QueryError::Internal(error.into())
     }
 }
 
 impl From<kiroku_event_store::StoreError> for QueryError {
     fn from(error: kiroku_event_store::StoreError) -> Self {
-        QueryError::Internal(error.into())
+        match error {
+            kiroku_event_store::StoreError::Database(error) => error.into(),
+            corrupt => QueryError::Internal(corrupt.into()),
+        }
     }
 }
 
@@ -66,6 +76,11 @@ impl From<QueryError> for Status {
                 Status::with_error_details(Code::ResourceExhausted, message, info("CONSUMER_TOO_SLOW"))
             }
             QueryError::ShuttingDown => Status::with_error_details(Code::Unavailable, message, info("SHUTTING_DOWN")),
+            QueryError::Unavailable => {
+                let mut details = info("STORE_UNAVAILABLE");
+                details.set_retry_info(Some(std::time::Duration::from_secs(1)));
+                Status::with_error_details(Code::Unavailable, message, details)
+            }
             QueryError::Internal(error) => {
                 tracing::error!(error = format!("{error:#}"), "internal error");
                 Status::internal("internal error")
