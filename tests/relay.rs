@@ -215,3 +215,53 @@ async fn one_relay_leads_at_a_time_and_another_takes_over_when_it_dies() {
     );
     assert_chained(&entries, 0);
 }
+
+#[tokio::test]
+async fn a_stream_trimmed_to_nothing_while_a_batch_awaits_its_checkpoint_does_not_wedge_the_relay() {
+    let db = TestDb::create().await.unwrap();
+    let redis = TestRedis::acquire().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let positions = append_events(&store, 120).await;
+
+    // Published, then killed before the checkpoint: the next leader must publish the batch again.
+    let mut crashing = ServiceProcess::spawn(
+        "kiroku-command",
+        &command_env(&db, &redis, &[("KIROKU_FAILPOINT", "relay.before_checkpoint:1")]),
+    )
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), crashing.child.wait()).await.unwrap().unwrap();
+    assert_eq!(stream_entries(&redis).await.len(), 120);
+    // Meanwhile an operator empties the stream (the key and its last id stay).
+    let _: i64 = redis.client.xtrim(redis.events_stream(), ("MAXLEN", 0)).await.unwrap();
+    assert!(stream_entries(&redis).await.is_empty());
+
+    let _relay = ServiceProcess::spawn("kiroku-command", &command_env(&db, &redis, &[])).unwrap();
+    let checkpoint = format!("relay:{}", redis.events_stream());
+    eventually(Duration::from_secs(30), "the checkpoint to pass the republished batch", || async {
+        Ok((store.load_checkpoint(&checkpoint).await? == *positions.last().unwrap()).then_some(()))
+    })
+    .await
+    .unwrap();
+    let more = append_events(&store, 5).await;
+    let entries = wait_for_entries(&redis, 5).await;
+    assert_eq!(entries.iter().map(position_of).collect::<Vec<_>>(), more.iter().map(|p| p.get()).collect::<Vec<_>>());
+    assert_chained(&entries, positions.last().unwrap().get());
+}
+
+#[tokio::test]
+async fn two_deployments_sharing_a_database_each_get_a_relay_for_their_stream() {
+    let db = TestDb::create().await.unwrap();
+    let first = TestRedis::acquire().await.unwrap();
+    let second = TestRedis::acquire().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let _one = ServiceProcess::spawn("kiroku-command", &command_env(&db, &first, &[])).unwrap();
+    let _two = ServiceProcess::spawn("kiroku-command", &command_env(&db, &second, &[])).unwrap();
+    let positions = append_events(&store, 30).await;
+    for redis in [&first, &second] {
+        let entries = wait_for_entries(redis, 30).await;
+        assert_eq!(
+            entries.iter().map(position_of).collect::<Vec<_>>(),
+            positions.iter().map(|p| p.get()).collect::<Vec<_>>()
+        );
+    }
+}

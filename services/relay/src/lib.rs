@@ -16,6 +16,7 @@
 
 pub mod stream;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -25,18 +26,25 @@ use kiroku_platform::{Shutdown, failpoint};
 
 use crate::stream::{ENTRY_FIELDS, encode_fields};
 
-/// Adds entries whose position is above the stream's newest, with the position as the entry id
-/// (`<position>-0`), so the stream can never hold a duplicate or an entry out of order, whoever publishes.
-/// Positions are compared as decimal strings (length first): Lua's numbers are doubles. ARGV is the MAXLEN, then
-/// 16 strings per entry (its `ENTRY_FIELDS` names and values).
+/// Adds entries whose position is above the stream's last generated id, with the position as the entry id
+/// (`<position>-0`), so the stream can never hold a duplicate or an entry out of order, whoever publishes; returns
+/// how many it added. The last generated id survives trimming and deletion (`XTRIM MAXLEN 0`, `XDEL` of the
+/// newest entries), which the newest entry does not: XADD refuses ids at or below it, and a relay that took its
+/// bound from the newest entry would fail on them for ever. Positions are compared as decimal strings (length
+/// first): Lua's numbers are doubles. ARGV is the MAXLEN, then 16 strings per entry (its `ENTRY_FIELDS` names
+/// and values).
 const PUBLISH_SCRIPT: &str = r#"
 local function above(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
 end
 local newest = '0'
-local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #top > 0 then newest = string.match(top[1][1], '^(%d+)') end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then newest = string.match(info[i + 1], '^(%d+)') end
+  end
+end
 local added = 0
 local i = 2
 while i <= #ARGV do
@@ -91,11 +99,13 @@ pub struct Relay {
     store: EventStore,
     redis: Client,
     settings: RelaySettings,
+    /// Entries the publish script skipped since this process started (see [`Relay::publish`]).
+    skipped: AtomicU64,
 }
 
 impl Relay {
     pub fn new(store: EventStore, redis: Client, settings: RelaySettings) -> Self {
-        Relay { store, redis, settings }
+        Relay { store, redis, settings, skipped: AtomicU64::new(0) }
     }
 
     /// Runs until shutdown: waits to be leader, publishes while leading, and after any failure (PostgreSQL or
@@ -172,11 +182,24 @@ impl Relay {
                 }
                 previous = event.position;
             }
-            let _added: i64 = self
+            let added: i64 = self
                 .redis
                 .eval(PUBLISH_SCRIPT, vec![self.settings.stream_key.clone()], args)
                 .await
                 .context("XADD entries")?;
+            let skipped = chunk.len() as u64 - u64::try_from(added).unwrap_or(0).min(chunk.len() as u64);
+            if skipped > 0 {
+                // Expected after a crash between publishing and the checkpoint (the batch is published again);
+                // anything else means another publisher, or a stream that ran ahead of the log.
+                let total = self.skipped.fetch_add(skipped, Ordering::Relaxed) + skipped;
+                tracing::warn!(
+                    skipped,
+                    total,
+                    first = %chunk[0].position,
+                    last = %previous,
+                    "the stream already had entries at or above these positions; skipped them"
+                );
+            }
             failpoint("relay.after_chunk");
         }
         Ok(())
