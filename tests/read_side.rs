@@ -159,8 +159,19 @@ async fn list_users_pages_cover_every_user_once_in_a_stable_order_and_filters_ap
         ids.push(app.register(id, "").await.unwrap().user_id);
     }
     app.wait_for_users(250).await;
-    let mut expected = ids.clone();
-    expected.sort();
+    // Registration order is log order: the positions of the UserRegistered events (ids are made before the
+    // GitHub call, so they need not follow it).
+    let expected: Vec<String> = sqlx::query_scalar(
+        "SELECT aggregate_id::text FROM events WHERE event_type = 'UserRegistered' ORDER BY position",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    let mut registered = expected.clone();
+    registered.sort();
+    assert_eq!(registered, sorted);
 
     for page_size in [1, 7, 100] {
         let mut seen = Vec::new();
@@ -178,7 +189,7 @@ async fn list_users_pages_cover_every_user_once_in_a_stable_order_and_filters_ap
             }
             token = page.next_page_token;
         }
-        assert_eq!(seen, expected, "page size {page_size}: every user once, in id order");
+        assert_eq!(seen, expected, "page size {page_size}: every user once, in registration order");
     }
 
     let filter = r#"status = "active" AND github_username = "octo*""#.to_owned();
@@ -353,8 +364,8 @@ async fn a_poison_event_is_dead_lettered_the_rest_proceeds_and_the_cli_replays_i
     // A read-model row that should not be there blocks user 777's row (its auth0_id is taken).
     sqlx::query(
         "INSERT INTO users_read_rows (generation, id, auth0_id, github_id, github_username, display_name, status, \
-         created_at, updated_at, version, position) \
-         VALUES (1, gen_random_uuid(), 'github|777', 'x', 'x', 'x', 'active', now(), now(), 1, 0)",
+         created_at, updated_at, version, position, registered_position) \
+         VALUES (1, gen_random_uuid(), 'github|777', 'x', 'x', 'x', 'active', now(), now(), 1, 0, 0)",
     )
     .execute(&app.db.pool)
     .await

@@ -36,13 +36,31 @@ pub(crate) async fn run(action: ProjectorAction) -> Result<()> {
                 json!({
                     "generation": status.generation,
                     "checkpoint": status.checkpoint.get(),
+                    "lag_events": status.lag.events,
                     "lag_seconds": status.lag_seconds,
+                    // Committed but not yet deliverable to any reader, and the age of the oldest open transaction
+                    // (the one holding the horizon back): "caught up" with a growing backlog here is a stall.
+                    "undeliverable_events": status.lag.undeliverable_events,
+                    "oldest_transaction_seconds": status.lag.oldest_transaction_seconds,
+                    "from_stream": status.from_stream,
+                    "from_store": status.from_store,
+                    "dead_letters": status.dead_letters,
+                    "parked_events": status.parked_events,
                 })
             );
         }
         ProjectorAction::DeadLetters { action: DeadLetterAction::List } => {
             for row in dead_letters::list(&pool).await? {
-                println!("{}", json!({ "position": row.position.get(), "attempts": row.attempts, "error": row.error }));
+                println!(
+                    "{}",
+                    json!({
+                        "position": row.position.get(),
+                        "aggregate_id": row.aggregate_id,
+                        "state": row.state,
+                        "attempts": row.attempts,
+                        "error": row.error,
+                    })
+                );
             }
         }
         ProjectorAction::DeadLetters { action: DeadLetterAction::Replay } => {

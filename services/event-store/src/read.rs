@@ -42,13 +42,19 @@ pub struct Batch {
     pub full: bool,
 }
 
-/// How far a follower at some position is behind the log.
+/// How far a follower at some position is behind the log, and what holds the log back from every reader.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Lag {
     /// Final events after the follower's position.
     pub events: u64,
     /// When the oldest of them was committed; `None` when there is none.
     pub oldest_committed_at: Option<DateTime<Utc>>,
+    /// Events committed above the horizon: no reader can deliver them until an older transaction ends. A
+    /// follower that is "caught up" while this grows is stalled by the horizon, not by itself.
+    pub undeliverable_events: u64,
+    /// How long the oldest transaction with an id (in any database of the cluster) has been open: the one that
+    /// holds the horizon back. Near zero on a healthy cluster.
+    pub oldest_transaction_seconds: Option<f64>,
 }
 
 impl EventStore {
@@ -120,16 +126,27 @@ impl EventStore {
         Ok(head.unwrap_or(Position::ZERO))
     }
 
-    /// How far a follower whose checkpoint is `after` is behind the final part of the log.
+    /// How far a follower whose checkpoint is `after` is behind the final part of the log, and how much of the log
+    /// the horizon holds back.
     pub async fn lag(&self, after: Position) -> Result<Lag, StoreError> {
-        let (events, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
-            "SELECT count(*), min(created_at) FROM events \
-             WHERE position > $1 AND position <= (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1",
-        )
-        .bind(after)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Lag { events: u64::try_from(events).unwrap_or(0), oldest_committed_at: oldest })
+        let (events, oldest, undeliverable, transaction_seconds): (i64, Option<DateTime<Utc>>, i64, Option<f64>) =
+            sqlx::query_as(
+                "WITH h AS (SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1 AS horizon) \
+                 SELECT (SELECT count(*) FROM events, h WHERE position > $1 AND position <= h.horizon), \
+                        (SELECT min(created_at) FROM events, h WHERE position > $1 AND position <= h.horizon), \
+                        (SELECT count(*) FROM events, h WHERE position > h.horizon), \
+                        (SELECT extract(epoch FROM now() - xact_start)::float8 FROM pg_stat_activity \
+                         WHERE backend_xid IS NOT NULL ORDER BY age(backend_xid) DESC LIMIT 1)",
+            )
+            .bind(after)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Lag {
+            events: u64::try_from(events).unwrap_or(0),
+            oldest_committed_at: oldest,
+            undeliverable_events: u64::try_from(undeliverable).unwrap_or(0),
+            oldest_transaction_seconds: transaction_seconds,
+        })
     }
 
     /// The current version of an aggregate (0 when it has no events).

@@ -60,8 +60,8 @@ async fn user_registered(
 ) -> Result<(), ApplyError> {
     sqlx::query(
         "INSERT INTO users_read_rows (generation, id, auth0_id, github_id, github_username, display_name, avatar_url, \
-         status, created_at, updated_at, version, position) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $8, $9, $10) \
+         status, created_at, updated_at, version, position, registered_position) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $8, $9, $10, $10) \
          ON CONFLICT (generation, id) DO NOTHING",
     )
     .bind(generation)

@@ -1,18 +1,23 @@
 //! The Redis side: a consumer group per projection on `{prefix}:events`. Entries are acknowledged only after the
 //! transaction that applied them committed; entries another consumer left pending are taken over with
-//! `XAUTOCLAIM`; a lost group (`NOGROUP`) is re-created at `0`. PostgreSQL is polled as well, so the read model
-//! keeps up while Redis is down or after it came back empty.
+//! `XAUTOCLAIM`; a lost group (`NOGROUP`) is re-created at `0`. PostgreSQL is read as well — whenever Redis
+//! cannot be read, and every couple of seconds of a quiet stream — so the read model keeps up while Redis is down
+//! or after it came back empty; switching to it and back is logged.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use fred::prelude::*;
+use fred::types::Value;
 use kiroku_event_store::Position;
 use kiroku_platform::Shutdown;
 use kiroku_relay::stream::{self, DeadLetterEntry, Entry};
 
-use crate::projection::{DeadLetter, PROJECTION, Projection, Target};
+use crate::projection::{DeadLetter, PROJECTION, Projection, Source, Step, Target};
+
+/// How often a projector with a quiet stream looks at the event store anyway.
+const STORE_LOOK_EVERY: Duration = Duration::from_secs(2);
 
 /// A stream entry as Redis returns it: its id and its fields.
 type RawEntry = (String, HashMap<String, String>);
@@ -58,7 +63,9 @@ impl Consumer {
         let mut group_ready = false;
         let mut next_claim = Instant::now() + self.settings.claim_idle;
         let mut next_tidy = Instant::now();
-        let mut quiet_until = Instant::now();
+        let mut redis_down = false;
+        let mut last_store_look = Instant::now();
+        let mut source = SourceReport::default();
         while !shutdown.is_triggered() {
             if !group_ready {
                 group_ready = self.ensure_group().await.is_ok();
@@ -68,14 +75,18 @@ impl Consumer {
                 read = self.read_new() => read,
             };
             let entries = match read {
-                Ok(entries) => entries,
+                Ok(entries) => {
+                    if std::mem::replace(&mut redis_down, false) {
+                        tracing::info!("the stream is readable again");
+                    }
+                    entries
+                }
                 Err(error) => {
                     if error.to_string().contains("NOGROUP") {
                         tracing::warn!("the consumer group is gone; re-creating it at 0");
                         group_ready = false;
-                    } else if Instant::now() >= quiet_until {
-                        tracing::warn!(%error, "cannot read the stream; following PostgreSQL meanwhile");
-                        quiet_until = Instant::now() + Duration::from_secs(30);
+                    } else if !std::mem::replace(&mut redis_down, true) {
+                        tracing::warn!(%error, "cannot read the stream; consuming from PostgreSQL meanwhile");
                     }
                     tokio::select! {
                         () = shutdown.wait() => break,
@@ -84,14 +95,22 @@ impl Consumer {
                     Vec::new()
                 }
             };
-            match self.process(&entries).await {
-                // An event that failed to apply: give the database (or the operator) a moment.
-                Ok(true) => tokio::time::sleep(Duration::from_millis(500)).await,
-                Ok(false) => {}
-                Err(error) => {
-                    tracing::warn!(error = format!("{error:#}"), "projection step failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
+            // A quiet stream is normal: look at the store now and then (a relay that is down, entries lost), but
+            // not after every empty read, which would take events the stream is about to deliver.
+            let look_at_store = redis_down || last_store_look.elapsed() >= STORE_LOOK_EVERY;
+            if !entries.is_empty() || look_at_store {
+                if entries.is_empty() {
+                    last_store_look = Instant::now();
+                }
+                match self.process(&entries, &mut source).await {
+                    // An event that failed to apply: give the database (or the operator) a moment.
+                    Ok(true) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    Ok(false) => {}
+                    Err(error) => {
+                        tracing::warn!(error = format!("{error:#}"), "projection step failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
                 }
             }
             if Instant::now() >= next_claim {
@@ -99,7 +118,7 @@ impl Consumer {
                 match self.claim_stale().await {
                     Ok(claimed) if !claimed.is_empty() => {
                         tracing::info!(entries = claimed.len(), "took over entries left pending by another consumer");
-                        if let Err(error) = self.process(&claimed).await.map(drop) {
+                        if let Err(error) = self.process(&claimed, &mut source).await.map(drop) {
                             tracing::warn!(error = format!("{error:#}"), "projection step failed; retrying");
                         }
                     }
@@ -153,9 +172,9 @@ impl Consumer {
     }
 
     async fn read_new(&self) -> Result<Vec<RawEntry>> {
-        let response: HashMap<String, Vec<RawEntry>> = self
+        let reply: Value = self
             .reader
-            .xreadgroup_map(
+            .xreadgroup(
                 &self.settings.group,
                 &self.settings.consumer,
                 Some(500),
@@ -165,12 +184,12 @@ impl Consumer {
                 ">",
             )
             .await?;
-        Ok(response.into_values().flatten().collect())
+        Ok(read_reply_entries(reply))
     }
 
     async fn claim_stale(&self) -> Result<Vec<RawEntry>> {
         let idle = u64::try_from(self.settings.claim_idle.as_millis()).unwrap_or(u64::MAX);
-        let (_, entries, _): (String, Vec<RawEntry>, Vec<String>) = self
+        let reply: Value = self
             .redis
             .xautoclaim(
                 &self.settings.stream_key,
@@ -182,20 +201,26 @@ impl Consumer {
                 false,
             )
             .await?;
-        Ok(entries)
+        // [next start id, [entries…], [ids deleted from the stream (Redis 7)]].
+        Ok(match reply {
+            Value::Array(mut parts) if parts.len() >= 2 => entries_of(parts.swap_remove(1)),
+            _ => Vec::new(),
+        })
     }
 
     /// Applies what `entries` announce (or, with none, whatever the store has), then acknowledges them. True when
     /// an event failed to apply and held the projection back.
-    async fn process(&self, entries: &[RawEntry]) -> Result<bool> {
-        // A malformed entry is skipped here: the chain then breaks, and the store fills in.
+    async fn process(&self, entries: &[RawEntry], source: &mut SourceReport) -> Result<bool> {
+        // A malformed or trimmed entry is skipped here: the chain then breaks, and the store fills in.
         let delivered: Vec<Entry> = entries.iter().filter_map(|(_, fields)| Entry::decode(fields).ok()).collect();
         let wanted = delivered.iter().map(|d| d.event.position).max().unwrap_or(Position::ZERO);
         let mut step = self.projection.step(Target::Active, &delivered).await?;
+        source.note(&step, !entries.is_empty());
         self.publish_dead_letters(&step.dead_lettered).await;
         // A broken chain was read from the store in batches: go on until the delivered entries are covered.
-        while !step.blocked && (step.more || (step.checkpoint < wanted && step.applied > 0)) {
+        while !step.blocked && (step.more || (step.checkpoint < wanted && step.applied + step.parked > 0)) {
             step = self.projection.step(Target::Active, &[]).await?;
+            source.note(&step, !entries.is_empty());
             self.publish_dead_letters(&step.dead_lettered).await;
         }
         let done: Vec<&str> = entries
@@ -218,6 +243,79 @@ impl Consumer {
             }
         }
     }
+}
+
+/// Says when the projection starts taking its events from the event store instead of the stream, and when it
+/// is back (the counts are in `projection_checkpoints`, shown by `kiroku projector status`).
+#[derive(Default)]
+struct SourceReport {
+    from_store: bool,
+}
+
+impl SourceReport {
+    fn note(&mut self, step: &Step, delivered: bool) {
+        match step.source {
+            Source::Store if !self.from_store => {
+                self.from_store = true;
+                let why = if delivered {
+                    "the stream's chain is broken (Redis restarted or trimmed, or entries held by another consumer)"
+                } else {
+                    "the stream did not deliver them (Redis away, or the relay behind)"
+                };
+                tracing::warn!(events = step.applied + step.parked, why, "consuming from PostgreSQL instead of Redis");
+            }
+            Source::Stream if self.from_store => {
+                self.from_store = false;
+                tracing::info!("consuming from Redis again");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The entries of an XREADGROUP reply, whatever its shape: none (a read that timed out answers nil), RESP2
+/// (`[[stream, entries]]`) or RESP3 (`{stream: entries}`).
+fn read_reply_entries(reply: Value) -> Vec<RawEntry> {
+    match reply {
+        Value::Array(streams) => streams
+            .into_iter()
+            .flat_map(|stream| match stream {
+                Value::Array(mut pair) if pair.len() == 2 => entries_of(pair.swap_remove(1)),
+                _ => Vec::new(),
+            })
+            .collect(),
+        Value::Map(streams) => streams.inner().into_values().flat_map(entries_of).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Stream entries (`[[id, fields]…]`). An entry whose data was trimmed away after it was delivered comes back
+/// with nil fields: it is kept with no fields, so that it is acknowledged (its position is read from the store).
+fn entries_of(value: Value) -> Vec<RawEntry> {
+    let Value::Array(entries) = value else { return Vec::new() };
+    entries
+        .into_iter()
+        .filter_map(|entry| {
+            let Value::Array(mut parts) = entry else { return None };
+            if parts.is_empty() {
+                return None;
+            }
+            let fields = if parts.len() > 1 { parts.swap_remove(1) } else { Value::Null };
+            let id = parts.swap_remove(0).into_string()?;
+            let fields = match fields {
+                Value::Array(flat) => {
+                    flat.chunks_exact(2).filter_map(|pair| Some((pair[0].as_string()?, pair[1].as_string()?))).collect()
+                }
+                Value::Map(map) => map
+                    .inner()
+                    .into_iter()
+                    .filter_map(|(key, value)| Some((key.as_str()?.to_owned(), value.as_string()?)))
+                    .collect(),
+                _ => HashMap::new(),
+            };
+            Some((id, fields))
+        })
+        .collect()
 }
 
 /// Adds a dead letter to `{prefix}:events:dead`.

@@ -1,68 +1,108 @@
-//! Dead letters: events that failed to apply too often and were skipped. PostgreSQL (`projection_failures`)
-//! holds the record; `{prefix}:events:dead` carries them to whoever watches Redis.
+//! Dead letters: events that failed to apply too often and were skipped, and the later events of their
+//! aggregates, parked behind them. PostgreSQL (`projection_failures`) holds the record; `{prefix}:events:dead`
+//! carries the dead letters to whoever watches Redis.
+
+use std::collections::HashSet;
 
 use anyhow::{Context, Result};
 use fred::prelude::*;
 use kiroku_event_store::Position;
 use kiroku_relay::stream;
 use sqlx::PgPool;
+use uuid::Uuid;
 
 use crate::apply::apply;
 use crate::projection::{PROJECTION, Projection};
 
+/// A dead letter (`state` "dead") or an event parked behind one ("parked"), in the active generation.
 #[derive(Debug, Clone)]
 pub struct DeadLetterRow {
     pub position: Position,
+    pub aggregate_id: Uuid,
+    pub state: String,
     pub attempts: i32,
     pub error: String,
 }
 
 pub async fn list(pool: &PgPool) -> Result<Vec<DeadLetterRow>> {
-    let rows: Vec<(Position, i32, String)> = sqlx::query_as(
-        "SELECT position, attempts, last_error FROM projection_failures \
-         WHERE projection = $1 AND dead_lettered ORDER BY position",
+    let rows: Vec<(Position, Uuid, String, i32, String)> = sqlx::query_as(
+        "SELECT f.position, f.aggregate_id, f.state, f.attempts, f.last_error FROM projection_failures f \
+         JOIN projections p ON p.name = f.projection AND p.active_generation = f.generation \
+         WHERE f.projection = $1 AND f.state <> 'failing' ORDER BY f.position",
     )
     .bind(PROJECTION)
     .fetch_all(pool)
     .await?;
-    Ok(rows.into_iter().map(|(position, attempts, error)| DeadLetterRow { position, attempts, error }).collect())
+    Ok(rows
+        .into_iter()
+        .map(|(position, aggregate_id, state, attempts, error)| DeadLetterRow {
+            position,
+            aggregate_id,
+            state,
+            attempts,
+            error,
+        })
+        .collect())
 }
 
-/// Applies every dead letter again, in position order, to the active generation. Those that now apply leave the
-/// list (and the dead-letter stream); the others stay, with their new error.
+/// Applies every dead letter and parked event again, aggregate by aggregate in position order, to the active
+/// generation. Those that now apply leave the list (and the dead-letter stream); an aggregate stops at its first
+/// event that still fails, which keeps its new error, and its later events stay parked behind it. Passes repeat
+/// while they make progress, so that events parked during a pass are replayed too.
 pub async fn replay(pool: &PgPool, projection: &Projection, redis: &Client, dead_key: &str) -> Result<(usize, usize)> {
     let (mut replayed, mut failed) = (0, 0);
-    for row in list(pool).await? {
-        let Some(event) = projection.store().read_event(row.position).await? else { continue };
-        let mut tx = pool.begin().await?;
-        let generation: i32 = sqlx::query_scalar("SELECT active_generation FROM projections WHERE name = $1 FOR SHARE")
-            .bind(PROJECTION)
-            .fetch_one(&mut *tx)
-            .await?;
-        match apply(&mut tx, generation, &event).await {
-            Ok(()) => {
-                sqlx::query("DELETE FROM projection_failures WHERE projection = $1 AND position = $2")
+    loop {
+        let (mut progress, mut stuck) = (0, HashSet::new());
+        for row in list(pool).await? {
+            if stuck.contains(&row.aggregate_id) {
+                continue;
+            }
+            let Some(event) = projection.store().read_event(row.position).await? else { continue };
+            let mut tx = pool.begin().await?;
+            let generation: i32 =
+                sqlx::query_scalar("SELECT active_generation FROM projections WHERE name = $1 FOR SHARE")
                     .bind(PROJECTION)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            match apply(&mut tx, generation, &event).await {
+                Ok(()) => {
+                    sqlx::query(
+                        "DELETE FROM projection_failures WHERE projection = $1 AND generation = $2 AND position = $3",
+                    )
+                    .bind(PROJECTION)
+                    .bind(generation)
                     .bind(row.position)
                     .execute(&mut *tx)
                     .await?;
-                tx.commit().await?;
-                remove_from_stream(redis, dead_key, row.position).await?;
-                replayed += 1;
-            }
-            Err(error) => {
-                tx.rollback().await?;
-                sqlx::query("UPDATE projection_failures SET last_error = $3, updated_at = now() WHERE projection = $1 AND position = $2")
+                    tx.commit().await?;
+                    if row.state == "dead" {
+                        remove_from_stream(redis, dead_key, row.position).await?;
+                    }
+                    progress += 1;
+                }
+                Err(error) => {
+                    tx.rollback().await?;
+                    sqlx::query(
+                        "UPDATE projection_failures SET last_error = $4, updated_at = now() \
+                         WHERE projection = $1 AND generation = $2 AND position = $3",
+                    )
                     .bind(PROJECTION)
+                    .bind(generation)
                     .bind(row.position)
                     .bind(error.to_string())
                     .execute(pool)
                     .await?;
-                failed += 1;
+                    stuck.insert(row.aggregate_id);
+                    failed += 1;
+                }
             }
         }
+        replayed += progress;
+        if progress == 0 {
+            return Ok((replayed, failed));
+        }
+        failed = 0;
     }
-    Ok((replayed, failed))
 }
 
 async fn remove_from_stream(redis: &Client, key: &str, position: Position) -> Result<()> {

@@ -5,12 +5,21 @@
 //! transaction rolls back), and a redelivered event is recognised by its position. Events come from the stream
 //! when they continue the checkpoint's `prev_position` chain, and from the event store otherwise: a broken
 //! chain (Redis restarted, trimmed, another consumer holding the entries in between) is a read from PostgreSQL.
+//! The step counts which source it used, so that a projection that has quietly stopped consuming Redis shows.
+//!
+//! An event that keeps failing is dead-lettered after `max_attempts` (attempts count per generation), and its
+//! aggregate is parked: the aggregate's later events wait with it (recorded, not applied, without attempts),
+//! because each of them needs the one before; everything else flows on. `kiroku projector dead-letters replay`
+//! applies a parked aggregate's events again, in order.
+
+use std::collections::HashSet;
 
 use chrono::Utc;
-use kiroku_event_store::{EventStore, Position, RecordedEvent};
+use kiroku_event_store::{EventStore, Lag, Position, RecordedEvent};
 use kiroku_platform::failpoint;
 use kiroku_relay::stream::Entry;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use uuid::Uuid;
 
 use crate::apply::apply;
 
@@ -28,11 +37,26 @@ pub struct DeadLetter {
     pub error: String,
 }
 
+/// Where a step's events came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Source {
+    /// Nothing was new.
+    #[default]
+    Nothing,
+    /// Entries of the Redis stream that continued the chain from the checkpoint.
+    Stream,
+    /// The event store: a gap in the stream, or nothing delivered.
+    Store,
+}
+
 /// What one step did.
 #[derive(Debug, Default)]
 pub struct Step {
     pub checkpoint: Position,
     pub applied: usize,
+    /// Events of parked aggregates set aside.
+    pub parked: usize,
+    pub source: Source,
     /// True when the step read a full batch from the store: there may be more right away.
     pub more: bool,
     /// True when an event failed and stopped the step short of what it read: wait before the next step.
@@ -77,58 +101,79 @@ impl Projection {
             tx.rollback().await?;
             return Ok(Step { checkpoint, ..Step::default() });
         }
-        let (events, horizon, more) = match chained(&fresh, checkpoint) {
-            Some(events) => (events, None, false),
+        let (events, through, more, source) = match chained(&fresh, checkpoint) {
+            Some(events) => (events, None, false, Source::Stream),
             None => {
                 let batch = self.store.read_batch(checkpoint, BATCH).await?;
-                (batch.events, Some(batch.through), batch.full)
+                (batch.events, Some(batch.through), batch.full, Source::Store)
             }
         };
+        let parked = parked_aggregates(&mut tx, generation).await?;
 
-        let mut applied = 0;
+        let mut step = Step {
+            checkpoint,
+            more,
+            source: if events.is_empty() { Source::Nothing } else { source },
+            ..Step::default()
+        };
         let mut failure = None;
         for event in &events {
+            if parked.contains(&event.aggregate_id) {
+                park(&mut tx, generation, event).await?;
+                step.parked += 1;
+                continue;
+            }
             if let Err(error) = apply(&mut tx, generation, event).await {
                 failure = Some(error);
                 break;
             }
-            applied += 1;
+            step.applied += 1;
         }
         if let Some(error) = failure {
             tx.rollback().await?;
             tracing::warn!(%error, "a batch failed; applying it event by event");
-            return self.step_one_by_one(target, &events).await;
+            return self.step_one_by_one(target, &events, source).await;
         }
-        let mut new_checkpoint = events.last().map(|e| e.position).unwrap_or(checkpoint);
-        if events.is_empty()
-            && let Some(horizon) = horizon
-        {
-            new_checkpoint = new_checkpoint.max(horizon);
+        step.checkpoint = events.last().map(|e| e.position).unwrap_or(checkpoint);
+        if let Some(through) = through.filter(|_| !more) {
+            // A short read covers the log up to the horizon: nothing can commit at or below it any more, so the
+            // checkpoint can pass gaps and idle stretches (the stream's chain rule accepts that; see `chained`).
+            step.checkpoint = step.checkpoint.max(through);
         }
-        if new_checkpoint > checkpoint {
-            save_checkpoint(&mut tx, generation, new_checkpoint).await?;
+        if step.checkpoint > checkpoint {
+            save_checkpoint(&mut tx, generation, step.checkpoint, source, events.len()).await?;
         }
-        if applied > 0 {
+        if step.applied > 0 {
             failpoint("projector.before_commit");
         }
         tx.commit().await?;
-        Ok(Step { checkpoint: new_checkpoint, applied, more, blocked: false, dead_lettered: vec![] })
+        Ok(step)
     }
 
     /// The slow path after a failed batch: each event in a savepoint. The first failing event gets one more
-    /// attempt recorded; once it has failed `max_attempts` times it is dead-lettered and skipped, and the rest
-    /// goes on. Otherwise the step stops before it, to retry later.
-    async fn step_one_by_one(&self, target: Target, events: &[RecordedEvent]) -> anyhow::Result<Step> {
+    /// attempt recorded; once it has failed `max_attempts` times it is dead-lettered and skipped, its aggregate
+    /// parked, and the rest goes on. Otherwise the step stops before it, to retry later.
+    async fn step_one_by_one(&self, target: Target, events: &[RecordedEvent], source: Source) -> anyhow::Result<Step> {
         let mut tx = self.pool.begin().await?;
         let (generation, checkpoint) = lock(&mut tx, target).await?;
-        let mut step = Step { checkpoint, ..Step::default() };
+        let mut parked = parked_aggregates(&mut tx, generation).await?;
+        let mut step = Step { checkpoint, source, ..Step::default() };
+        let mut taken = 0;
         for event in events.iter().filter(|e| e.position > checkpoint) {
+            if parked.contains(&event.aggregate_id) {
+                park(&mut tx, generation, event).await?;
+                step.parked += 1;
+                step.checkpoint = event.position;
+                taken += 1;
+                continue;
+            }
             let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
             match apply(&mut savepoint, generation, event).await {
                 Ok(()) => {
                     savepoint.commit().await?;
                     step.applied += 1;
                     step.checkpoint = event.position;
+                    taken += 1;
                 }
                 Err(error) if error.is_transient() => {
                     // Transient: keep what applied so far, and try this one again on the next step.
@@ -139,30 +184,38 @@ impl Projection {
                 }
                 Err(error) => {
                     savepoint.rollback().await?;
-                    let attempts = record_failure(&mut tx, event.position, &error.to_string()).await?;
+                    let attempts = record_failure(&mut tx, generation, event, &error.to_string()).await?;
                     if attempts < self.max_attempts {
                         tracing::warn!(position = %event.position, attempts, %error, "event failed to apply");
                         step.blocked = true;
                         break;
                     }
-                    tracing::error!(position = %event.position, attempts, %error, "event dead-lettered");
-                    mark_dead(&mut tx, event.position).await?;
+                    tracing::error!(
+                        position = %event.position,
+                        aggregate_id = %event.aggregate_id,
+                        attempts,
+                        %error,
+                        "event dead-lettered; its aggregate's later events are parked until it is replayed"
+                    );
+                    mark_dead(&mut tx, generation, event.position).await?;
+                    parked.insert(event.aggregate_id);
                     step.checkpoint = event.position;
+                    taken += 1;
                     step.dead_lettered.push(DeadLetter { event: event.clone(), attempts, error: error.to_string() });
                 }
             }
         }
         if step.checkpoint > checkpoint {
-            save_checkpoint(&mut tx, generation, step.checkpoint).await?;
+            save_checkpoint(&mut tx, generation, step.checkpoint, source, taken).await?;
         }
         tx.commit().await?;
         Ok(step)
     }
 
-    /// The active generation's checkpoint and how far it is behind the log (for lag reports).
+    /// The active generation's checkpoint, how far it is behind the log, and where its events came from.
     pub async fn status(&self) -> anyhow::Result<Status> {
-        let (generation, checkpoint): (i32, Position) = sqlx::query_as(
-            "SELECT p.active_generation, c.position FROM projections p \
+        let (generation, checkpoint, from_stream, from_store): (i32, Position, i64, i64) = sqlx::query_as(
+            "SELECT p.active_generation, c.position, c.from_stream, c.from_store FROM projections p \
              JOIN projection_checkpoints c ON c.projection = p.name AND c.generation = p.active_generation \
              WHERE p.name = $1",
         )
@@ -170,10 +223,23 @@ impl Projection {
         .fetch_one(&self.pool)
         .await?;
         let lag = self.store.lag(checkpoint).await?;
+        let (dead, parked): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state = 'dead'), count(*) FILTER (WHERE state = 'parked') \
+             FROM projection_failures WHERE projection = $1 AND generation = $2",
+        )
+        .bind(PROJECTION)
+        .bind(generation)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(Status {
             generation,
             checkpoint,
+            lag,
             lag_seconds: lag.oldest_committed_at.map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0),
+            from_stream: u64::try_from(from_stream).unwrap_or(0),
+            from_store: u64::try_from(from_store).unwrap_or(0),
+            dead_letters: u64::try_from(dead).unwrap_or(0),
+            parked_events: u64::try_from(parked).unwrap_or(0),
         })
     }
 }
@@ -183,20 +249,34 @@ impl Projection {
 pub struct Status {
     pub generation: i32,
     pub checkpoint: Position,
-    /// How long the oldest event not yet applied has been committed; `None` when caught up.
+    /// The final events not yet applied, and what holds the rest of the log back.
+    pub lag: Lag,
+    /// How long the oldest event not yet applied has been committed; `None` when caught up with what is final.
     pub lag_seconds: Option<f64>,
+    /// Events this generation took from the Redis stream, and from the event store.
+    pub from_stream: u64,
+    pub from_store: u64,
+    pub dead_letters: u64,
+    pub parked_events: u64,
 }
 
-/// The delivered events if they continue the chain from `checkpoint` without a hole.
+/// The delivered events if they continue the chain from `checkpoint` without a hole. The relay chains each entry
+/// to the event published just before it: no event lies between an entry's `prev_position` and its position. So
+/// the first fresh entry may start anywhere at or below the checkpoint (which can be past the last event, at the
+/// horizon); every later one must follow the one before.
 fn chained(fresh: &[&Entry], checkpoint: Position) -> Option<Vec<RecordedEvent>> {
-    let mut previous = checkpoint;
-    for delivered in fresh {
+    let (first, rest) = fresh.split_first()?;
+    if first.prev_position > checkpoint {
+        return None;
+    }
+    let mut previous = first.event.position;
+    for delivered in rest {
         if delivered.prev_position != previous {
             return None;
         }
         previous = delivered.event.position;
     }
-    (!fresh.is_empty()).then(|| fresh.iter().map(|d| d.event.clone()).collect())
+    Some(fresh.iter().map(|d| d.event.clone()).collect())
 }
 
 /// Locks the target generation's checkpoint row; a live step also holds the active generation steady (a flip
@@ -221,37 +301,92 @@ async fn lock(tx: &mut Transaction<'static, Postgres>, target: Target) -> Result
     Ok((generation, position))
 }
 
-async fn save_checkpoint(conn: &mut PgConnection, generation: i32, position: Position) -> Result<(), sqlx::Error> {
+async fn save_checkpoint(
+    conn: &mut PgConnection,
+    generation: i32,
+    position: Position,
+    source: Source,
+    events: usize,
+) -> Result<(), sqlx::Error> {
+    let events = i64::try_from(events).unwrap_or(i64::MAX);
+    let (from_stream, from_store) = match source {
+        Source::Stream => (events, 0),
+        Source::Store => (0, events),
+        Source::Nothing => (0, 0),
+    };
     sqlx::query(
-        "UPDATE projection_checkpoints SET position = $3, updated_at = now() WHERE projection = $1 AND generation = $2",
+        "UPDATE projection_checkpoints SET position = $3, from_stream = from_stream + $4, \
+         from_store = from_store + $5, updated_at = now() WHERE projection = $1 AND generation = $2",
+    )
+    .bind(PROJECTION)
+    .bind(generation)
+    .bind(position)
+    .bind(from_stream)
+    .bind(from_store)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The aggregates of `generation` with a dead-lettered event, whose later events must wait.
+async fn parked_aggregates(conn: &mut PgConnection, generation: i32) -> Result<HashSet<Uuid>, sqlx::Error> {
+    let parked: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT DISTINCT aggregate_id FROM projection_failures \
+         WHERE projection = $1 AND generation = $2 AND state <> 'failing'",
+    )
+    .bind(PROJECTION)
+    .bind(generation)
+    .fetch_all(conn)
+    .await?;
+    Ok(parked.into_iter().collect())
+}
+
+/// Sets an event of a parked aggregate aside, without an attempt.
+async fn park(conn: &mut PgConnection, generation: i32, event: &RecordedEvent) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO projection_failures (projection, generation, position, aggregate_id, attempts, last_error, state) \
+         VALUES ($1, $2, $3, $4, 0, 'waits for an earlier dead letter of its aggregate', 'parked') \
+         ON CONFLICT (projection, generation, position) DO NOTHING",
+    )
+    .bind(PROJECTION)
+    .bind(generation)
+    .bind(event.position)
+    .bind(event.aggregate_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn record_failure(
+    conn: &mut PgConnection,
+    generation: i32,
+    event: &RecordedEvent,
+    error: &str,
+) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO projection_failures (projection, generation, position, aggregate_id, attempts, last_error) \
+         VALUES ($1, $2, $3, $4, 1, $5) \
+         ON CONFLICT (projection, generation, position) DO UPDATE SET attempts = projection_failures.attempts + 1, \
+         last_error = excluded.last_error, updated_at = now() RETURNING attempts",
+    )
+    .bind(PROJECTION)
+    .bind(generation)
+    .bind(event.position)
+    .bind(event.aggregate_id)
+    .bind(error)
+    .fetch_one(conn)
+    .await
+}
+
+async fn mark_dead(conn: &mut PgConnection, generation: i32, position: Position) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE projection_failures SET state = 'dead' WHERE projection = $1 AND generation = $2 AND position = $3",
     )
     .bind(PROJECTION)
     .bind(generation)
     .bind(position)
     .execute(conn)
     .await?;
-    Ok(())
-}
-
-async fn record_failure(conn: &mut PgConnection, position: Position, error: &str) -> Result<i32, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO projection_failures (projection, position, attempts, last_error) VALUES ($1, $2, 1, $3) \
-         ON CONFLICT (projection, position) DO UPDATE SET attempts = projection_failures.attempts + 1, \
-         last_error = excluded.last_error, updated_at = now() RETURNING attempts",
-    )
-    .bind(PROJECTION)
-    .bind(position)
-    .bind(error)
-    .fetch_one(conn)
-    .await
-}
-
-async fn mark_dead(conn: &mut PgConnection, position: Position) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE projection_failures SET dead_lettered = true WHERE projection = $1 AND position = $2")
-        .bind(PROJECTION)
-        .bind(position)
-        .execute(conn)
-        .await?;
     Ok(())
 }
 
@@ -287,5 +422,13 @@ mod tests {
         let refs: Vec<&Entry> = holey.iter().collect();
         assert!(chained(&refs, Position::new(10)).is_none(), "a hole inside the batch");
         assert!(chained(&[], Position::new(10)).is_none());
+    }
+
+    #[test]
+    fn a_checkpoint_past_the_last_event_still_continues_the_chain() {
+        // The checkpoint moved to the horizon (15) while the log was idle; nothing lies between 10 and 20.
+        let batch = [delivered(10, 20), delivered(20, 30)];
+        let refs: Vec<&Entry> = batch.iter().collect();
+        assert_eq!(chained(&refs, Position::new(15)).map(|e| e.len()), Some(2));
     }
 }

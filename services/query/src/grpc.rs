@@ -94,15 +94,18 @@ impl QueryService for QueryGrpc {
         let message = request.into_inner();
         let limit = page_size(message.page_size)?;
         let filter = parse_user_filter(&message.filter)?;
-        let after: Option<Uuid> = decode_token("users", &message.filter, &message.page_token)?;
-        let mut users = self.read_models.users(&filter, after, limit + 1).await?;
+        let after: Option<u64> = decode_token("users", &message.filter, &message.page_token)?;
+        let mut users = self.read_models.users(&filter, after.map(Position::new), limit + 1).await?;
         let next_page_token = if users.len() as i64 > limit {
             users.truncate(limit as usize);
-            users.last().map(|u| encode_token("users", &message.filter, &u.user_id)).unwrap_or_default()
+            users.last().map(|(_, at)| encode_token("users", &message.filter, at.get())).unwrap_or_default()
         } else {
             String::new()
         };
-        Ok(Response::new(ListUsersResponse { users, next_page_token }))
+        Ok(Response::new(ListUsersResponse {
+            users: users.into_iter().map(|(user, _)| user).collect(),
+            next_page_token,
+        }))
     }
 
     async fn get_user_history(

@@ -18,7 +18,7 @@ macro_rules! select_users {
     ($rest:literal) => {
         concat!(
             "SELECT id, auth0_id, github_id, github_username, display_name, avatar_url, status, created_at, \
-             updated_at, version FROM users_read ",
+             updated_at, version, registered_position FROM users_read ",
             $rest
         )
     };
@@ -55,16 +55,21 @@ impl ReadModels {
         row.as_ref().map(user).transpose()
     }
 
-    /// One page of users in id order (UUIDv7: registration order), after `after`, at most `limit`.
+    /// One page of users in registration order (the position of their `UserRegistered`), after the one
+    /// registered at `after`, at most `limit`, each with its registration position (the next page's cursor).
+    ///
+    /// Log order, not id order: ids are made before the GitHub call, so a user committed later can have a smaller
+    /// id and would land behind a client's cursor. The read model holds a user only once every position below
+    /// its own is applied, so nothing can appear behind a position cursor.
     pub(crate) async fn users(
         &self,
         filter: &UserFilter,
-        after: Option<Uuid>,
+        after: Option<Position>,
         limit: i64,
-    ) -> Result<Vec<User>, QueryError> {
+    ) -> Result<Vec<(User, Position)>, QueryError> {
         let rows = sqlx::query(select_users!(
-            "WHERE ($1::uuid IS NULL OR id > $1) AND (NOT $2 OR status = 'active') \
-             AND ($3::text IS NULL OR lower(github_username) LIKE $3) ORDER BY id LIMIT $4"
+            "WHERE ($1::bigint IS NULL OR registered_position > $1) AND (NOT $2 OR status = 'active') \
+             AND ($3::text IS NULL OR lower(github_username) LIKE $3) ORDER BY registered_position LIMIT $4"
         ))
         .bind(after)
         .bind(filter.active_only)
@@ -72,7 +77,7 @@ impl ReadModels {
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(user).collect()
+        rows.iter().map(|row| Ok((user(row)?, row.try_get::<Position, _>("registered_position")?))).collect()
     }
 
     /// Refused registrations, newest first, before position `before`.

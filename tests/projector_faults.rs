@@ -1,0 +1,290 @@
+//! The read side where it used to go quietly wrong: a poison event that stalled its aggregate's later events
+//! again and again, users listed by an id order that a later commit could slip behind, a lag report blind to a
+//! stalled horizon, and a projector that stopped consuming Redis after a restart.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use common::CommandApp;
+use fred::prelude::*;
+use kiroku::v1::ListUsersRequest;
+use kiroku_domain::{
+    Auth0Subject, GitHubId, GitHubProfile, ProfileChanges, RegisterUser, User, UserCommand, UserEvent,
+    UserProfileUpdated,
+};
+use kiroku_event_store::{
+    Append, AppendOutcome, Claim, EventMetadata, EventStore, ExpectedVersion, NewEvent, Position,
+};
+use kiroku_testkit::{binary_path, eventually};
+use sqlx::Connection;
+use uuid::Uuid;
+
+fn new_event(event: &UserEvent) -> NewEvent {
+    let (event_type, data) = event.encode().unwrap();
+    NewEvent {
+        event_type: event_type.to_owned(),
+        data,
+        metadata: EventMetadata {
+            request_id: None,
+            correlation_id: "tests".to_owned(),
+            causation_id: "tests".to_owned(),
+            schema_version: 1,
+        },
+        occurred_at: Utc::now(),
+    }
+}
+
+/// Registers GitHub account `github_id` as user `id`, straight into the store (a test chooses the id).
+async fn register_as(store: &EventStore, id: Uuid, github_id: u64) -> Position {
+    let subject: Auth0Subject = format!("github|{github_id}").parse().unwrap();
+    let profile = GitHubProfile {
+        id: GitHubId::new(github_id),
+        login: format!("user{github_id}"),
+        name: None,
+        avatar_url: None,
+        etag: None,
+    };
+    let command = UserCommand::Register(RegisterUser { subject: subject.clone(), profile, now: Utc::now() });
+    let events = User::decide(None, &command).unwrap();
+    let append = Append {
+        aggregate_id: id,
+        aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
+        expected: ExpectedVersion::NoStream,
+        events: events.iter().map(new_event).collect(),
+        claims: User::claims(&subject)
+            .into_iter()
+            .map(|(kind, value)| Claim { kind: kind.as_str().to_owned(), value })
+            .collect(),
+        idempotency: None,
+    };
+    match store.append(&append).await.unwrap() {
+        AppendOutcome::Appended(appended) => appended.last_position(),
+        replayed => panic!("{replayed:?}"),
+    }
+}
+
+/// A renamed login for user `id` at `version` + 1.
+async fn rename(store: &EventStore, id: Uuid, version: u32, login: &str) {
+    let event = UserEvent::UserProfileUpdated(UserProfileUpdated {
+        personal: ProfileChanges { github_username: Some(login.to_owned()), ..ProfileChanges::default() },
+        updated_at: Utc::now(),
+        github_etag: None,
+    });
+    let append = Append {
+        aggregate_id: id,
+        aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
+        expected: ExpectedVersion::Exact(version),
+        events: vec![new_event(&event)],
+        claims: vec![],
+        idempotency: None,
+    };
+    store.append(&append).await.unwrap();
+}
+
+/// `kiroku projector <args>` against the app's database and Redis, its output as JSON lines.
+async fn cli(app: &CommandApp, args: &[&str]) -> Vec<serde_json::Value> {
+    let env = app.projector_process_env(&[]);
+    let output = tokio::process::Command::new(binary_path("kiroku"))
+        .arg("projector")
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+}
+
+async fn login_of(app: &CommandApp, id: Uuid) -> Option<String> {
+    sqlx::query_scalar("SELECT github_username FROM users_read WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_dead_lettered_event_parks_its_aggregate_and_the_rest_flows_without_stalling() {
+    let app = CommandApp::spawn().await;
+    let store = EventStore::new(app.db.pool.clone());
+    // A stray read-model row takes the Auth0 id of user 778: its registration cannot apply.
+    sqlx::query(
+        "INSERT INTO users_read_rows (generation, id, auth0_id, github_id, github_username, display_name, status, \
+         created_at, updated_at, version, position, registered_position) \
+         VALUES (1, gen_random_uuid(), 'github|778', 'x', 'x', 'x', 'active', now(), now(), 1, 0, 0)",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let poisoned = Uuid::now_v7();
+    register_as(&store, poisoned, 778).await;
+    // Its later events need the registration before them.
+    rename(&store, poisoned, 1, "renamed-once").await;
+    rename(&store, poisoned, 2, "renamed-twice").await;
+    let others = [Uuid::now_v7(), Uuid::now_v7()];
+    for (n, id) in others.iter().enumerate() {
+        register_as(&store, *id, 900 + n as u64).await;
+    }
+    let projector = app.start_projector(&[("KIROKU_PROJECTOR_MAX_ATTEMPTS", "2")]).await;
+
+    // Everyone else is there, and the poisoned user's later events wait without attempts of their own.
+    app.wait_for_users(3).await; // the two others and the stray row
+    let rows: Vec<(String, i32)> = eventually(Duration::from_secs(20), "one dead letter and two parked", || async {
+        let rows: Vec<(String, i32)> =
+            sqlx::query_as("SELECT state, attempts FROM projection_failures WHERE aggregate_id = $1 ORDER BY position")
+                .bind(poisoned)
+                .fetch_all(&app.db.pool)
+                .await?;
+        Ok((rows.len() == 3 && rows[0].0 == "dead").then_some(rows))
+    })
+    .await
+    .unwrap();
+    assert_eq!(rows, [("dead".to_owned(), 2), ("parked".to_owned(), 0), ("parked".to_owned(), 0)]);
+    let status = &cli(&app, &["status"]).await[0];
+    assert_eq!((status["dead_letters"].as_u64(), status["parked_events"].as_u64()), (Some(1), Some(2)), "{status}");
+    let listed = cli(&app, &["dead-letters", "list"]).await;
+    assert_eq!(listed.iter().map(|l| l["state"].as_str().unwrap()).collect::<Vec<_>>(), ["dead", "parked", "parked"]);
+
+    // The operator removes the stray row; the replay applies the aggregate's events in order.
+    sqlx::query("DELETE FROM users_read_rows WHERE github_id = 'x'").execute(&app.db.pool).await.unwrap();
+    let replayed = &cli(&app, &["dead-letters", "replay"]).await[0];
+    assert_eq!(replayed["replayed"], 3, "{replayed}");
+    assert_eq!(login_of(&app, poisoned).await.as_deref(), Some("renamed-twice"));
+    // Unparked: its next event is applied live.
+    rename(&store, poisoned, 3, "renamed-thrice").await;
+    eventually(Duration::from_secs(20), "the next rename applied live", || async {
+        Ok((login_of(&app, poisoned).await.as_deref() == Some("renamed-thrice")).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert!(cli(&app, &["dead-letters", "list"]).await.is_empty());
+    projector.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_user_committed_later_with_a_smaller_id_is_not_skipped_by_a_clients_cursor() {
+    let app = CommandApp::spawn().await;
+    let store = EventStore::new(app.db.pool.clone());
+    let projector = app.start_projector(&[]).await;
+    let (query, mut client) = app.start_query(&[]).await;
+    let big = |last: u8| Uuid::from_bytes([0xf0, 0, 0, 0, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, last]);
+    register_as(&store, big(1), 9101).await;
+    register_as(&store, big(2), 9102).await;
+    app.wait_for_users(2).await;
+
+    let first = client
+        .list_users(ListUsersRequest { page_size: 1, page_token: String::new(), filter: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.users[0].user_id, big(1).to_string());
+    // A registration that made its id early (before a slow GitHub call) commits after the client's first page.
+    let small = Uuid::from_bytes([0x01, 0, 0, 0, 0, 0, 0x70, 0, 0x80, 0, 0, 0, 0, 0, 0, 1]);
+    register_as(&store, small, 9103).await;
+    app.wait_for_users(3).await;
+
+    let mut seen = vec![first.users[0].user_id.clone()];
+    let mut token = first.next_page_token;
+    while !token.is_empty() {
+        let page = client
+            .list_users(ListUsersRequest { page_size: 1, page_token: token, filter: String::new() })
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(page.users.into_iter().map(|u| u.user_id));
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, [big(1).to_string(), big(2).to_string(), small.to_string()], "every user, in log order");
+    query.stop().await;
+    projector.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_status_shows_a_horizon_held_back_by_an_open_transaction() {
+    let app = CommandApp::spawn().await;
+    let store = EventStore::new(app.db.pool.clone());
+    let projector = app.start_projector(&[]).await;
+    register_as(&store, Uuid::now_v7(), 9201).await;
+    app.wait_for_users(1).await;
+
+    // A transaction that has taken an id and stays open holds every reader back.
+    let mut open = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut open).await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()").execute(&mut open).await.unwrap();
+    for github_id in 9202..9205 {
+        register_as(&store, Uuid::now_v7(), github_id).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let status = &cli(&app, &["status"]).await[0];
+    assert!(status["undeliverable_events"].as_u64().unwrap() >= 3, "committed but not deliverable: {status}");
+    assert!(status["oldest_transaction_seconds"].as_f64().unwrap() >= 1.0, "{status}");
+
+    sqlx::query("ROLLBACK").execute(&mut open).await.unwrap();
+    app.wait_for_users(4).await;
+    let status = eventually(Duration::from_secs(20), "nothing left behind the horizon", || async {
+        let status = cli(&app, &["status"]).await.remove(0);
+        Ok((status["undeliverable_events"] == 0 && status["lag_events"] == 0).then_some(status))
+    })
+    .await
+    .unwrap();
+    assert!(status["lag_seconds"].is_null(), "{status}");
+    projector.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_projector_with_pending_and_trimmed_entries_goes_on_consuming_from_redis() {
+    let app = CommandApp::spawn().await;
+    let store = EventStore::new(app.db.pool.clone());
+    let stream = app.redis.events_stream();
+    let projector = app.start_projector(&[]).await;
+    for github_id in 9301..9304 {
+        register_as(&store, Uuid::now_v7(), github_id).await;
+    }
+    app.wait_for_users(3).await;
+    projector.stop().await;
+
+    // While no projector runs, more is published; a consumer that then vanished reads it (pending under its
+    // name), and the stream is trimmed under those pending entries.
+    for github_id in 9304..9307 {
+        register_as(&store, Uuid::now_v7(), github_id).await;
+    }
+    eventually(Duration::from_secs(20), "six entries", || async {
+        Ok((app.redis.client.xlen::<u64, _>(&stream).await? >= 6).then_some(()))
+    })
+    .await
+    .unwrap();
+    let _: fred::types::Value =
+        app.redis.client.xreadgroup("users", "vanished", Some(100), None, false, &stream, ">").await.unwrap();
+    let _: i64 = app.redis.client.xtrim(&stream, ("MAXLEN", 1)).await.unwrap();
+
+    let projector = app.start_projector(&[("KIROKU_PROJECTOR_CLAIM_IDLE_MS", "100")]).await;
+    app.wait_for_users(6).await;
+    let before = cli(&app, &["status"]).await.remove(0);
+
+    // From now on, what the relay publishes is consumed from the stream, not read from PostgreSQL.
+    for github_id in 9307..9312 {
+        register_as(&store, Uuid::now_v7(), github_id).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    app.wait_for_users(11).await;
+    let after = cli(&app, &["status"]).await.remove(0);
+    let from_stream = after["from_stream"].as_u64().unwrap() - before["from_stream"].as_u64().unwrap();
+    assert!(from_stream >= 4, "the last five registrations came through Redis, not PostgreSQL: {before} → {after}");
+    // Nothing is left pending, the trimmed entries included.
+    eventually(Duration::from_secs(20), "no entry pending", || async {
+        let groups: Vec<std::collections::HashMap<String, fred::types::Value>> =
+            app.redis.client.xinfo_groups(&stream).await?;
+        let pending = groups.first().and_then(|g| g.get("pending").and_then(fred::types::Value::as_u64));
+        Ok((pending == Some(0)).then_some(()))
+    })
+    .await
+    .unwrap();
+    projector.stop().await;
+    app.stop().await;
+}
