@@ -288,3 +288,76 @@ async fn a_restarted_projector_with_pending_and_trimmed_entries_goes_on_consumin
     projector.stop().await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn one_rebuild_at_a_time_and_no_generation_is_left_behind() {
+    let app = CommandApp::spawn().await;
+    let store = EventStore::new(app.db.pool.clone());
+    let projector = app.start_projector(&[]).await;
+    for github_id in 20_000..20_600u64 {
+        register_as(&store, Uuid::now_v7(), github_id).await;
+    }
+    app.wait_for_users(600).await;
+    // What a rebuild killed between its flip and dropping the old generation leaves behind.
+    sqlx::query(
+        "INSERT INTO users_read_rows (generation, id, auth0_id, github_id, github_username, display_name, status, \
+         created_at, updated_at, version, position, registered_position) \
+         VALUES (7, gen_random_uuid(), 'github|1', '1', 'stale', 'stale', 'active', now(), now(), 1, 1, 1)",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+
+    let projection = kiroku_projector::Projection::new(app.db.pool.clone(), 5);
+    let (first, second) = tokio::join!(
+        kiroku_projector::rebuild::rebuild(&app.db.pool, &projection),
+        kiroku_projector::rebuild::rebuild(&app.db.pool, &projection)
+    );
+    let refused: Vec<String> =
+        [&first, &second].iter().filter_map(|r| r.as_ref().err()).map(|e| e.to_string()).collect();
+    assert_eq!(refused.len(), 1, "exactly one of two concurrent rebuilds runs: {first:?} {second:?}");
+    assert!(refused[0].contains("another rebuild"), "{}", refused[0]);
+
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM users_read").fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(count, 600, "the active generation is whole");
+    let generations: Vec<i32> =
+        sqlx::query_scalar("SELECT DISTINCT generation FROM users_read_rows").fetch_all(&app.db.pool).await.unwrap();
+    let active: i32 = sqlx::query_scalar("SELECT active_generation FROM projections WHERE name = 'users'")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(generations, [active], "no other generation's rows are left");
+    projector.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn get_user_with_a_position_above_the_head_is_out_of_range_at_once() {
+    let app = CommandApp::spawn().await;
+    let store = EventStore::new(app.db.pool.clone());
+    let projector = app.start_projector(&[]).await;
+    let (query, mut client) = app.start_query(&[]).await;
+    let id = Uuid::now_v7();
+    let position = register_as(&store, id, 9401).await;
+
+    // Read-your-writes still waits for a position the log has.
+    let user = client
+        .get_user(kiroku::v1::GetUserRequest { user_id: id.to_string(), min_position: position.get() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(user.user.unwrap().user_id, id.to_string());
+
+    // One the log will never reach (a typo, a token from another deployment) is refused without waiting.
+    let started = std::time::Instant::now();
+    let far = client
+        .get_user(kiroku::v1::GetUserRequest { user_id: id.to_string(), min_position: position.get() + (1 << 40) })
+        .await
+        .unwrap_err();
+    assert_eq!(far.code(), tonic::Code::OutOfRange, "{far:?}");
+    assert_eq!(common::reason(&far), "POSITION_OUT_OF_RANGE");
+    assert!(started.elapsed() < Duration::from_secs(2), "answered at once, not after a 10 s wait");
+    query.stop().await;
+    projector.stop().await;
+    app.stop().await;
+}

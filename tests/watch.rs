@@ -299,3 +299,60 @@ async fn shutdown_ends_open_streams_with_unavailable() {
     assert!(started.elapsed() < Duration::from_secs(10));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_filtered_catch_up_sends_progress_through_stretches_it_filters_out() {
+    let app = CommandApp::spawn().await;
+    let (query, client) = app.start_query(&[]).await;
+    let store = EventStore::new(app.db.pool.clone());
+    // 12,000 events of one aggregate, in two appends.
+    let busy = uuid::Uuid::new_v4();
+    let mut last = Position::ZERO;
+    for (round, expected) in
+        [(0u64, kiroku_event_store::ExpectedVersion::NoStream), (1, kiroku_event_store::ExpectedVersion::Exact(6_000))]
+    {
+        let events = (0..6_000u64)
+            .map(|n| kiroku_event_store::NewEvent {
+                event_type: "UserProfileUpdated".to_owned(),
+                data: serde_json::json!({ "n": round * 6_000 + n }),
+                metadata: kiroku_event_store::EventMetadata {
+                    request_id: None,
+                    correlation_id: "c".to_owned(),
+                    causation_id: "c".to_owned(),
+                    schema_version: 1,
+                },
+                occurred_at: chrono::Utc::now(),
+            })
+            .collect();
+        let append = kiroku_event_store::Append {
+            aggregate_id: busy,
+            aggregate_type: "User".to_owned(),
+            expected,
+            events,
+            claims: vec![],
+            idempotency: None,
+        };
+        match store.append(&append).await.unwrap() {
+            kiroku_event_store::AppendOutcome::Appended(appended) => last = appended.last_position(),
+            replayed => panic!("{replayed:?}"),
+        }
+    }
+
+    // A subscriber that wants another aggregate, which has no event: a catch-up that sends nothing but must
+    // still say how far it has got, and must not read the whole log in one go.
+    let request = WatchEventsRequest { aggregate_id: uuid::Uuid::new_v4().to_string(), ..from_beginning() };
+    let mut stream = watch(&client, request).await;
+    let mut marks = Vec::new();
+    let caught_up = loop {
+        match next(&mut stream).await {
+            Said::Progress(position) => marks.push(position),
+            Said::CaughtUp(position) => break position,
+            Said::Event(event) => panic!("nothing matches, got {event:?}"),
+        }
+    };
+    assert!(marks.len() >= 2, "progress through the filtered stretches: {marks:?}");
+    assert!(marks.windows(2).all(|w| w[0] < w[1]), "{marks:?}");
+    assert!(marks.iter().all(|m| *m < caught_up) && caught_up >= last.get(), "{marks:?} then {caught_up}");
+    query.stop().await;
+    app.stop().await;
+}

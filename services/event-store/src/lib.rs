@@ -30,7 +30,7 @@ pub use event::{EventMetadata, NewEvent, Position, RecordedEvent};
 pub use follow::Follower;
 pub use leader::LeaderLock;
 pub use migrate::migrate;
-pub use read::{Batch, Lag};
+pub use read::{Batch, Lag, LogFilter};
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;

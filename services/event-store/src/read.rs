@@ -26,6 +26,20 @@ const READ_BATCH: &str = "SELECT h.horizon, e.position, e.id, e.aggregate_id, e.
                        ORDER BY position LIMIT $2) e ON true \
     ORDER BY e.position";
 
+/// Like [`READ_BATCH`], for the events that match a filter ($4 event types, $5 aggregate types, $6 aggregate id;
+/// NULL matches all), scanning at most $3 events of the log: the scan ends at the position of the $3-th event
+/// after $1 (or at the horizon, if that comes first), so a filter that matches little never reads the whole log
+/// in one statement. `upper` is where the scan ended.
+const READ_FILTERED: &str = "WITH h AS (SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1 AS horizon), \
+    b AS (SELECT h.horizon, coalesce((SELECT position FROM events WHERE position > $1 AND position <= h.horizon \
+          ORDER BY position OFFSET $3 - 1 LIMIT 1), h.horizon) AS upper FROM h) \
+    SELECT b.horizon, b.upper, e.position, e.id, e.aggregate_id, e.aggregate_type, e.event_type, e.event_version, \
+           e.event_data, e.metadata, e.occurred_at, e.created_at \
+    FROM b LEFT JOIN LATERAL (SELECT * FROM events WHERE position > $1 AND position <= b.upper \
+        AND ($4::text[] IS NULL OR event_type = ANY($4)) AND ($5::text[] IS NULL OR aggregate_type = ANY($5)) \
+        AND ($6::uuid IS NULL OR aggregate_id = $6) ORDER BY position LIMIT $2) e ON true \
+    ORDER BY e.position";
+
 /// The highest position that is final: every event at or below it has committed (and is visible) or never will.
 const SAFE_HORIZON: &str = "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1";
 
@@ -40,6 +54,27 @@ pub struct Batch {
     pub through: Position,
     /// True when the read stopped at its limit: more is there right away.
     pub full: bool,
+}
+
+/// Which events a filtered read returns; empty lists and `None` match everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogFilter {
+    pub event_types: Vec<String>,
+    pub aggregate_types: Vec<String>,
+    pub aggregate_id: Option<Uuid>,
+}
+
+impl LogFilter {
+    pub fn is_empty(&self) -> bool {
+        self.event_types.is_empty() && self.aggregate_types.is_empty() && self.aggregate_id.is_none()
+    }
+
+    /// The same test the filtered read makes in SQL, for events already in hand (a live feed).
+    pub fn matches(&self, event: &RecordedEvent) -> bool {
+        (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
+            && (self.aggregate_types.is_empty() || self.aggregate_types.contains(&event.aggregate_type))
+            && self.aggregate_id.is_none_or(|id| id == event.aggregate_id)
+    }
 }
 
 /// How far a follower at some position is behind the log, and what holds the log back from every reader.
@@ -91,6 +126,43 @@ impl EventStore {
         let through = match events.last() {
             Some(last) if full => last.position,
             last => horizon.max(after).max(last.map_or(Position::ZERO, |e| e.position)),
+        };
+        Ok(Batch { events, through, full })
+    }
+
+    /// Up to `limit` final events after `after` that match `filter`, scanning at most `scan` events of the log in
+    /// one statement (the filter runs in PostgreSQL). `through` is where the scan ended; `full` says more of the
+    /// log is there right away (the limit was reached, or the scan stopped before the horizon).
+    pub async fn read_filtered(
+        &self,
+        after: Position,
+        limit: u32,
+        scan: u32,
+        filter: &LogFilter,
+    ) -> Result<Batch, StoreError> {
+        let non_empty = |v: &Vec<String>| (!v.is_empty()).then(|| v.clone());
+        let rows = sqlx::query(READ_FILTERED)
+            .bind(after)
+            .bind(i64::from(limit))
+            .bind(i64::from(scan.max(1)))
+            .bind(non_empty(&filter.event_types))
+            .bind(non_empty(&filter.aggregate_types))
+            .bind(filter.aggregate_id)
+            .fetch_all(&self.pool)
+            .await?;
+        let (horizon, upper): (Position, Position) = match rows.first() {
+            Some(row) => (row.try_get("horizon")?, row.try_get("upper")?),
+            None => (Position::ZERO, Position::ZERO),
+        };
+        let events = rows
+            .iter()
+            .filter(|row| row.try_get::<Option<Position>, _>("position").ok().flatten().is_some())
+            .map(decode)
+            .collect::<Result<Vec<_>, _>>()?;
+        let limited = events.len() >= limit as usize && limit > 0;
+        let (through, full) = match events.last() {
+            Some(last) if limited => (last.position, true),
+            _ => (upper.max(after), upper < horizon),
         };
         Ok(Batch { events, through, full })
     }

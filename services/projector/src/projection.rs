@@ -314,9 +314,13 @@ async fn save_checkpoint(
         Source::Store => (0, events),
         Source::Nothing => (0, 0),
     };
+    // The announcement is sent at commit (NOTIFY is transactional), and lets GetUser's read-your-writes waiters
+    // wake at once instead of polling. Steps of a projection take turns anyway, so the commit-time lock that
+    // NOTIFY takes costs them nothing.
     sqlx::query(
-        "UPDATE projection_checkpoints SET position = $3, from_stream = from_stream + $4, \
-         from_store = from_store + $5, updated_at = now() WHERE projection = $1 AND generation = $2",
+        "WITH moved AS (UPDATE projection_checkpoints SET position = $3, from_stream = from_stream + $4, \
+         from_store = from_store + $5, updated_at = now() WHERE projection = $1 AND generation = $2 RETURNING 1) \
+         SELECT pg_notify('kiroku_projections', $1) FROM moved",
     )
     .bind(PROJECTION)
     .bind(generation)

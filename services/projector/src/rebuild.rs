@@ -19,7 +19,17 @@ pub struct Rebuilt {
     pub seconds: f64,
 }
 
+/// Rebuilds the projection. One rebuild at a time: a second one, while the first runs, fails at once (it would
+/// otherwise read the active generation the first is about to flip, and empty it).
 pub async fn rebuild(pool: &PgPool, projection: &Projection) -> Result<Rebuilt> {
+    let mut lock = projection.store().leader_lock(&format!("rebuild:{PROJECTION}")).await?;
+    anyhow::ensure!(lock.try_acquire().await?, "another rebuild of the {PROJECTION} projection is running");
+    let rebuilt = rebuild_alone(pool, projection).await;
+    lock.release().await;
+    rebuilt
+}
+
+async fn rebuild_alone(pool: &PgPool, projection: &Projection) -> Result<Rebuilt> {
     let started = Instant::now();
     let active: i32 = sqlx::query_scalar("SELECT active_generation FROM projections WHERE name = $1")
         .bind(PROJECTION)
@@ -27,8 +37,9 @@ pub async fn rebuild(pool: &PgPool, projection: &Projection) -> Result<Rebuilt> 
         .await
         .context("read the active generation")?;
     let generation = active + 1;
-    // A rebuild that died half-way left rows behind: start the generation afresh.
-    delete_generation(pool, generation).await?;
+    // A rebuild that died half-way, or between its flip and dropping the old generation, left rows behind: every
+    // generation but the active one is removed before this one starts afresh.
+    delete_inactive_generations(pool, active).await?;
     sqlx::query(
         "INSERT INTO projection_checkpoints (projection, generation, position) VALUES ($1, $2, 0) \
          ON CONFLICT (projection, generation) DO UPDATE SET position = 0, updated_at = now()",
@@ -68,12 +79,7 @@ pub async fn rebuild(pool: &PgPool, projection: &Projection) -> Result<Rebuilt> 
         .await?;
     flip.commit().await.context("flip the active generation")?;
 
-    delete_generation(pool, active).await?;
-    sqlx::query("DELETE FROM projection_checkpoints WHERE projection = $1 AND generation = $2")
-        .bind(PROJECTION)
-        .bind(active)
-        .execute(pool)
-        .await?;
+    delete_inactive_generations(pool, generation).await?;
     Ok(Rebuilt { generation, checkpoint, events, seconds: started.elapsed().as_secs_f64() })
 }
 
@@ -90,14 +96,21 @@ async fn catch_up_step(projection: &Projection, generation: i32) -> Result<Step>
     anyhow::bail!("an event keeps failing to apply (see projection_failures); the rebuild stops before the flip")
 }
 
-/// Deletes a generation's rows a few thousand at a time.
-async fn delete_generation(pool: &PgPool, generation: i32) -> Result<()> {
+/// Deletes every generation but `keep`: its rows a few thousand at a time (a long delete would hold the horizon
+/// back), its failures and its checkpoint.
+async fn delete_inactive_generations(pool: &PgPool, keep: i32) -> Result<()> {
     for table in [
-        "DELETE FROM users_read_rows WHERE ctid IN (SELECT ctid FROM users_read_rows WHERE generation = $1 LIMIT 5000)",
+        "DELETE FROM users_read_rows WHERE ctid IN (SELECT ctid FROM users_read_rows WHERE generation <> $1 LIMIT 5000)",
         "DELETE FROM registration_failures_rows WHERE ctid IN \
-         (SELECT ctid FROM registration_failures_rows WHERE generation = $1 LIMIT 5000)",
+         (SELECT ctid FROM registration_failures_rows WHERE generation <> $1 LIMIT 5000)",
     ] {
-        while sqlx::query(table).bind(generation).execute(pool).await?.rows_affected() > 0 {}
+        while sqlx::query(table).bind(keep).execute(pool).await?.rows_affected() > 0 {}
+    }
+    for table in [
+        "DELETE FROM projection_failures WHERE projection = $2 AND generation <> $1",
+        "DELETE FROM projection_checkpoints WHERE projection = $2 AND generation <> $1",
+    ] {
+        sqlx::query(table).bind(keep).bind(PROJECTION).execute(pool).await?;
     }
     Ok(())
 }

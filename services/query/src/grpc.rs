@@ -59,6 +59,13 @@ fn deadline<T>(request: &Request<T>) -> Option<Duration> {
     })
 }
 
+/// The highest position anyone may hold: the highest committed, or the horizon when that is higher (an idle log's
+/// horizon passes its last event).
+pub(crate) async fn log_head(store: &EventStore) -> Result<Position, QueryError> {
+    let (committed, horizon) = tokio::try_join!(store.head(), store.safe_horizon())?;
+    Ok(committed.max(horizon))
+}
+
 #[tonic::async_trait]
 impl QueryService for QueryGrpc {
     async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<GetUserResponse>, Status> {
@@ -69,7 +76,13 @@ impl QueryService for QueryGrpc {
         let message = request.into_inner();
         let id = user_id("user_id", &message.user_id)?;
         if message.min_position > 0 {
-            self.read_models.wait_for(Position::new(message.min_position), patience).await?;
+            let wanted = Position::new(message.min_position);
+            // A position above the head of the log will never be reached: say so now rather than wait.
+            let head = log_head(&self.store).await?;
+            if wanted > head {
+                return Err(QueryError::PositionOutOfRange { requested: wanted.get(), head: head.get() }.into());
+            }
+            self.read_models.wait_for(wanted, patience).await?;
         }
         let user = self.read_models.user(UserKey::Id(id)).await?.ok_or(QueryError::NotFound("user"))?;
         Ok(Response::new(GetUserResponse { user: Some(user) }))

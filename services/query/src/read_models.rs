@@ -5,13 +5,18 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use kiroku::v1::{RegistrationFailure, User, UserStatus};
 use kiroku_event_store::Position;
-use sqlx::postgres::PgRow;
+use kiroku_platform::Shutdown;
+use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Row};
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::error::QueryError;
 use crate::paging::UserFilter;
 use crate::wire::timestamp;
+
+/// The channel on which projectors announce that a checkpoint moved (after the step's commit).
+const PROJECTIONS_CHANNEL: &str = "kiroku_projections";
 
 /// `SELECT <the user columns> FROM users_read <rest>`, as one static string.
 macro_rules! select_users {
@@ -27,6 +32,8 @@ macro_rules! select_users {
 #[derive(Clone)]
 pub(crate) struct ReadModels {
     pool: PgPool,
+    /// Ticks when a projector announces that a checkpoint moved (see [`ReadModels::listen`]).
+    moved: watch::Receiver<u64>,
 }
 
 /// A user lookup key.
@@ -38,8 +45,30 @@ pub(crate) enum UserKey<'a> {
 }
 
 impl ReadModels {
-    pub(crate) fn new(pool: PgPool) -> Self {
-        ReadModels { pool }
+    /// The read models, and a task that listens for the projectors' checkpoint announcements until shutdown.
+    pub(crate) async fn listen(pool: PgPool, shutdown: Shutdown) -> ReadModels {
+        let (tick, moved) = watch::channel(0);
+        match PgListener::connect_with(&pool).await {
+            Ok(mut listener) => match listener.listen(PROJECTIONS_CHANNEL).await {
+                Ok(()) => {
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::select! {
+                                () = shutdown.wait() => return,
+                                notification = listener.recv() => match notification {
+                                    Ok(_) => tick.send_modify(|n| *n += 1),
+                                    // Reconnects on the next recv; waiters poll meanwhile.
+                                    Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+                                },
+                            }
+                        }
+                    });
+                }
+                Err(error) => tracing::warn!(%error, "cannot LISTEN for checkpoints; GetUser polls"),
+            },
+            Err(error) => tracing::warn!(%error, "cannot LISTEN for checkpoints; GetUser polls"),
+        }
+        ReadModels { pool, moved }
     }
 
     pub(crate) async fn user(&self, key: UserKey<'_>) -> Result<Option<User>, QueryError> {
@@ -125,17 +154,21 @@ impl ReadModels {
         Ok(position)
     }
 
-    /// Waits until the read model has reached `position`, or `patience` has passed.
+    /// Waits until the read model has reached `position`, or `patience` has passed: woken by the projectors'
+    /// announcements, and looking every 250 ms in case one is lost.
     pub(crate) async fn wait_for(&self, position: Position, patience: Duration) -> Result<(), QueryError> {
         let deadline = Instant::now() + patience;
+        let mut moved = self.moved.clone();
         loop {
+            moved.mark_unchanged();
             if self.checkpoint().await? >= position {
                 return Ok(());
             }
-            if Instant::now() >= deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(QueryError::ProjectionBehind(position.get()));
             }
-            tokio::time::sleep(Duration::from_millis(10).min(deadline.saturating_duration_since(Instant::now()))).await;
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(250)), moved.changed()).await;
         }
     }
 }

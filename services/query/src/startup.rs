@@ -44,7 +44,8 @@ impl Application {
         let Application { listener, local_addr, pool, redis, settings } = self;
         let store = EventStore::new(pool.clone());
         let watcher = Watcher::start(store.clone(), settings.watch, shutdown.clone()).await?;
-        let queries = QueryGrpc::new(ReadModels::new(pool.clone()), store, watcher);
+        let read_models = ReadModels::listen(pool.clone(), shutdown.clone()).await;
+        let queries = QueryGrpc::new(read_models, store, watcher);
         tracing::info!(address = %local_addr, "kiroku-query listening");
         GrpcServer::new()
             .add_service(QueryServiceServer::new(queries))

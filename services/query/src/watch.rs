@@ -22,7 +22,7 @@ use kiroku::v1::{
     CaughtUp, Progress, WatchEventsRequest, WatchEventsResponse, watch_events_request, watch_events_response,
 };
 use kiroku_domain::{AuditEvent, UserEvent};
-use kiroku_event_store::{EventStore, Follower, Position, RecordedEvent};
+use kiroku_event_store::{EventStore, Follower, LogFilter, Position, RecordedEvent};
 use kiroku_platform::Shutdown;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
@@ -35,6 +35,8 @@ use crate::wire;
 
 /// Events read from the store per query.
 const BATCH: u32 = 500;
+/// Events of the log a filtered replay scans per query.
+const SCAN: u32 = 5_000;
 /// How often a subscriber with nothing to say sends a progress mark.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// How often the pump polls when no commit was announced.
@@ -94,7 +96,7 @@ impl Watcher {
 
     /// Validates the request and starts a subscriber.
     pub(crate) async fn watch(&self, request: WatchEventsRequest) -> Result<WatchStream, QueryError> {
-        let filter = Filter::new(&request)?;
+        let filter = filter(&request)?;
         let start = match request.start {
             Some(watch_events_request::Start::FromBeginning(true)) => Some(Position::ZERO),
             Some(watch_events_request::Start::AfterPosition(after)) => {
@@ -136,10 +138,8 @@ impl Watcher {
 
     /// The highest position a client may resume after: committed events and announced progress.
     async fn head(&self) -> Result<Position, QueryError> {
-        let committed = self.store.head().await?;
-        let horizon = self.store.safe_horizon().await?;
         let scanned = *self.scanned.borrow();
-        Ok(committed.max(scanned).max(horizon))
+        Ok(crate::grpc::log_head(&self.store).await?.max(scanned))
     }
 }
 
@@ -177,49 +177,35 @@ async fn pump(
     }
 }
 
-/// Which events a subscriber wants.
-struct Filter {
-    event_types: HashSet<String>,
-    aggregate_types: HashSet<String>,
-    aggregate_id: Option<Uuid>,
-}
-
-impl Filter {
-    fn new(request: &WatchEventsRequest) -> Result<Filter, QueryError> {
-        let known_events: HashSet<&str> = UserEvent::TYPES.iter().chain(AuditEvent::TYPES).copied().collect();
-        let known_aggregates = [UserEvent::AGGREGATE_TYPE, AuditEvent::AGGREGATE_TYPE];
-        for name in &request.event_types {
-            if !known_events.contains(name.as_str()) {
-                return Err(QueryError::invalid("event_types", format!("unknown event type {name:?}")));
-            }
+/// Which events a subscriber wants, checked against the event and aggregate types the domain has.
+fn filter(request: &WatchEventsRequest) -> Result<LogFilter, QueryError> {
+    let known_events: HashSet<&str> = UserEvent::TYPES.iter().chain(AuditEvent::TYPES).copied().collect();
+    let known_aggregates = [UserEvent::AGGREGATE_TYPE, AuditEvent::AGGREGATE_TYPE];
+    for name in &request.event_types {
+        if !known_events.contains(name.as_str()) {
+            return Err(QueryError::invalid("event_types", format!("unknown event type {name:?}")));
         }
-        for name in &request.aggregate_types {
-            if !known_aggregates.contains(&name.as_str()) {
-                return Err(QueryError::invalid("aggregate_types", format!("unknown aggregate type {name:?}")));
-            }
+    }
+    for name in &request.aggregate_types {
+        if !known_aggregates.contains(&name.as_str()) {
+            return Err(QueryError::invalid("aggregate_types", format!("unknown aggregate type {name:?}")));
         }
-        let aggregate_id = match request.aggregate_id.as_str() {
-            "" => None,
-            id => Some(Uuid::parse_str(id).map_err(|_| QueryError::invalid("aggregate_id", "must be a UUID"))?),
-        };
-        Ok(Filter {
-            event_types: request.event_types.iter().cloned().collect(),
-            aggregate_types: request.aggregate_types.iter().cloned().collect(),
-            aggregate_id,
-        })
     }
-
-    fn matches(&self, event: &RecordedEvent) -> bool {
-        (self.event_types.is_empty() || self.event_types.contains(&event.event_type))
-            && (self.aggregate_types.is_empty() || self.aggregate_types.contains(&event.aggregate_type))
-            && self.aggregate_id.is_none_or(|id| id == event.aggregate_id)
-    }
+    let aggregate_id = match request.aggregate_id.as_str() {
+        "" => None,
+        id => Some(Uuid::parse_str(id).map_err(|_| QueryError::invalid("aggregate_id", "must be a UUID"))?),
+    };
+    Ok(LogFilter {
+        event_types: request.event_types.clone(),
+        aggregate_types: request.aggregate_types.clone(),
+        aggregate_id,
+    })
 }
 
 struct Subscriber {
     store: EventStore,
     items: broadcast::Receiver<Item>,
-    filter: Filter,
+    filter: LogFilter,
     out: mpsc::Sender<Result<WatchEventsResponse, Status>>,
     ending: Arc<Mutex<Option<Status>>>,
     /// Everything at or below it has been sent or filtered out.
@@ -311,18 +297,35 @@ impl Subscriber {
     }
 
     /// Reads from the store after `last` until a read comes back short: that covers everything the pump had
-    /// broadcast when this subscriber (re)subscribed, so live items after it continue without a gap.
+    /// broadcast when this subscriber (re)subscribed, so live items after it continue without a gap. The filter
+    /// runs in PostgreSQL, each read scanning a bounded stretch of the log; a stretch with nothing to send ends
+    /// with a Progress mark (so that a filtered subscriber can checkpoint), and a client that left is noticed at
+    /// every read.
     async fn replay(&mut self) -> Result<(), End> {
         loop {
             if self.shutdown.is_triggered() {
                 return Err(End::ShuttingDown);
             }
-            let batch = self.store.read_batch(self.last, BATCH).await.map_err(|e| End::Failed(e.into()))?;
+            if self.out.is_closed() {
+                return Err(End::Gone);
+            }
+            let batch = if self.filter.is_empty() {
+                self.store.read_batch(self.last, BATCH).await
+            } else {
+                self.store.read_filtered(self.last, BATCH, SCAN, &self.filter).await
+            }
+            .map_err(|e| End::Failed(e.into()))?;
             for event in &batch.events {
                 self.offer(event, Mode::Replay).await?;
             }
+            if batch.through > self.last {
+                self.last = batch.through;
+                if batch.full && batch.events.is_empty() {
+                    let progress = watch_events_response::Kind::Progress(Progress { position: self.last.get() });
+                    self.send(progress, Mode::Replay).await?;
+                }
+            }
             if !batch.full {
-                self.last = self.last.max(batch.through);
                 return Ok(());
             }
         }
