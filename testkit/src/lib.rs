@@ -15,6 +15,10 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, Executor, PgPool};
 use ulid::Ulid;
 
+mod servers;
+
+pub use servers::{PrivatePostgres, PrivateRedis};
+
 /// The server that test databases are created on.
 pub fn admin_database_url() -> String {
     std::env::var("KIROKU_TEST_DATABASE_URL")
@@ -225,6 +229,7 @@ enum Pipe {
     None,
     Stdout,
     Stderr,
+    File(std::path::PathBuf),
 }
 
 /// A child process of one of kiroku's binaries, killed (SIGKILL) when dropped.
@@ -248,6 +253,11 @@ impl ServiceProcess {
         Self::start(name, &[], env, Pipe::Stderr)
     }
 
+    /// Like [`ServiceProcess::spawn`], with standard error (the log) appended to a file.
+    pub fn spawn_logging_to(name: &str, env: &[(&str, String)], log: &std::path::Path) -> Result<ServiceProcess> {
+        Self::start(name, &[], env, Pipe::File(log.to_owned()))
+    }
+
     fn start(name: &str, args: &[&str], env: &[(&str, String)], pipe: Pipe) -> Result<ServiceProcess> {
         let mut command = tokio::process::Command::new(binary_path(name));
         command.args(args);
@@ -258,6 +268,10 @@ impl ServiceProcess {
             }
             Pipe::Stderr => {
                 command.stderr(std::process::Stdio::piped());
+            }
+            Pipe::File(path) => {
+                let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+                command.stdout(std::process::Stdio::null()).stderr(file);
             }
         }
         command.env_clear();

@@ -1,0 +1,142 @@
+//! Servers a test owns and may crash: a PostgreSQL cluster of its own (`initdb` + `pg_ctl` in a temporary
+//! directory, on a free port) and a `redis-server` of its own, so that killing them never touches the shared
+//! servers every other test uses.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::free_address;
+
+/// A private PostgreSQL cluster, stopped and removed when dropped.
+pub struct PrivatePostgres {
+    dir: PathBuf,
+    port: u16,
+}
+
+/// PostgreSQL refuses to run as root: as root, its tools run as the `postgres` user.
+fn postgres_command(program: &str) -> Command {
+    let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if is_root {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--", program]);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(mut command: Command, what: &str) -> Result<()> {
+    let output = command.stdin(Stdio::null()).output().with_context(|| format!("run {what}"))?;
+    if !output.status.success() {
+        bail!("{what} failed: {}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(())
+}
+
+impl PrivatePostgres {
+    /// A fresh cluster (trust authentication, user `postgres`), started.
+    pub fn start() -> Result<PrivatePostgres> {
+        let dir = std::env::temp_dir().join(format!("kiroku-pg-{}", ulid::Ulid::new().to_string().to_lowercase()));
+        std::fs::create_dir_all(&dir)?;
+        // As root, the cluster's files belong to `postgres` (elsewhere this fails harmlessly: they are ours).
+        let _ = Command::new("chown").arg("postgres").arg(&dir).stderr(Stdio::null()).status();
+        let mut initdb = postgres_command("initdb");
+        initdb.arg("-D").arg(dir.join("data")).args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
+        run(initdb, "initdb")?;
+        let postgres = PrivatePostgres { dir, port: free_address().port() };
+        postgres.start_again()?;
+        Ok(postgres)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The URL of `database` on this cluster.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Starts the cluster (again), waiting until it accepts connections.
+    pub fn start_again(&self) -> Result<()> {
+        // No fsync: an immediate shutdown is a crash of PostgreSQL, not of the machine, and the WAL it wrote is
+        // still in the OS's cache when it restarts and recovers. What the suite tests is PostgreSQL crashing.
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            self.port,
+            self.dir.display()
+        );
+        let mut pg_ctl = postgres_command("pg_ctl");
+        pg_ctl.arg("-D").arg(self.dir.join("data")).args(["-o", &options, "-l"]).arg(self.dir.join("log"));
+        pg_ctl.args(["-w", "-t", "60", "start"]);
+        run(pg_ctl, "pg_ctl start")
+    }
+
+    /// `pg_ctl stop -m immediate`: every backend dies at once, nothing is flushed, recovery runs at the next start.
+    pub fn crash(&self) -> Result<()> {
+        let mut pg_ctl = postgres_command("pg_ctl");
+        pg_ctl.arg("-D").arg(self.dir.join("data")).args(["-m", "immediate", "-w", "stop"]);
+        run(pg_ctl, "pg_ctl stop -m immediate")
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self.crash();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A private `redis-server` (nothing saved to disk): killed, it comes back empty.
+pub struct PrivateRedis {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateRedis {
+    pub fn start() -> Result<PrivateRedis> {
+        let mut redis = PrivateRedis { port: free_address().port(), child: None };
+        redis.start_again()?;
+        Ok(redis)
+    }
+
+    pub fn url(&self, database: u8) -> String {
+        format!("redis://127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Starts it (again, empty), waiting until it answers.
+    pub fn start_again(&mut self) -> Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start redis-server")?;
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("redis-server did not listen on {}", self.port)
+    }
+
+    /// SIGKILL: every connection drops, every key is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
