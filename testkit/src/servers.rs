@@ -16,12 +16,39 @@ pub struct PrivatePostgres {
     port: u16,
 }
 
+/// A PostgreSQL server tool: from `KIROKU_PG_BINDIR`, else from PATH, else from Debian's
+/// `/usr/lib/postgresql/<version>/bin` (the newest version), where Debian keeps `initdb` and `pg_ctl` off PATH.
+fn postgres_tool(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("KIROKU_PG_BINDIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| candidate.is_file()))
+        .unwrap_or_default();
+    if let Some(found) = on_path {
+        return found;
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            Some((version, entry.path().join("bin").join(name)))
+        })
+        .filter(|(_, path)| path.is_file())
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, path)| path).unwrap_or_else(|| PathBuf::from(name))
+}
+
 /// PostgreSQL refuses to run as root: as root, its tools run as the `postgres` user.
-fn postgres_command(program: &str) -> Command {
+fn postgres_command(name: &str) -> Command {
+    let program = postgres_tool(name);
     let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
     if is_root {
         let mut command = Command::new("runuser");
-        command.args(["-u", "postgres", "--", program]);
+        command.args(["-u", "postgres", "--"]).arg(program);
         command
     } else {
         Command::new(program)

@@ -14,34 +14,65 @@ const READ_STREAM: &str = "SELECT position, id, aggregate_id, aggregate_type, ev
     event_data, metadata, occurred_at, created_at FROM events WHERE aggregate_id = $1 AND event_version > $2 \
     ORDER BY event_version LIMIT $3";
 
+/// `durable!()`: whether a horizon may be passed (see `Batch::through`): PostgreSQL does not log the assignment of a
+/// transaction id, only what the transaction writes (its rows, its commit or abort record). A transaction that
+/// ended by rolling back, moments before a crash, may have left nothing on disk: recovery then hands its id out
+/// again, and the positions of new events land below a horizon that readers had already passed, and are never
+/// delivered (the fault suite found this). Once the WAL written before the horizon was read is flushed, every
+/// finished transaction below it is on disk and recovery starts above it. So a horizon is passed only when the
+/// flush has caught up with the insert position; otherwise a reader goes no further than the last committed
+/// event it saw (committed means flushed: recovery starts above it too).
+macro_rules! durable {
+    () => {
+        "pg_current_wal_flush_lsn() >= pg_current_wal_insert_lsn()"
+    };
+}
+
 /// The horizon, and every event after a position below it, in position order — in one statement, hence one
 /// snapshot. `pg_current_snapshot()` is this statement's snapshot: every transaction with an xid below its xmin
 /// has finished, and its events are visible now or never will be; every transaction that can still commit has
 /// an xid (hence positions, `xid · 2^16 + index`) at or above it. Nothing can later commit below what we return,
-/// nor at or below the horizon. The horizon row comes back even when no event does (the LEFT JOIN).
-const READ_BATCH: &str = "SELECT h.horizon, e.position, e.id, e.aggregate_id, e.aggregate_type, e.event_type, \
-    e.event_version, e.event_data, e.metadata, e.occurred_at, e.created_at \
-    FROM (SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1 AS horizon) h \
-    LEFT JOIN LATERAL (SELECT * FROM events WHERE position > $1 AND position <= h.horizon \
-                       ORDER BY position LIMIT $2) e ON true \
-    ORDER BY e.position";
+/// nor at or below the horizon — with one exception, see `durable!`. The horizon row comes back even when no
+/// event does (the LEFT JOIN).
+const READ_BATCH: &str = concat!(
+    "SELECT h.horizon, h.durable, e.position, e.id, e.aggregate_id, e.aggregate_type, \
+     e.event_type, e.event_version, e.event_data, e.metadata, e.occurred_at, e.created_at \
+     FROM (SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1 AS horizon, ",
+    durable!(),
+    " AS durable) h \
+     LEFT JOIN LATERAL (SELECT * FROM events WHERE position > $1 AND position <= h.horizon \
+                        ORDER BY position LIMIT $2) e ON true \
+     ORDER BY e.position"
+);
 
 /// Like [`READ_BATCH`], for the events that match a filter ($4 event types, $5 aggregate types, $6 aggregate id;
 /// NULL matches all), scanning at most $3 events of the log: the scan ends at the position of the $3-th event
 /// after $1 (or at the horizon, if that comes first), so a filter that matches little never reads the whole log
-/// in one statement. `upper` is where the scan ended.
-const READ_FILTERED: &str = "WITH h AS (SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1 AS horizon), \
-    b AS (SELECT h.horizon, coalesce((SELECT position FROM events WHERE position > $1 AND position <= h.horizon \
-          ORDER BY position OFFSET $3 - 1 LIMIT 1), h.horizon) AS upper FROM h) \
-    SELECT b.horizon, b.upper, e.position, e.id, e.aggregate_id, e.aggregate_type, e.event_type, e.event_version, \
-           e.event_data, e.metadata, e.occurred_at, e.created_at \
-    FROM b LEFT JOIN LATERAL (SELECT * FROM events WHERE position > $1 AND position <= b.upper \
+/// in one statement. `upper` is where the scan ended; `last_seen` the last event position of the scan.
+const READ_FILTERED: &str = concat!(
+    "WITH h AS (SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1 AS horizon, ",
+    durable!(),
+    " AS durable), \
+    b AS (SELECT h.horizon, h.durable, \
+          (SELECT position FROM events WHERE position > $1 AND position <= h.horizon \
+           ORDER BY position OFFSET $3 - 1 LIMIT 1) AS nth, \
+          (SELECT max(position) FROM events WHERE position > $1 AND position <= h.horizon) AS last_seen FROM h) \
+    SELECT b.horizon, b.durable, b.nth, b.last_seen, e.position, e.id, e.aggregate_id, e.aggregate_type, \
+           e.event_type, e.event_version, e.event_data, e.metadata, e.occurred_at, e.created_at \
+    FROM b LEFT JOIN LATERAL (SELECT * FROM events WHERE position > $1 AND position <= coalesce(b.nth, b.horizon) \
         AND ($4::text[] IS NULL OR event_type = ANY($4)) AND ($5::text[] IS NULL OR aggregate_type = ANY($5)) \
         AND ($6::uuid IS NULL OR aggregate_id = $6) ORDER BY position LIMIT $2) e ON true \
-    ORDER BY e.position";
+    ORDER BY e.position"
+);
 
-/// The highest position that is final: every event at or below it has committed (and is visible) or never will.
-const SAFE_HORIZON: &str = "SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1";
+/// The highest position that is final, and that a reader may pass (see `durable!`).
+const SAFE_HORIZON: &str = concat!(
+    "WITH h AS (SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1 AS horizon, ",
+    durable!(),
+    " AS durable) \
+     SELECT CASE WHEN h.durable THEN h.horizon \
+            ELSE coalesce((SELECT max(position) FROM events WHERE position <= h.horizon), 0) END FROM h"
+);
 
 /// What one read of the log after a position found.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -49,8 +80,8 @@ pub struct Batch {
     /// Final events after the position read from, in position order.
     pub events: Vec<RecordedEvent>,
     /// Everything at or below it has been read: nothing unread can ever commit there. The last event's position
-    /// when the batch is full; otherwise the horizon at the time of the read (or the position read from, when
-    /// that is higher).
+    /// when the batch is full; otherwise the horizon at the time of the read when it may be passed, or else the
+    /// last event read (see `durable!`), and never below the position read from.
     pub through: Position,
     /// True when the read stopped at its limit: more is there right away.
     pub full: bool,
@@ -113,9 +144,9 @@ impl EventStore {
     /// how far that read covers the log (see [`Batch::through`]).
     pub async fn read_batch(&self, after: Position, limit: u32) -> Result<Batch, StoreError> {
         let rows = sqlx::query(READ_BATCH).bind(after).bind(i64::from(limit)).fetch_all(&self.pool).await?;
-        let horizon: Position = match rows.first() {
-            Some(row) => row.try_get("horizon")?,
-            None => Position::ZERO,
+        let (horizon, durable): (Position, bool) = match rows.first() {
+            Some(row) => (row.try_get("horizon")?, row.try_get("durable")?),
+            None => (Position::ZERO, false),
         };
         let events = rows
             .iter()
@@ -123,10 +154,8 @@ impl EventStore {
             .map(decode)
             .collect::<Result<Vec<_>, _>>()?;
         let full = events.len() >= limit as usize && limit > 0;
-        let through = match events.last() {
-            Some(last) if full => last.position,
-            last => horizon.max(after).max(last.map_or(Position::ZERO, |e| e.position)),
-        };
+        let last = events.last().map_or(after, |e| e.position).max(after);
+        let through = if !full && durable { horizon.max(last) } else { last };
         Ok(Batch { events, through, full })
     }
 
@@ -150,19 +179,26 @@ impl EventStore {
             .bind(filter.aggregate_id)
             .fetch_all(&self.pool)
             .await?;
-        let (horizon, upper): (Position, Position) = match rows.first() {
-            Some(row) => (row.try_get("horizon")?, row.try_get("upper")?),
-            None => (Position::ZERO, Position::ZERO),
-        };
+        let (horizon, durable, nth, last_seen): (Position, bool, Option<Position>, Option<Position>) =
+            match rows.first() {
+                Some(row) => {
+                    (row.try_get("horizon")?, row.try_get("durable")?, row.try_get("nth")?, row.try_get("last_seen")?)
+                }
+                None => (Position::ZERO, false, None, None),
+            };
         let events = rows
             .iter()
             .filter(|row| row.try_get::<Option<Position>, _>("position").ok().flatten().is_some())
             .map(decode)
             .collect::<Result<Vec<_>, _>>()?;
         let limited = events.len() >= limit as usize && limit > 0;
-        let (through, full) = match events.last() {
-            Some(last) if limited => (last.position, true),
-            _ => (upper.max(after), upper < horizon),
+        let (through, full) = match (events.last(), nth) {
+            (Some(last), _) if limited => (last.position, true),
+            // The scan stopped at its n-th event, before the horizon: more right away.
+            (_, Some(nth)) => (nth.max(after), nth < horizon),
+            // The scan reached the horizon: past it if it may be passed, else to the last event it saw.
+            (_, None) if durable => (horizon.max(after), false),
+            (_, None) => (last_seen.unwrap_or(after).max(after), false),
         };
         Ok(Batch { events, through, full })
     }
@@ -185,7 +221,8 @@ impl EventStore {
         row.as_ref().map(decode).transpose()
     }
 
-    /// The highest position that is final now: no event at or below it can still commit.
+    /// The highest position that is final now: no event at or below it can still commit, even after a crash
+    /// (the horizon when it may be passed, else the last committed event below it; see `durable!`).
     pub async fn safe_horizon(&self) -> Result<Position, StoreError> {
         Ok(sqlx::query_scalar(SAFE_HORIZON).fetch_one(&self.pool).await?)
     }

@@ -208,3 +208,62 @@ async fn a_caller_that_gives_up_mid_append_never_leaves_a_transaction_open_on_a_
 fn append_plain(n: u64) -> Append {
     append(Uuid::new_v4(), ExpectedVersion::NoStream, 10_000 + n)
 }
+
+#[tokio::test]
+async fn a_horizon_read_before_a_crash_is_never_passed_by_positions_given_out_after_it() {
+    // A cluster of our own: this test crashes it.
+    let postgres = kiroku_testkit::PrivatePostgres::start().unwrap();
+    let admin = sqlx::PgPool::connect(&postgres.url("postgres")).await.unwrap();
+    sqlx::query("CREATE DATABASE hazards").execute(&admin).await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&postgres.url("hazards")).await.unwrap();
+    kiroku_event_store::migrate(&pool).await.unwrap();
+    let store = EventStore::new(pool.clone());
+    let first = match store.append(&append(Uuid::new_v4(), ExpectedVersion::NoStream, 1)).await.unwrap() {
+        AppendOutcome::Appended(appended) => appended.last_position(),
+        replayed => panic!("{replayed:?}"),
+    };
+
+    // The WAL writer pauses, and a transaction takes an id and rolls back: its abort record, the only trace of
+    // that id, waits in the WAL buffers.
+    let walwriter: i32 = sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    let signal = |name: &str| {
+        let status =
+            std::process::Command::new("kill").arg(format!("-{name}")).arg(walwriter.to_string()).status().unwrap();
+        assert!(status.success(), "kill -{name} {walwriter}");
+    };
+    signal("STOP");
+    let mut rolled_back = sqlx::PgConnection::connect(&postgres.url("hazards")).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut rolled_back).await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()").execute(&mut rolled_back).await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut rolled_back).await.unwrap();
+    // A reader now sees a horizon above that id.
+    let passed = store.read_batch(first, 100).await.unwrap().through;
+    let horizon = store.safe_horizon().await.unwrap();
+
+    // The cluster crashes (its WAL writer killed outright: PostgreSQL restarts every process and recovers) before
+    // the abort record reached the disk, so recovery hands the id out again.
+    signal("KILL");
+    drop(rolled_back);
+    let pool = eventually(Duration::from_secs(60), "PostgreSQL back after recovery", || async {
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&postgres.url("hazards")).await;
+        Ok(match pool {
+            Ok(pool) if sqlx::query("SELECT 1").execute(&pool).await.is_ok() => Some(pool),
+            _ => None,
+        })
+    })
+    .await
+    .unwrap();
+    let store = EventStore::new(pool);
+    let next = match store.append(&append(Uuid::new_v4(), ExpectedVersion::NoStream, 2)).await.unwrap() {
+        AppendOutcome::Appended(appended) => appended.last_position(),
+        replayed => panic!("{replayed:?}"),
+    };
+    assert!(
+        next > passed,
+        "an event at {next} lands at or below {passed}, which a follower had passed before the crash"
+    );
+    assert!(next > horizon, "an event at {next} lands at or below the safe horizon {horizon} read before the crash");
+}

@@ -58,12 +58,19 @@ pub async fn replay(pool: &PgPool, projection: &Projection, redis: &Client, dead
                 continue;
             }
             let Some(event) = projection.store().read_event(row.position).await? else { continue };
+            // Locked like a live step (the generation, then its checkpoint row): a step that read the parked
+            // aggregates before this replay finishes first, and one after it sees the aggregate unparked.
             let mut tx = pool.begin().await?;
             let generation: i32 =
                 sqlx::query_scalar("SELECT active_generation FROM projections WHERE name = $1 FOR SHARE")
                     .bind(PROJECTION)
                     .fetch_one(&mut *tx)
                     .await?;
+            sqlx::query("SELECT 1 FROM projection_checkpoints WHERE projection = $1 AND generation = $2 FOR UPDATE")
+                .bind(PROJECTION)
+                .bind(generation)
+                .execute(&mut *tx)
+                .await?;
             match apply(&mut tx, generation, &event).await {
                 Ok(()) => {
                     sqlx::query(

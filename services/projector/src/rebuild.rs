@@ -49,11 +49,13 @@ async fn rebuild_alone(pool: &PgPool, projection: &Projection) -> Result<Rebuilt
     .execute(pool)
     .await?;
 
+    // Fill until a read comes back short: under steady writes every step finds something new, so waiting for an
+    // empty one could tail the log for ever. The flip below catches up the rest while live steps wait.
     let mut events = 0;
     loop {
         let step = catch_up_step(projection, generation).await?;
         events += step.applied;
-        if !step.more && step.applied == 0 {
+        if !step.more {
             break;
         }
     }

@@ -34,6 +34,9 @@ pub(crate) struct ReadModels {
     pool: PgPool,
     /// Ticks when a projector announces that a checkpoint moved (see [`ReadModels::listen`]).
     moved: watch::Receiver<u64>,
+    /// Kept here so that the channel stays open whatever the listener does: waiters then fall back to their
+    /// 250 ms look rather than spin on a closed channel.
+    _tick: std::sync::Arc<watch::Sender<u64>>,
 }
 
 /// A user lookup key.
@@ -48,6 +51,8 @@ impl ReadModels {
     /// The read models, and a task that listens for the projectors' checkpoint announcements until shutdown.
     pub(crate) async fn listen(pool: PgPool, shutdown: Shutdown) -> ReadModels {
         let (tick, moved) = watch::channel(0);
+        let tick = std::sync::Arc::new(tick);
+        let ticking = tick.clone();
         match PgListener::connect_with(&pool).await {
             Ok(mut listener) => match listener.listen(PROJECTIONS_CHANNEL).await {
                 Ok(()) => {
@@ -56,7 +61,7 @@ impl ReadModels {
                             tokio::select! {
                                 () = shutdown.wait() => return,
                                 notification = listener.recv() => match notification {
-                                    Ok(_) => tick.send_modify(|n| *n += 1),
+                                    Ok(_) => ticking.send_modify(|n| *n += 1),
                                     // Reconnects on the next recv; waiters poll meanwhile.
                                     Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
                                 },
@@ -68,7 +73,7 @@ impl ReadModels {
             },
             Err(error) => tracing::warn!(%error, "cannot LISTEN for checkpoints; GetUser polls"),
         }
-        ReadModels { pool, moved }
+        ReadModels { pool, moved, _tick: tick }
     }
 
     pub(crate) async fn user(&self, key: UserKey<'_>) -> Result<Option<User>, QueryError> {

@@ -28,7 +28,7 @@ use crate::stream::{ENTRY_FIELDS, encode_fields};
 
 /// Adds entries whose position is above the stream's last generated id, with the position as the entry id
 /// (`<position>-0`), so the stream can never hold a duplicate or an entry out of order, whoever publishes; returns
-/// how many it added. The last generated id survives trimming and deletion (`XTRIM MAXLEN 0`, `XDEL` of the
+/// how many it added, and the position of the stream's last id before it added any. The last generated id survives trimming and deletion (`XTRIM MAXLEN 0`, `XDEL` of the
 /// newest entries), which the newest entry does not: XADD refuses ids at or below it, and a relay that took its
 /// bound from the newest entry would fail on them for ever. Positions are compared as decimal strings (length
 /// first): Lua's numbers are doubles. ARGV is the MAXLEN, then 16 strings per entry (its `ENTRY_FIELDS` names
@@ -39,11 +39,13 @@ local function above(a, b)
   return a > b
 end
 local newest = '0'
+local before = '0'
 if redis.call('EXISTS', KEYS[1]) == 1 then
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
   for i = 1, #info, 2 do
     if info[i] == 'last-generated-id' then newest = string.match(info[i + 1], '^(%d+)') end
   end
+  before = newest
 end
 local added = 0
 local i = 2
@@ -56,7 +58,7 @@ while i <= #ARGV do
   end
   i = i + 16
 end
-return added
+return {added, before}
 "#;
 
 /// How the relay runs.
@@ -182,27 +184,44 @@ impl Relay {
                 }
                 previous = event.position;
             }
-            let added: i64 = self
+            let (added, stream_last): (i64, String) = self
                 .redis
                 .eval(PUBLISH_SCRIPT, vec![self.settings.stream_key.clone()], args)
                 .await
                 .context("XADD entries")?;
             let skipped = chunk.len() as u64 - u64::try_from(added).unwrap_or(0).min(chunk.len() as u64);
             if skipped > 0 {
-                // Expected after a crash between publishing and the checkpoint (the batch is published again);
-                // anything else means another publisher, or a stream that ran ahead of the log.
-                let total = self.skipped.fetch_add(skipped, Ordering::Relaxed) + skipped;
-                tracing::warn!(
-                    skipped,
-                    total,
-                    first = %chunk[0].position,
-                    last = %previous,
-                    "the stream already had entries at or above these positions; skipped them"
-                );
+                self.report_skipped(skipped, chunk[0].position, previous, &stream_last).await;
             }
             failpoint("relay.after_chunk");
         }
         Ok(())
+    }
+
+    /// Entries the script skipped because the stream already had ids at or above them. Expected after a crash
+    /// between publishing and the checkpoint (the batch is published again); but a stream whose last id is above
+    /// the head of the log means the log's positions went backwards (an asynchronous replica promoted, a crash
+    /// with `synchronous_commit = off`): the new events reuse positions the stream, and its readers, have passed.
+    async fn report_skipped(&self, skipped: u64, first: Position, last: Position, stream_last: &str) {
+        let total = self.skipped.fetch_add(skipped, Ordering::Relaxed) + skipped;
+        let stream_last = Position::new(stream_last.parse().unwrap_or(0));
+        match self.store.head().await {
+            Ok(head) if stream_last > head => tracing::error!(
+                skipped,
+                total,
+                %stream_last,
+                %head,
+                "the stream is ahead of the log: positions went backwards (a failover lost committed events?); \
+                 new events at these positions are not published and readers that passed them will not see them"
+            ),
+            _ => tracing::warn!(
+                skipped,
+                total,
+                %first,
+                %last,
+                "the stream already had entries at or above these positions (a batch published again); skipped them"
+            ),
+        }
     }
 
     async fn prune_idempotency_records(&self) {
