@@ -36,6 +36,7 @@ fn registration(n: u64) -> Append {
                 correlation_id: n.to_string(),
                 causation_id: n.to_string(),
                 schema_version: 1,
+                caller: None,
             },
             occurred_at: Utc::now(),
         }],

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use kiroku::v1::RegisterUserRequest;
 use kiroku::v1::command_service_client::CommandServiceClient;
-use kiroku_dev_identity::{DEV_AUDIENCE, DevAccount, DevIdentityProvider};
+use kiroku_dev_identity::{ALL_PERMISSIONS, DEV_API_AUDIENCE, DEV_AUDIENCE, DevAccount, DevIdentityProvider};
 use kiroku_platform::Shutdown;
-use kiroku_testkit::{TestDb, TestRedis};
+use kiroku_testkit::{TestDb, TestRedis, with_caller};
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -29,6 +29,7 @@ async fn main() {
         ("KIROKU_REDIS_PREFIX", redis.prefix.clone()),
         ("KIROKU_AUTH0_ISSUER", identity.issuer().to_owned()),
         ("KIROKU_AUTH0_AUDIENCE", DEV_AUDIENCE.to_owned()),
+        ("KIROKU_API_AUDIENCE", DEV_API_AUDIENCE.to_owned()),
         ("KIROKU_GITHUB_API_URL", identity.github_api_url()),
         ("KIROKU_COMMAND_ADDR", "127.0.0.1:0".to_owned()),
         ("KIROKU_MIGRATE", "false".to_owned()),
@@ -47,7 +48,9 @@ async fn main() {
             identity.mint(&account, Duration::from_secs(3600)).unwrap()
         })
         .collect();
-    let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+    let caller = identity.mint_caller(&ALL_PERMISSIONS, Duration::from_secs(3600)).unwrap();
+    let channel =
+        with_caller(Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap(), &caller);
     // Warm up: the first call fetches the JWKS.
     CommandServiceClient::new(channel.clone())
         .register_user(RegisterUserRequest { auth0_token: tokens[0].clone(), request_id: String::new() })

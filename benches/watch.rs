@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use kiroku::v1::query_service_client::QueryServiceClient;
 use kiroku::v1::{WatchEventsRequest, watch_events_request, watch_events_response};
+use kiroku_dev_identity::{ALL_PERMISSIONS, DEV_API_AUDIENCE, DevIdentityProvider};
 use kiroku_event_store::{Append, AppendOutcome, EventMetadata, EventStore, ExpectedVersion, NewEvent};
-use kiroku_testkit::{ServiceProcess, TestDb, TestRedis, percentile};
+use kiroku_testkit::{CallerChannel, ServiceProcess, TestDb, TestRedis, percentile, with_caller};
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -34,6 +35,7 @@ fn event(n: u64) -> Append {
                 correlation_id: n.to_string(),
                 causation_id: n.to_string(),
                 schema_version: 1,
+                caller: None,
             },
             occurred_at: Utc::now(),
         }],
@@ -71,6 +73,9 @@ async fn main() {
     let redis = TestRedis::acquire().await.unwrap();
     let store = EventStore::new(db.pool.clone());
     let address = "127.0.0.1:50952";
+    // The tenant whose keys sign the callers' tokens.
+    let identity = DevIdentityProvider::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let caller = identity.mint_caller(&ALL_PERMISSIONS, Duration::from_secs(3600)).unwrap();
     let server = ServiceProcess::spawn(
         "kiroku-query",
         &[
@@ -79,11 +84,17 @@ async fn main() {
             ("KIROKU_REDIS_PREFIX", redis.prefix.clone()),
             ("KIROKU_QUERY_ADDR", address.to_owned()),
             ("KIROKU_MIGRATE", "false".to_owned()),
+            ("KIROKU_AUTH0_ISSUER", identity.issuer().to_owned()),
+            ("KIROKU_API_AUDIENCE", DEV_API_AUDIENCE.to_owned()),
         ],
     )
     .unwrap();
     let pid = server.child.id().unwrap();
-    let channels: Vec<Channel> = futures::future::join_all((0..4).map(|_| connect(address))).await;
+    let channels: Vec<CallerChannel> = futures::future::join_all((0..4).map(|_| connect(address)))
+        .await
+        .into_iter()
+        .map(|c| with_caller(c, &caller))
+        .collect();
 
     // 1. Latency with live subscribers under a steady write load.
     let committed: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();

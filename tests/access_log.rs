@@ -67,7 +67,7 @@ fn lines_of<'a>(lines: &'a [String], method: &str) -> Vec<&'a String> {
     found
 }
 
-fn env(db: &TestDb, redis: &TestRedis) -> Vec<(&'static str, String)> {
+fn env(db: &TestDb, redis: &TestRedis, issuer: &str) -> Vec<(&'static str, String)> {
     vec![
         ("DATABASE_URL", db.url.clone()),
         ("REDIS_URL", redis.url.clone()),
@@ -80,9 +80,9 @@ fn env(db: &TestDb, redis: &TestRedis) -> Vec<(&'static str, String)> {
         ("KIROKU_COMMAND_ADDR", "127.0.0.1:0".to_owned()),
         ("KIROKU_QUERY_ADDR", "127.0.0.1:0".to_owned()),
         ("KIROKU_PROJECTOR_HEALTH_ADDR", "127.0.0.1:0".to_owned()),
-        // Never reached: the calls below fail before any token is checked against keys.
-        ("KIROKU_AUTH0_ISSUER", "http://127.0.0.1:9/".to_owned()),
+        ("KIROKU_AUTH0_ISSUER", issuer.to_owned()),
         ("KIROKU_AUTH0_AUDIENCE", "kiroku-tests".to_owned()),
+        ("KIROKU_API_AUDIENCE", "kiroku-callers".to_owned()),
     ]
 }
 
@@ -90,17 +90,35 @@ fn env(db: &TestDb, redis: &TestRedis) -> Vec<(&'static str, String)> {
 async fn every_rpc_of_every_service_logs_one_line_with_its_code_and_latency() {
     let db = TestDb::create().await.unwrap();
     let redis = TestRedis::acquire().await.unwrap();
-    let command = Logged::start("kiroku-command", env(&db, &redis));
-    let query = Logged::start("kiroku-query", env(&db, &redis));
-    let projector = Logged::start("kiroku-projector", env(&db, &redis));
+    // The tenant whose keys sign the callers' tokens.
+    let key = kiroku_dev_identity::SigningKey::generate().unwrap();
+    let auth0 = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::path("/.well-known/jwks.json"))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(kiroku_dev_identity::jwks(&[&key])))
+        .mount(&auth0)
+        .await;
+    let issuer = format!("{}/", auth0.uri());
+    let caller = key
+        .mint_caller(&issuer, "kiroku-callers", "tests", &kiroku_platform::caller::ALL, Duration::from_secs(600))
+        .unwrap();
+    let command = Logged::start("kiroku-command", env(&db, &redis, &issuer));
+    let query = Logged::start("kiroku-query", env(&db, &redis, &issuer));
+    let projector = Logged::start("kiroku-projector", env(&db, &redis, &issuer));
+    let connect = |address: String| {
+        let caller = caller.clone();
+        async move {
+            let channel = tonic::transport::Channel::from_shared(format!("http://{address}")).unwrap();
+            kiroku_testkit::with_caller(channel.connect().await.unwrap(), &caller)
+        }
+    };
 
-    let mut commands = CommandServiceClient::connect(format!("http://{}", command.address().await)).await.unwrap();
+    let mut commands = CommandServiceClient::new(connect(command.address().await).await);
     let no_token = RegisterUserRequest { auth0_token: String::new(), request_id: "req-access-1".to_owned() };
     assert_eq!(commands.register_user(no_token).await.unwrap_err().code(), Code::InvalidArgument);
     let garbage = RegisterUserRequest { auth0_token: "not-a-jwt".to_owned(), request_id: String::new() };
     assert_eq!(commands.register_user(garbage).await.unwrap_err().code(), Code::Unauthenticated);
 
-    let mut queries = QueryServiceClient::connect(format!("http://{}", query.address().await)).await.unwrap();
+    let mut queries = QueryServiceClient::new(connect(query.address().await).await);
     queries.list_users(ListUsersRequest::default()).await.unwrap();
     let bad_id = GetUserRequest { user_id: "nope".to_owned(), min_position: 0 };
     assert_eq!(queries.get_user(bad_id).await.unwrap_err().code(), Code::InvalidArgument);
@@ -125,7 +143,9 @@ async fn every_rpc_of_every_service_logs_one_line_with_its_code_and_latency() {
     let register = lines_of(&command_lines, "/kiroku.v1.CommandService/RegisterUser");
     assert_eq!(register.len(), 2, "{command_lines:#?}");
     assert!(
-        register[0].contains("code=INVALID_ARGUMENT") && register[0].contains("request_id=\"req-access-1\""),
+        register[0].contains("code=INVALID_ARGUMENT")
+            && register[0].contains("request_id=\"req-access-1\"")
+            && register[0].contains("caller=\"tests@clients\""),
         "{}",
         register[0]
     );

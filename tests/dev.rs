@@ -9,17 +9,29 @@ use kiroku_testkit::{ServiceProcess, TestDb, TestRedis, binary_path, free_addres
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::Code;
 
-/// Pulls the token and the address out of `grpcurl -plaintext -d '{"auth0_token":"…"}' ADDR service/method`.
-fn parse_grpcurl_line(line: &str) -> (String, String) {
-    assert!(line.starts_with("grpcurl -plaintext "), "{line}");
+/// What a printed line holds.
+struct Line {
+    caller: String,
+    token: String,
+    address: String,
+}
+
+/// Pulls the tokens and the address out of
+/// `grpcurl -plaintext -H 'authorization: Bearer …' -d '{"auth0_token":"…"}' ADDR service/method`.
+fn parse_grpcurl_line(line: &str) -> Line {
+    assert!(line.starts_with("grpcurl -plaintext -H 'authorization: Bearer "), "{line}");
+    let caller = line.split("Bearer ").nth(1).unwrap().split('\'').next().unwrap().to_owned();
     let token = line.split("\"auth0_token\":\"").nth(1).unwrap().split('"').next().unwrap().to_owned();
     let words: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(words.last(), Some(&"kiroku.v1.CommandService/RegisterUser"));
-    (token, words[words.len() - 2].to_owned())
+    Line { caller, token, address: words[words.len() - 2].to_owned() }
 }
 
-async fn register(address: &str, token: &str) -> Result<kiroku::v1::RegisterUserResponse, tonic::Status> {
-    let mut client = CommandServiceClient::connect(format!("http://{address}")).await.unwrap();
+async fn register(line: &Line) -> Result<kiroku::v1::RegisterUserResponse, tonic::Status> {
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", line.address)).unwrap().connect().await.unwrap();
+    let mut client = CommandServiceClient::new(kiroku_testkit::with_caller(channel, &line.caller));
+    let token = &line.token;
     client
         .register_user(RegisterUserRequest { auth0_token: token.to_owned(), request_id: String::new() })
         .await
@@ -48,11 +60,11 @@ async fn the_printed_grpcurl_line_registers_a_user_once() {
     let stdout = dev.child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await.unwrap().unwrap().unwrap();
-    let (token, address) = parse_grpcurl_line(&line);
+    let printed = parse_grpcurl_line(&line);
 
-    let registered = register(&address, &token).await.unwrap();
+    let registered = register(&printed).await.unwrap();
     assert!(registered.position > 0);
-    let again = register(&address, &token).await.unwrap_err();
+    let again = register(&printed).await.unwrap_err();
     assert_eq!(again.code(), Code::AlreadyExists);
 
     // A second terminal mints a token for another account, which the dev GitHub endpoint then knows.
@@ -63,8 +75,8 @@ async fn the_printed_grpcurl_line_registers_a_user_once() {
         .await
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let (token, _) = parse_grpcurl_line(String::from_utf8(output.stdout).unwrap().trim());
-    let other = register(&address, &token).await.unwrap();
+    let minted = parse_grpcurl_line(String::from_utf8(output.stdout).unwrap().trim());
+    let other = register(&Line { address: printed.address.clone(), ..minted }).await.unwrap();
     assert_ne!(other.user_id, registered.user_id);
     let login: String = sqlx::query_scalar(
         "SELECT event_data->'personal'->>'github_username' FROM events WHERE aggregate_id = $1::uuid",
@@ -74,6 +86,18 @@ async fn the_printed_grpcurl_line_registers_a_user_once() {
     .await
     .unwrap();
     assert_eq!(login, "someone");
+
+    // A caller token with fewer permissions: it may read, not register.
+    let output = tokio::process::Command::new(binary_path("kiroku"))
+        .args(["dev", "token", "--caller", "--permissions", "kiroku:read"])
+        .env("KIROKU_DEV_IDENTITY_ADDR", identity.to_string())
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let reader = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let refused = register(&Line { caller: reader, ..parse_grpcurl_line(&line) }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
 
     let status = dev.terminate(Duration::from_secs(10)).await.unwrap();
     assert!(status.success(), "kiroku dev exits cleanly on SIGTERM: {status:?}");

@@ -36,7 +36,7 @@ use kiroku::v1::{
 };
 use kiroku_dev_identity::SigningKey;
 use kiroku_event_store::{EventStore, Position};
-use kiroku_testkit::{PrivatePostgres, PrivateRedis, ServiceProcess, free_address};
+use kiroku_testkit::{PrivatePostgres, PrivateRedis, ServiceProcess, free_address, with_caller};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -48,6 +48,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const AUDIENCE: &str = "kiroku-faults";
+const API_AUDIENCE: &str = "kiroku-faults-callers";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Stand-ins for Auth0's JWKS and GitHub's API, whose failures the suite controls.
@@ -163,6 +164,7 @@ fn cluster(database_url: &str, redis_url: &str, stubs_uri: &str, logs: &std::pat
             ("KIROKU_COMMAND_ADDR", address.to_string()),
             ("KIROKU_AUTH0_ISSUER", format!("{stubs_uri}/")),
             ("KIROKU_AUTH0_AUDIENCE", AUDIENCE.to_owned()),
+            ("KIROKU_API_AUDIENCE", API_AUDIENCE.to_owned()),
             ("KIROKU_GITHUB_API_URL", stubs_uri.to_owned()),
             ("KIROKU_GITHUB_TIMEOUT_MS", "500".to_owned()),
             // Small batches, so that a fail point can stop the relay in the middle of one.
@@ -186,7 +188,15 @@ fn cluster(database_url: &str, redis_url: &str, stubs_uri: &str, logs: &std::pat
         procs: vec![
             proc("kiroku-command", command_env(command[0]), "command-a"),
             proc("kiroku-command", command_env(command[1]), "command-b"),
-            proc("kiroku-query", common(vec![("KIROKU_QUERY_ADDR", query.to_string())]), "query"),
+            proc(
+                "kiroku-query",
+                common(vec![
+                    ("KIROKU_QUERY_ADDR", query.to_string()),
+                    ("KIROKU_AUTH0_ISSUER", format!("{stubs_uri}/")),
+                    ("KIROKU_API_AUDIENCE", API_AUDIENCE.to_owned()),
+                ]),
+                "query",
+            ),
             proc("kiroku-projector", projector_env(projector_health[0]), "projector-a"),
             proc("kiroku-projector", projector_env(projector_health[1]), "projector-b"),
         ],
@@ -202,6 +212,12 @@ fn channel(address: SocketAddr) -> Channel {
         .connect_timeout(Duration::from_secs(1))
         .timeout(Duration::from_secs(10))
         .connect_lazy()
+}
+
+/// The callers' token: every permission, for the whole run.
+fn caller_token(key: &SigningKey, issuer: &str) -> String {
+    key.mint_caller(issuer, API_AUDIENCE, "faults", &kiroku_platform::caller::ALL, Duration::from_secs(6 * 3600))
+        .unwrap()
 }
 
 async fn serving(address: SocketAddr) -> Option<ServingStatus> {
@@ -253,7 +269,8 @@ async fn registrar(
     stop: Arc<AtomicBool>,
     next_identity: Arc<AtomicU64>,
 ) {
-    let clients = commands.map(|a| CommandServiceClient::new(channel(a)));
+    let caller = caller_token(&key, &issuer);
+    let clients = commands.map(|a| CommandServiceClient::new(with_caller(channel(a), &caller)));
     let mut attempt = id;
     while !stop.load(Ordering::Relaxed) {
         let github_id = next_identity.fetch_add(1, Ordering::Relaxed);
@@ -300,7 +317,8 @@ async fn syncer(
     ledger: Arc<Ledger>,
     stop: Arc<AtomicBool>,
 ) {
-    let clients = commands.map(|a| CommandServiceClient::new(channel(a)));
+    let caller = caller_token(&key, &issuer);
+    let clients = commands.map(|a| CommandServiceClient::new(with_caller(channel(a), &caller)));
     let mut attempt = id;
     let mut rng = StdRng::seed_from_u64(id as u64);
     while !stop.load(Ordering::Relaxed) {
@@ -358,13 +376,12 @@ struct Watched {
     reconnections: u64,
 }
 
-async fn watcher(query: SocketAddr, watched: Arc<Mutex<Watched>>, stop: Arc<AtomicBool>) {
-    let client = QueryServiceClient::new(
-        Endpoint::from_shared(format!("http://{query}"))
-            .unwrap()
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy(),
-    );
+async fn watcher(query: SocketAddr, caller: String, watched: Arc<Mutex<Watched>>, stop: Arc<AtomicBool>) {
+    let channel = Endpoint::from_shared(format!("http://{query}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(1))
+        .connect_lazy();
+    let client = QueryServiceClient::new(with_caller(channel, &caller));
     // Everything at or below it has been received (events, or progress marks that cover the rest).
     let mut resume: Option<u64> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -641,8 +658,10 @@ async fn the_invariants_hold_together_under_load_while_processes_die_and_servers
     }
     let stop_watching = Arc::new(AtomicBool::new(false));
     let watched: Vec<Arc<Mutex<Watched>>> = (0..3).map(|_| Arc::default()).collect();
-    let watchers: Vec<_> =
-        watched.iter().map(|w| tokio::spawn(watcher(query, w.clone(), stop_watching.clone()))).collect();
+    let watchers: Vec<_> = watched
+        .iter()
+        .map(|w| tokio::spawn(watcher(query, caller_token(&key, &issuer), w.clone(), stop_watching.clone())))
+        .collect();
     let stop_supervising = Arc::new(AtomicBool::new(false));
     let supervisor = tokio::spawn(supervise(cluster.clone(), stop_supervising.clone()));
 

@@ -36,12 +36,17 @@ fn readme_lines(command: SocketAddr, query: SocketAddr) -> Vec<String> {
         .collect()
 }
 
-/// Runs a line as a shell would (the README's quoting included), with grpcurl on the PATH.
+/// The caller token `kiroku dev` printed (`export KIROKU_CALLER_TOKEN=…`), which the README's lines use.
+static CALLER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Runs a line as a shell would (the README's quoting included), with grpcurl on the PATH and the caller token
+/// `kiroku dev` printed in `KIROKU_CALLER_TOKEN`.
 async fn shell(grpcurl: &Path, line: &str, timeout: Duration) -> (bool, String, String) {
     let path = format!("{}:{}", grpcurl.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
     let mut child = tokio::process::Command::new("sh")
         .args(["-c", line])
         .env("PATH", path)
+        .env("KIROKU_CALLER_TOKEN", CALLER.get().map(String::as_str).unwrap_or_default())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -95,6 +100,9 @@ async fn the_readmes_grpcurl_lines_work_against_kiroku_dev() {
     let mut stdout = BufReader::new(dev.child.stdout.take().unwrap()).lines();
     let register = tokio::time::timeout(Duration::from_secs(60), stdout.next_line()).await.unwrap().unwrap().unwrap();
     assert!(register.starts_with("grpcurl -plaintext "), "{register}");
+    let export = tokio::time::timeout(Duration::from_secs(10), stdout.next_line()).await.unwrap().unwrap().unwrap();
+    let caller = export.strip_prefix("export KIROKU_CALLER_TOKEN=").unwrap_or_else(|| panic!("{export}"));
+    CALLER.set(caller.to_owned()).unwrap();
 
     // The printed line, twice: registered, then ALREADY_EXISTS with its details decoded.
     let (ok, out, err) = shell(&grpcurl, &register, Duration::from_secs(20)).await;
@@ -145,6 +153,10 @@ async fn the_readmes_grpcurl_lines_work_against_kiroku_dev() {
     );
 
     let list = lines.iter().find(|l| l.contains("QueryService/ListUsers")).expect("a ListUsers line");
+    // Without the caller token, the same line is refused.
+    let anonymous = list.replace("$KIROKU_CALLER_TOKEN", "");
+    let (ok, _, err) = shell(&grpcurl, &anonymous, Duration::from_secs(20)).await;
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
     let listed = kiroku_testkit::eventually(Duration::from_secs(20), "the user in ListUsers", || async {
         let (ok, out, err) = shell(&grpcurl, list, Duration::from_secs(20)).await;
         anyhow::ensure!(ok, "{err}");

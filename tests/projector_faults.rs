@@ -32,6 +32,7 @@ fn new_event(event: &UserEvent) -> NewEvent {
             correlation_id: "tests".to_owned(),
             causation_id: "tests".to_owned(),
             schema_version: 1,
+            caller: None,
         },
         occurred_at: Utc::now(),
     }
@@ -358,6 +359,54 @@ async fn get_user_with_a_position_above_the_head_is_out_of_range_at_once() {
     assert_eq!(common::reason(&far), "POSITION_OUT_OF_RANGE");
     assert!(started.elapsed() < Duration::from_secs(2), "answered at once, not after a 10 s wait");
     query.stop().await;
+    projector.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_forged_stream_entry_creates_no_user_and_skips_nothing() {
+    let app = CommandApp::spawn().await;
+    let store = EventStore::new(app.db.pool.clone());
+    let projector = app.start_projector(&[]).await;
+    let first = register_as(&store, Uuid::now_v7(), 9501).await;
+    app.wait_for_users(1).await;
+
+    // Someone with write access to Redis adds an entry that continues the chain: a user that never registered,
+    // at a position far ahead of the log.
+    let forged_user = Uuid::now_v7();
+    let subject: Auth0Subject = "github|9666".parse().unwrap();
+    let profile =
+        GitHubProfile { id: GitHubId::new(9666), login: "forged".to_owned(), name: None, avatar_url: None, etag: None };
+    let command = UserCommand::Register(RegisterUser { subject, profile, now: Utc::now() });
+    let mut event = new_event(&User::decide(None, &command).unwrap()[0]);
+    event.occurred_at = Utc::now();
+    let forged = kiroku_relay::stream::Entry {
+        prev_position: first,
+        event: kiroku_event_store::RecordedEvent {
+            position: Position::new(first.get() + (1 << 30)),
+            event_id: ulid::Ulid::new(),
+            aggregate_id: forged_user,
+            aggregate_type: "User".to_owned(),
+            event_type: event.event_type.clone(),
+            version: 1,
+            data: event.data.clone(),
+            metadata: serde_json::to_value(&event.metadata).unwrap(),
+            occurred_at: event.occurred_at,
+            created_at: event.occurred_at,
+        },
+    };
+    let fields: Vec<(&str, String)> = forged.encode().unwrap().to_vec();
+    let _: String = app.redis.client.xadd(app.redis.events_stream(), false, None, forged.id(), fields).await.unwrap();
+
+    // Real registrations after it still arrive, and the forged user never does.
+    for github_id in 9502..9505 {
+        register_as(&store, Uuid::now_v7(), github_id).await;
+    }
+    app.wait_for_users(4).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(login_of(&app, forged_user).await, None, "a forged entry creates no user");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM users_read").fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(count, 4);
     projector.stop().await;
     app.stop().await;
 }

@@ -399,3 +399,28 @@ async fn a_lost_database_is_unavailable_with_retry_info_and_a_retry_with_the_sam
     assert_eq!(app.count_events("UserRegistered").await, 2);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_registered_identity_asking_again_costs_no_github_call_and_is_told_to_wait_when_it_persists() {
+    let app = CommandApp::spawn_with(&[("KIROKU_REFUSALS_PER_MINUTE", "3")]).await;
+    Mock::given(method("GET"))
+        .and(path("/user/8001"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "id": 8001, "login": "once", "name": null })))
+        .expect(1)
+        .mount(&app.github)
+        .await;
+    app.register(8001, "").await.unwrap();
+    for _ in 0..3 {
+        let again = app.register(8001, "").await.unwrap_err();
+        assert_eq!((again.code(), reason(&again)), (Code::AlreadyExists, "USER_ALREADY_EXISTS".to_owned()));
+    }
+    // GitHub was asked once: whose identity it is was known before the call.
+    app.github.verify().await;
+    assert_eq!(app.count_events("UserRegistrationFailed").await, 3, "each refusal is recorded");
+
+    let limited = app.register(8001, "").await.unwrap_err();
+    assert_eq!((limited.code(), reason(&limited)), (Code::ResourceExhausted, "LIMIT_REACHED".to_owned()));
+    assert!(limited.get_details_retry_info().is_some_and(|r| r.retry_delay.is_some()), "told when to retry");
+    assert_eq!(app.count_events("UserRegistrationFailed").await, 3, "a limited call records nothing");
+    app.stop().await;
+}

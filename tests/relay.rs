@@ -20,6 +20,7 @@ fn command_env(db: &TestDb, redis: &TestRedis, extra: &[(&str, &str)]) -> Vec<(&
         ("KIROKU_REDIS_PREFIX", redis.prefix.clone()),
         ("KIROKU_AUTH0_ISSUER", "http://127.0.0.1:9/".to_owned()),
         ("KIROKU_AUTH0_AUDIENCE", "kiroku-tests".to_owned()),
+        ("KIROKU_API_AUDIENCE", "kiroku-callers".to_owned()),
         ("KIROKU_COMMAND_ADDR", "127.0.0.1:0".to_owned()),
         ("KIROKU_MIGRATE", "false".to_owned()),
     ];
@@ -50,6 +51,7 @@ async fn append_events(store: &EventStore, count: usize) -> Vec<Position> {
                     correlation_id: format!("c{n}"),
                     causation_id: format!("c{n}"),
                     schema_version: 1,
+                    caller: None,
                 },
                 occurred_at: Utc::now(),
             }],

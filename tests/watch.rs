@@ -5,10 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{CommandApp, QueryServiceClient, reason};
+use common::{CommandApp, Queries, reason};
 use kiroku::v1::{Event, WatchEventsRequest, WatchEventsResponse, watch_events_request, watch_events_response};
 use kiroku_event_store::{EventStore, Position};
-use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 fn from_beginning() -> WatchEventsRequest {
@@ -19,7 +18,7 @@ fn after(position: u64) -> WatchEventsRequest {
     WatchEventsRequest { start: Some(watch_events_request::Start::AfterPosition(position)), ..Default::default() }
 }
 
-async fn watch(client: &QueryServiceClient<Channel>, request: WatchEventsRequest) -> Streaming<WatchEventsResponse> {
+async fn watch(client: &Queries, request: WatchEventsRequest) -> Streaming<WatchEventsResponse> {
     client.clone().watch_events(request).await.unwrap().into_inner()
 }
 
@@ -246,6 +245,7 @@ async fn a_subscriber_that_stops_reading_is_cut_off_while_another_gets_everythin
                         correlation_id: "c".into(),
                         causation_id: "c".into(),
                         schema_version: 1,
+                        caller: None,
                     },
                     occurred_at: chrono::Utc::now(),
                 })
@@ -320,6 +320,7 @@ async fn a_filtered_catch_up_sends_progress_through_stretches_it_filters_out() {
                     correlation_id: "c".to_owned(),
                     causation_id: "c".to_owned(),
                     schema_version: 1,
+                    caller: None,
                 },
                 occurred_at: chrono::Utc::now(),
             })

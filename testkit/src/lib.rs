@@ -387,6 +387,26 @@ impl Drop for TcpProxy {
     }
 }
 
+/// A gRPC channel whose every call carries `authorization: Bearer <token>`: how a kiroku caller talks to it.
+pub type CallerChannel = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>;
+
+/// Adds a caller token to every request.
+#[derive(Clone)]
+pub struct BearerToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// `channel`, with `token` in every call's metadata.
+pub fn with_caller(channel: tonic::transport::Channel, token: &str) -> CallerChannel {
+    let value = format!("Bearer {token}").parse().expect("a token is ASCII");
+    tonic::service::interceptor::InterceptedService::new(channel, BearerToken(value))
+}
+
 /// The nearest-rank percentile `p` (0.0 to 1.0) of values sorted ascending, or the default when there are none.
 /// Benchmarks report latencies with it.
 pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {

@@ -9,18 +9,25 @@ use kiroku::v1::command_service_client::CommandServiceClient;
 use kiroku::v1::{RegisterUserRequest, RegisterUserResponse};
 use kiroku_dev_identity::SigningKey;
 use kiroku_platform::{Shutdown, ShutdownTrigger};
-use kiroku_testkit::{TestDb, TestRedis};
+use kiroku_testkit::{CallerChannel, TestDb, TestRedis, with_caller};
 use serde_json::json;
 use tonic::transport::Channel;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 pub const AUDIENCE: &str = "https://kiroku.test/api";
+/// The audience of callers' tokens (`authorization: Bearer`).
+pub const API_AUDIENCE: &str = "https://kiroku.test/callers";
+
+/// A client of CommandService or QueryService whose calls carry a caller token.
+pub type Commands = CommandServiceClient<CallerChannel>;
+pub type Queries = QueryServiceClient<CallerChannel>;
 
 /// The command service, running, with its stubs.
 pub struct CommandApp {
     pub address: SocketAddr,
-    pub client: CommandServiceClient<Channel>,
+    /// Holds a caller token with every permission.
+    pub client: Commands,
     pub db: TestDb,
     pub redis: TestRedis,
     /// Serves `/.well-known/jwks.json` (the issuer is this server's URL).
@@ -80,6 +87,9 @@ impl CommandApp {
             ("KIROKU_REDIS_PREFIX".into(), redis.prefix.clone()),
             ("KIROKU_AUTH0_ISSUER".into(), format!("{}/", auth0.uri())),
             ("KIROKU_AUTH0_AUDIENCE".into(), AUDIENCE.into()),
+            ("KIROKU_API_AUDIENCE".into(), API_AUDIENCE.into()),
+            // Tests refuse one identity many times on purpose; the limit has a test of its own.
+            ("KIROKU_REFUSALS_PER_MINUTE".into(), "1000".into()),
             ("KIROKU_GITHUB_API_URL".into(), github.uri()),
             ("KIROKU_COMMAND_ADDR".into(), "127.0.0.1:0".into()),
             ("KIROKU_MIGRATE".into(), "false".into()),
@@ -95,9 +105,10 @@ impl CommandApp {
         let (trigger, shutdown) = Shutdown::new();
         let server = tokio::spawn(app.run_until_stopped(shutdown));
         let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+        let caller = caller_token(&key, &format!("{}/", auth0.uri()), &kiroku_platform::caller::ALL);
         CommandApp {
             address,
-            client: CommandServiceClient::new(channel),
+            client: CommandServiceClient::new(with_caller(channel, &caller)),
             db,
             redis,
             auth0,
@@ -110,6 +121,11 @@ impl CommandApp {
 
     pub fn issuer(&self) -> String {
         format!("{}/", self.auth0.uri())
+    }
+
+    /// A caller token of this app's tenant with `permissions`.
+    pub fn caller_token(&self, permissions: &[&str]) -> String {
+        caller_token(&self.key, &self.issuer(), permissions)
     }
 
     /// A valid token for `github|<id>`, signed with the published key.
@@ -163,6 +179,11 @@ impl CommandApp {
     }
 }
 
+/// A caller token (a machine-to-machine client's) of the tenant `issuer` with `permissions`.
+pub fn caller_token(key: &SigningKey, issuer: &str, permissions: &[&str]) -> String {
+    key.mint_caller(issuer, API_AUDIENCE, "tests", permissions, Duration::from_secs(3600)).unwrap()
+}
+
 /// The ErrorInfo reason of a status.
 pub fn reason(status: &tonic::Status) -> String {
     use tonic_types::StatusExt;
@@ -191,6 +212,8 @@ impl CommandApp {
             ("REDIS_URL".into(), self.redis.url.clone()),
             ("KIROKU_REDIS_PREFIX".into(), self.redis.prefix.clone()),
             ("KIROKU_QUERY_ADDR".into(), "127.0.0.1:0".into()),
+            ("KIROKU_AUTH0_ISSUER".into(), self.issuer()),
+            ("KIROKU_API_AUDIENCE".into(), API_AUDIENCE.into()),
             ("KIROKU_PROJECTOR_HEALTH_ADDR".into(), "127.0.0.1:0".into()),
             ("KIROKU_MIGRATE".into(), "false".into()),
         ];
@@ -201,7 +224,7 @@ impl CommandApp {
         env
     }
 
-    pub async fn start_query(&self, extra: &[(&str, &str)]) -> (Running, QueryServiceClient<Channel>) {
+    pub async fn start_query(&self, extra: &[(&str, &str)]) -> (Running, Queries) {
         let env = self.env(extra);
         let source = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         let app = kiroku_query::Application::build(kiroku_query::config::Settings::from_source(&source).unwrap())
@@ -211,7 +234,8 @@ impl CommandApp {
         let (trigger, shutdown) = Shutdown::new();
         let task = tokio::spawn(app.run_until_stopped(shutdown));
         let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
-        (Running { address, trigger, task }, QueryServiceClient::new(channel))
+        let caller = self.caller_token(&kiroku_platform::caller::ALL);
+        (Running { address, trigger, task }, QueryServiceClient::new(with_caller(channel, &caller)))
     }
 
     pub async fn start_projector(&self, extra: &[(&str, &str)]) -> Running {

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use kiroku_dev_identity::{DEV_AUDIENCE, DEV_IDENTITY_ADDR, DevAccount, DevIdentityProvider};
+use kiroku_dev_identity::{
+    ALL_PERMISSIONS, DEV_API_AUDIENCE, DEV_AUDIENCE, DEV_IDENTITY_ADDR, DevAccount, DevIdentityProvider,
+};
 use kiroku_platform::config::{ConfigError, Environment, Source};
 use kiroku_platform::{Shutdown, shutdown_signal};
 use sqlx::Connection;
@@ -27,6 +29,7 @@ impl Source for DevSource {
             // Never a real tenant: dev tokens are signed locally.
             "KIROKU_AUTH0_ISSUER" => Some(self.issuer.clone()),
             "KIROKU_AUTH0_AUDIENCE" => Some(DEV_AUDIENCE.to_owned()),
+            "KIROKU_API_AUDIENCE" => Some(DEV_API_AUDIENCE.to_owned()),
             "KIROKU_AUTH0_JWKS_URL" => None,
             "KIROKU_GITHUB_API_URL" => Some(self.github_api_url.clone()),
             "KIROKU_GITHUB_TOKEN" => None,
@@ -63,6 +66,7 @@ pub(crate) async fn run() -> Result<()> {
     let github_id = 90_000_000 + kiroku_dev_identity::unix_now() % 10_000_000;
     let account = DevAccount { github_id, login: format!("dev-{github_id}") };
     let token = identity.mint(&account, Duration::from_secs(24 * 3600))?;
+    let caller = identity.mint_caller(&ALL_PERMISSIONS, Duration::from_secs(24 * 3600))?;
     let command_addr = command.local_addr();
     let query_addr = query.local_addr();
 
@@ -74,9 +78,14 @@ pub(crate) async fn run() -> Result<()> {
     eprintln!("  database        {}", without_password(&database_url));
     eprintln!();
     eprintln!("  Register GitHub account {github_id} (login {}) with a 24-hour token:", account.login);
-    println!("{}", grpcurl_line(&token, command_addr));
+    println!("{}", grpcurl_line(&caller, &token, command_addr));
     eprintln!();
-    eprintln!("  More tokens: kiroku dev token --github-id N --login NAME   Stop: Ctrl-C");
+    eprintln!("  Every kiroku.v1 call needs a caller token; this one holds every permission, for the lines of the");
+    eprintln!("  README (\"$KIROKU_CALLER_TOKEN\"):");
+    println!("export KIROKU_CALLER_TOKEN={caller}");
+    eprintln!();
+    eprintln!("  More tokens: kiroku dev token --github-id N --login NAME, or kiroku dev token --caller");
+    eprintln!("  [--permissions kiroku:read,kiroku:watch].   Stop: Ctrl-C");
     eprintln!();
 
     let (trigger, shutdown) = Shutdown::new();
@@ -101,19 +110,26 @@ async fn futures_join(tasks: [tokio::task::JoinHandle<Result<()>>; 3]) {
     }
 }
 
-/// The one line a developer pastes to register.
-pub(crate) fn grpcurl_line(token: &str, command_addr: SocketAddr) -> String {
+/// The one line a developer pastes to register: the caller's token in the metadata, the user's in the body.
+pub(crate) fn grpcurl_line(caller: &str, token: &str, command_addr: SocketAddr) -> String {
     format!(
-        "grpcurl -plaintext -d '{{\"auth0_token\":\"{token}\"}}' {command_addr} kiroku.v1.CommandService/RegisterUser"
+        "grpcurl -plaintext -H 'authorization: Bearer {caller}' -d '{{\"auth0_token\":\"{token}\"}}' \
+         {command_addr} kiroku.v1.CommandService/RegisterUser"
     )
 }
 
-/// `kiroku dev token`: asks the running `kiroku dev` for a token and teaches its GitHub endpoint the login.
-pub(crate) async fn token(github_id: u64, login: String) -> Result<()> {
+/// `kiroku dev token`: asks the running `kiroku dev` for a token. With a GitHub account: teaches its GitHub
+/// endpoint the login and prints a grpcurl line that registers it; with `--caller`: prints a caller token holding
+/// `permissions` (all when none are named), for `export KIROKU_CALLER_TOKEN=$(kiroku dev token --caller)`.
+pub(crate) async fn token(account: Option<(u64, String)>, permissions: Option<Vec<String>>) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let request = match &account {
+        Some((github_id, login)) => serde_json::json!({ "github_id": github_id, "login": login }),
+        None => serde_json::json!({ "caller": true, "permissions": permissions }),
+    };
     let response = reqwest::Client::new()
         .post(format!("http://{}/dev/tokens", identity_addr()?))
-        .json(&serde_json::json!({ "github_id": github_id, "login": login }))
+        .json(&request)
         .timeout(Duration::from_secs(5))
         .send()
         .await
@@ -122,7 +138,13 @@ pub(crate) async fn token(github_id: u64, login: String) -> Result<()> {
     let body: serde_json::Value = response.json().await.context("read the answer")?;
     anyhow::ensure!(status.is_success(), "kiroku dev refused: {}", body["message"].as_str().unwrap_or("unknown error"));
     let token = body["token"].as_str().context("no token in the answer")?;
-    println!("{}", grpcurl_line(token, "127.0.0.1:50051".parse()?));
+    match account {
+        Some(_) => {
+            let caller = body["caller_token"].as_str().context("no caller token in the answer")?;
+            println!("{}", grpcurl_line(caller, token, "127.0.0.1:50051".parse()?));
+        }
+        None => println!("{token}"),
+    }
     Ok(())
 }
 

@@ -40,12 +40,19 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DevAction {
-    /// Mints a 24-hour token from the running `kiroku dev` and prints a grpcurl line that registers with it.
+    /// Mints a 24-hour token from the running `kiroku dev`: for a GitHub account, a grpcurl line that registers
+    /// it; with --caller, a caller token (for `authorization: Bearer`).
     Token {
-        #[arg(long)]
-        github_id: u64,
-        #[arg(long)]
-        login: String,
+        #[arg(long, required_unless_present = "caller", requires = "login")]
+        github_id: Option<u64>,
+        #[arg(long, requires = "github_id")]
+        login: Option<String>,
+        /// A caller token instead, holding every permission or those of --permissions.
+        #[arg(long, conflicts_with_all = ["github_id", "login"])]
+        caller: bool,
+        /// Comma-separated, e.g. kiroku:read,kiroku:watch (with --caller).
+        #[arg(long, requires = "caller", value_delimiter = ',')]
+        permissions: Option<Vec<String>>,
     },
 }
 
@@ -81,7 +88,9 @@ async fn main() -> ExitCode {
     kiroku_platform::init_tracing(&Environment);
     let outcome = match cli.command {
         Command::Dev { action: None } => dev::run().await,
-        Command::Dev { action: Some(DevAction::Token { github_id, login }) } => dev::token(github_id, login).await,
+        Command::Dev { action: Some(DevAction::Token { github_id, login, permissions, .. }) } => {
+            dev::token(github_id.zip(login), permissions).await
+        }
         Command::Migrate => migrate().await,
         Command::Projector { action } => projector::run(action).await,
         Command::Health { address } => health(&address).await,

@@ -3,20 +3,28 @@
 use chrono::{DateTime, Utc};
 use kiroku_domain::{Auth0Subject, ClaimKind, EncodeError, SCHEMA_VERSION};
 use kiroku_event_store::{
-    Claim, EventMetadata, EventStore, IdempotencyKey, IdempotencyRecord, NewEvent, StoredOutcome,
+    CallerRef, Claim, EventMetadata, EventStore, IdempotencyKey, IdempotencyRecord, NewEvent, StoredOutcome,
 };
+use kiroku_platform::auth::{TokenError, TokenVerifier};
+use kiroku_platform::caller::Caller;
 use serde::Serialize;
 use ulid::Ulid;
 
-use crate::auth::{TokenError, TokenVerifier};
+use std::time::Duration;
+
 use crate::error::CommandError;
 use crate::github::{GitHubClient, GitHubError};
+use crate::limits::{RefusalLimit, Sampler};
 
 /// The command side's dependencies. Use cases are methods on it, one file each.
 pub(crate) struct Commands {
     pub(crate) store: EventStore,
     pub(crate) verifier: TokenVerifier,
     pub(crate) github: GitHubClient,
+    /// Refused registrations per subject (a signed-in user retrying in a loop).
+    pub(crate) refusals: RefusalLimit,
+    /// Lines about refused tokens.
+    refused_tokens: Sampler,
 }
 
 /// A verified call: new (with its subject, unparsed, and its idempotency key), or a repeat of an answered one.
@@ -35,13 +43,15 @@ pub(crate) struct Call {
     /// Shared by everything one business request caused, across services.
     pub correlation_id: String,
     pub received_at: DateTime<Utc>,
+    /// The service that called (verified by the caller check), recorded in the events it writes.
+    pub caller: Option<Caller>,
 }
 
 impl Call {
-    pub(crate) fn new(request_id: Option<String>, correlation_id: Option<String>) -> Self {
+    pub(crate) fn new(request_id: Option<String>, correlation_id: Option<String>, caller: Option<Caller>) -> Self {
         let command_id = Ulid::new();
         let correlation_id = correlation_id.or_else(|| request_id.clone()).unwrap_or_else(|| command_id.to_string());
-        Call { command_id, request_id, correlation_id, received_at: Utc::now() }
+        Call { command_id, request_id, correlation_id, received_at: Utc::now(), caller }
     }
 
     /// The events a decision produced, encoded and stamped with this call's metadata, ready to append.
@@ -68,6 +78,10 @@ impl Call {
                 correlation_id: self.correlation_id.clone(),
                 causation_id: self.command_id.to_string(),
                 schema_version: SCHEMA_VERSION,
+                caller: self
+                    .caller
+                    .as_ref()
+                    .map(|caller| CallerRef { sub: caller.subject.clone(), azp: caller.authorized_party.clone() }),
             },
             occurred_at: self.received_at,
         }
@@ -83,8 +97,19 @@ impl Call {
 }
 
 impl Commands {
-    pub(crate) fn new(store: EventStore, verifier: TokenVerifier, github: GitHubClient) -> Self {
-        Commands { store, verifier, github }
+    pub(crate) fn new(
+        store: EventStore,
+        verifier: TokenVerifier,
+        github: GitHubClient,
+        refusals_per_minute: u32,
+    ) -> Self {
+        Commands {
+            store,
+            verifier,
+            github,
+            refusals: RefusalLimit::new(refusals_per_minute, Duration::from_secs(60)),
+            refused_tokens: Sampler::new(Duration::from_secs(10)),
+        }
     }
 
     /// The first steps of every command, in this order: verify the token, then look up the answer stored for
@@ -106,7 +131,9 @@ impl Commands {
             Ok(verified) => Ok(verified.subject),
             Err(TokenError::Expired) => Err(CommandError::TokenExpired),
             Err(TokenError::Invalid(why)) => {
-                tracing::info!(why, "token refused");
+                if let Some(suppressed) = self.refused_tokens.sample() {
+                    tracing::info!(why, suppressed, "token refused (one line per 10 s; `suppressed` since the last)");
+                }
                 Err(CommandError::TokenInvalid)
             }
             Err(TokenError::JwksUnavailable) => Err(CommandError::JwksUnavailable),

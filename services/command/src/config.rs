@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kiroku_platform::config::{self, ConfigError, Setting, Source};
+use kiroku_platform::config::{self, Auth0Tenant, ConfigError, Setting, Source};
 use url::Url;
 
 use kiroku_relay::RelaySettings;
@@ -15,19 +15,19 @@ pub struct Settings {
     pub redis_url: String,
     pub redis_prefix: String,
     pub listen_addr: SocketAddr,
-    pub migrate: bool,
-    pub auth0: Auth0Settings,
+    /// The schema owner's URL, to migrate with at start-up (`KIROKU_MIGRATE`, `KIROKU_MIGRATE_DATABASE_URL`).
+    pub migrate: Option<String>,
+    /// What the gRPC server lets its clients take.
+    pub limits: config::ServerLimits,
+    /// The Auth0 tenant whose tokens kiroku accepts, from end users and from callers alike.
+    pub tenant: Auth0Tenant,
+    /// The audience of end users' tokens (RegisterUser's body).
+    pub user_audience: String,
+    /// The audience of callers' tokens (every RPC's metadata).
+    pub api_audience: String,
     pub github: GitHubSettings,
     pub relay: RelaySettings,
-}
-
-/// Which tokens RegisterUser accepts.
-#[derive(Clone, Debug)]
-pub struct Auth0Settings {
-    /// Compared with the token's `iss` with or without a trailing slash.
-    pub issuer: String,
-    pub audience: String,
-    pub jwks_url: Url,
+    pub refusals_per_minute: u32,
 }
 
 /// Where GitHub profiles come from.
@@ -71,12 +71,8 @@ impl std::fmt::Debug for GitHubSettings {
 
 pub const COMMAND_ADDR: Setting =
     Setting::new("KIROKU_COMMAND_ADDR", Some("127.0.0.1:50051"), "where CommandService listens");
-pub const AUTH0_ISSUER: Setting =
-    Setting::new("KIROKU_AUTH0_ISSUER", None, "the Auth0 tenant, e.g. https://tenant.auth0.com/ (required)");
 pub const AUTH0_AUDIENCE: Setting =
-    Setting::new("KIROKU_AUTH0_AUDIENCE", None, "the audience RegisterUser's tokens must carry (required)");
-pub const AUTH0_JWKS_URL: Setting =
-    Setting::new("KIROKU_AUTH0_JWKS_URL", None, "the signing keys [default: the issuer + .well-known/jwks.json]");
+    Setting::new("KIROKU_AUTH0_AUDIENCE", None, "the audience of end users' tokens in RegisterUser (required)");
 pub const GITHUB_API_URL: Setting =
     Setting::new("KIROKU_GITHUB_API_URL", Some("https://api.github.com"), "where GitHub profiles come from");
 pub const GITHUB_TOKEN: Setting =
@@ -85,6 +81,11 @@ pub const GITHUB_TIMEOUT_MS: Setting =
     Setting::new("KIROKU_GITHUB_TIMEOUT_MS", Some("5000"), "how long a GitHub call may take, in milliseconds");
 pub const REDIS_MAXLEN: Setting =
     Setting::new("KIROKU_REDIS_MAXLEN", Some("1000000"), "the relay trims the stream to about this many entries");
+pub const REFUSALS_PER_MINUTE: Setting = Setting::new(
+    "KIROKU_REFUSALS_PER_MINUTE",
+    Some("10"),
+    "refused registrations of one subject per minute before it is told to wait (RESOURCE_EXHAUSTED)",
+);
 pub const RELAY_BATCH_SIZE: Setting =
     Setting::new("KIROKU_RELAY_BATCH_SIZE", Some("500"), "events the relay publishes per checkpoint");
 
@@ -94,15 +95,21 @@ pub const SETTINGS: &[Setting] = &[
     config::REDIS_URL,
     config::REDIS_PREFIX,
     COMMAND_ADDR,
-    AUTH0_ISSUER,
+    config::AUTH0_ISSUER,
     AUTH0_AUDIENCE,
-    AUTH0_JWKS_URL,
+    config::AUTH0_JWKS_URL,
+    config::API_AUDIENCE,
     GITHUB_API_URL,
     GITHUB_TOKEN,
     GITHUB_TIMEOUT_MS,
     config::MIGRATE,
+    config::MIGRATE_DATABASE_URL,
+    config::MAX_IN_FLIGHT,
+    config::REQUEST_TIMEOUT_MS,
+    config::MAX_STREAMS_PER_CONNECTION,
     REDIS_MAXLEN,
     RELAY_BATCH_SIZE,
+    REFUSALS_PER_MINUTE,
     config::RUST_LOG,
 ];
 
@@ -110,29 +117,26 @@ impl Settings {
     /// Reads and checks every setting; the first bad one is the error.
     pub fn from_source(source: &dyn Source) -> Result<Settings, ConfigError> {
         let redis_prefix = config::redis_prefix(source)?;
-        let issuer = config::required(source, &AUTH0_ISSUER)?;
-        config::web_url(AUTH0_ISSUER.name, &issuer)?;
-        let jwks_url = match AUTH0_JWKS_URL.get(source) {
-            Some(url) => config::web_url(AUTH0_JWKS_URL.name, &url)?,
-            None => {
-                config::web_url(AUTH0_ISSUER.name, &format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/')))?
-            }
-        };
+        let tenant = config::auth0_tenant(source)?;
         let mut relay = RelaySettings::new(&redis_prefix);
-        relay.max_len = config::number(source, &REDIS_MAXLEN)?;
+        relay.max_len = config::positive(source, &REDIS_MAXLEN)?;
         relay.batch_size = config::positive(source, &RELAY_BATCH_SIZE)?;
         Ok(Settings {
             database_url: config::database_url(source)?,
             redis_url: config::redis_url(source)?,
             listen_addr: config::socket_addr(source, &COMMAND_ADDR)?,
-            migrate: config::bool(source, &config::MIGRATE)?,
-            auth0: Auth0Settings { issuer, audience: config::required(source, &AUTH0_AUDIENCE)?, jwks_url },
+            migrate: config::migration(source)?,
+            limits: config::server_limits(source)?,
+            tenant,
+            user_audience: config::required(source, &AUTH0_AUDIENCE)?,
+            api_audience: config::required(source, &config::API_AUDIENCE)?,
             github: GitHubSettings {
                 api_url: config::web_url(GITHUB_API_URL.name, &config::required(source, &GITHUB_API_URL)?)?,
                 token: GITHUB_TOKEN.get(source).map(Secret::new),
-                timeout: Duration::from_millis(config::number(source, &GITHUB_TIMEOUT_MS)?),
+                timeout: Duration::from_millis(config::positive(source, &GITHUB_TIMEOUT_MS)?),
             },
             relay,
+            refusals_per_minute: config::positive(source, &REFUSALS_PER_MINUTE)?,
             redis_prefix,
         })
     }
@@ -152,16 +156,17 @@ mod tests {
         ("REDIS_URL", "redis://127.0.0.1:6379/0"),
         ("KIROKU_AUTH0_ISSUER", "https://tenant.auth0.com/"),
         ("KIROKU_AUTH0_AUDIENCE", "https://kiroku/api"),
+        ("KIROKU_API_AUDIENCE", "kiroku-api"),
     ];
 
     #[test]
     fn the_jwks_url_defaults_to_the_issuers_well_known_path_with_one_slash() {
         let settings = from(BASE).unwrap();
-        assert_eq!(settings.auth0.jwks_url.as_str(), "https://tenant.auth0.com/.well-known/jwks.json");
+        assert_eq!(settings.tenant.jwks_url.as_str(), "https://tenant.auth0.com/.well-known/jwks.json");
         assert_eq!(settings.listen_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(settings.relay.stream_key, "kiroku:events");
         assert_eq!(settings.github.api_url.as_str(), "https://api.github.com/");
-        assert!(settings.migrate);
+        assert_eq!(settings.migrate.as_deref(), Some("postgres://postgres@127.0.0.1:5432/kiroku"));
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub enum CommandError {
     /// The event store refuses appends: its next positions would go backwards (an operator must act).
     #[error("the event store refuses appends until an operator repairs it")]
     StoreFenced,
+    /// Past a limit (refused registrations of one subject): retry after a while.
+    #[error("too many attempts; retry later")]
+    LimitReached { retry_after: Duration },
     /// The domain refused the command.
     #[error(transparent)]
     Refused(#[from] UserError),
@@ -100,7 +103,7 @@ impl From<CommandError> for Status {
             }
             // GitHub answered for the account, but with a profile kiroku cannot record: nothing the caller can
             // fix by retrying.
-            CommandError::Refused(UserError::MissingLogin) => {
+            CommandError::Refused(UserError::MissingLogin | UserError::InvalidLogin) => {
                 Status::with_error_details(Code::FailedPrecondition, error.to_string(), info("GITHUB_PROFILE_INVALID"))
             }
             CommandError::Refused(UserError::ProfileMismatch { .. }) => {
@@ -113,6 +116,11 @@ impl From<CommandError> for Status {
                 let mut details = info("STORE_UNAVAILABLE");
                 details.set_retry_info(Some(Duration::from_secs(1)));
                 Status::with_error_details(Code::Unavailable, error.to_string(), details)
+            }
+            CommandError::LimitReached { retry_after } => {
+                let mut details = info("LIMIT_REACHED");
+                details.set_retry_info(Some(retry_after));
+                Status::with_error_details(Code::ResourceExhausted, error.to_string(), details)
             }
             CommandError::StoreFenced => {
                 let mut details = info("STORE_FENCED");

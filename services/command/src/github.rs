@@ -3,12 +3,15 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiroku_domain::{GitHubId, GitHubProfile};
+use kiroku_platform::auth::read_capped;
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, ETAG, HeaderMap, IF_NONE_MATCH, RETRY_AFTER, USER_AGENT};
 use serde::Deserialize;
 
 use crate::config::GitHubSettings;
 
+/// A profile larger than this is refused (GitHub's are a few KiB).
+const MAX_PROFILE_BYTES: usize = 256 * 1024;
 /// When GitHub gives no hint, clients are told to retry after this long.
 const DEFAULT_RETRY: Duration = Duration::from_secs(1);
 
@@ -74,9 +77,9 @@ impl GitHubClient {
             StatusCode::NOT_FOUND => Err(GitHubError::NotFound),
             s if s.is_success() => {
                 let etag = response.headers().get(ETAG).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                let user: UserResponse = response.json().await.map_err(|_| GitHubError::Unavailable {
-                    cause: "malformed profile".to_owned(),
-                    retry_after: DEFAULT_RETRY,
+                let body = read_capped(response, MAX_PROFILE_BYTES).await;
+                let user: UserResponse = body.ok().and_then(|b| serde_json::from_slice(&b).ok()).ok_or_else(|| {
+                    GitHubError::Unavailable { cause: "malformed profile".to_owned(), retry_after: DEFAULT_RETRY }
                 })?;
                 Ok(Fetched::Profile(GitHubProfile {
                     id: GitHubId::new(user.id),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use kiroku::v1::command_service_server::CommandService;
 use kiroku::v1::{RegisterUserRequest, RegisterUserResponse, SyncGitHubProfileRequest, SyncGitHubProfileResponse};
 use kiroku_platform::access::CORRELATION_HEADER;
+use kiroku_platform::caller::Caller;
 use tonic::{Request, Response, Status};
 
 use crate::commands::{Call, Commands};
@@ -50,8 +51,8 @@ fn correlation_id<T>(request: &Request<T>) -> Option<String> {
 }
 
 /// The call's identity, checked, and recorded in the current span (the RPC's, opened by the access log).
-fn start_call(raw_request_id: &str, correlation: Option<String>) -> Result<Call, CommandError> {
-    let call = Call::new(request_id(raw_request_id)?, correlation);
+fn start_call(raw_request_id: &str, correlation: Option<String>, caller: Option<Caller>) -> Result<Call, CommandError> {
+    let call = Call::new(request_id(raw_request_id)?, correlation, caller);
     let span = tracing::Span::current();
     span.record("command_id", tracing::field::display(call.command_id));
     if let Some(request_id) = &call.request_id {
@@ -67,8 +68,9 @@ impl CommandService for CommandGrpc {
         request: Request<RegisterUserRequest>,
     ) -> Result<Response<RegisterUserResponse>, Status> {
         let correlation = correlation_id(&request);
+        let caller = request.extensions().get::<Caller>().cloned();
         let message = request.into_inner();
-        let call = start_call(&message.request_id, correlation)?;
+        let call = start_call(&message.request_id, correlation, caller)?;
         let token = token(&message.auth0_token)?;
         let registered = self.commands.register_user(token, &call).await?;
         Ok(Response::new(RegisterUserResponse {
@@ -82,8 +84,9 @@ impl CommandService for CommandGrpc {
         request: Request<SyncGitHubProfileRequest>,
     ) -> Result<Response<SyncGitHubProfileResponse>, Status> {
         let correlation = correlation_id(&request);
+        let caller = request.extensions().get::<Caller>().cloned();
         let message = request.into_inner();
-        let call = start_call(&message.request_id, correlation)?;
+        let call = start_call(&message.request_id, correlation, caller)?;
         let token = token(&message.auth0_token)?;
         let synced = self.commands.sync_github_profile(token, message.expected_version, &call).await?;
         Ok(Response::new(SyncGitHubProfileResponse {

@@ -1,12 +1,12 @@
 //! `kiroku-command`: CommandService (RegisterUser, SyncGitHubProfile) and the relay that publishes the event
 //! store's committed events to Redis.
 
-mod auth;
 mod commands;
 pub mod config;
 mod error;
 mod github;
 mod grpc;
+mod limits;
 mod register_user;
 mod startup;
 mod sync_github_profile;

@@ -37,6 +37,14 @@ impl Commands {
             Admitted::Repeat(stored) => return replay(stored),
         };
         let subject = github_subject(&subject)?;
+        // A subject refused again and again is told to wait, before it costs a read, an audit event or a call.
+        self.refusals.check(&subject.to_string()).map_err(|retry_after| CommandError::LimitReached { retry_after })?;
+        let claims: Vec<_> = User::claims(&subject).into_iter().map(|(kind, value)| claim(kind, value)).collect();
+        // Who owns the identity is known before GitHub is asked: a registered user who calls again costs kiroku
+        // one indexed read, not a share of its GitHub rate limit. (The claims in the append still decide a race.)
+        if let Some((taken, owner)) = self.store.first_claimed(&claims).await? {
+            return self.refused_claim(&subject, &taken.kind, owner, key, call).await;
+        }
         let profile = match self.github.fetch_user(subject.github_id(), None).await? {
             Fetched::Profile(profile) => profile,
             Fetched::NotModified => {
@@ -52,7 +60,7 @@ impl Commands {
             aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
             expected: ExpectedVersion::NoStream,
             events: call.events(&events, UserEvent::encode)?,
-            claims: User::claims(&subject).into_iter().map(|(kind, value)| claim(kind, value)).collect(),
+            claims,
             idempotency: idempotency_record(&key, &Outcome::Registered { user_id })?,
         };
         match self.store.append(&append).await {
@@ -70,6 +78,20 @@ impl Commands {
             }
             Err(error) => Err(error.into()),
         }
+    }
+
+    /// A claim of `kind` is held by `owner`: the registration is refused as a duplicate.
+    async fn refused_claim(
+        &self,
+        subject: &Auth0Subject,
+        kind: &str,
+        owner: uuid::Uuid,
+        key: Option<IdempotencyKey>,
+        call: &Call,
+    ) -> Result<Registered, CommandError> {
+        let kind = ClaimKind::from_name(kind)
+            .ok_or_else(|| CommandError::Internal(anyhow::anyhow!("an unknown claim {kind} is held")))?;
+        self.refuse(subject, RegistrationRefusal::duplicate(kind), UserId::from_uuid(owner), key, call).await
     }
 
     /// Records the refusal on a fresh audit aggregate, with the ALREADY_EXISTS answer for retries.
@@ -96,6 +118,7 @@ impl Commands {
             claims: vec![],
             idempotency: idempotency_record(&key, &Outcome::AlreadyExists { user_id: existing })?,
         };
+        self.refusals.refused(&subject.to_string());
         match self.store.append(&append).await {
             Ok(AppendOutcome::Appended(_)) => {
                 tracing::info!(existing_user = %existing, ?reason, "duplicate registration refused");

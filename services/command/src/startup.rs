@@ -9,6 +9,8 @@ use anyhow::{Context, Result};
 use fred::prelude::*;
 use kiroku::v1::command_service_server::CommandServiceServer;
 use kiroku_event_store::{AppendError, EventStore};
+use kiroku_platform::auth::{Jwks, TokenVerifier, http_client};
+use kiroku_platform::caller::{self, CallerAuth};
 use kiroku_platform::grpc::GrpcServer;
 use kiroku_platform::health::Dependencies;
 use kiroku_platform::{Shutdown, connect_redis, open_database};
@@ -16,7 +18,6 @@ use kiroku_relay::Relay;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
-use crate::auth::TokenVerifier;
 use crate::commands::Commands;
 use crate::config::Settings;
 use crate::github::GitHubClient;
@@ -26,6 +27,7 @@ use crate::grpc::CommandGrpc;
 pub struct Application {
     listener: TcpListener,
     local_addr: SocketAddr,
+    callers: CallerAuth,
     pool: PgPool,
     redis: Client,
     settings: Settings,
@@ -36,9 +38,12 @@ impl Application {
     /// Connects to PostgreSQL and Redis (retrying for up to 30 s each), applies migrations when
     /// `KIROKU_MIGRATE` says so, and binds the listener (port 0 picks a free one).
     pub async fn build(settings: Settings) -> Result<Application> {
-        let pool = open_database(&settings.database_url, 32, settings.migrate).await?;
+        let pool = open_database(&settings.database_url, 32, settings.migrate.as_deref()).await?;
         let redis = connect_redis(&settings.redis_url).await?;
         let http = http_client()?;
+        // One key cache for both kinds of token kiroku accepts from this tenant.
+        let jwks = Jwks::new(settings.tenant.jwks_url.clone(), http.clone());
+        let issuer = settings.tenant.issuer.clone();
         let store = EventStore::new(pool.clone());
         if let Err(error @ AppendError::PositionsBehind { .. }) = store.check_positions_ahead().await {
             // The service still starts (its health and the relay stay useful); appends are refused, each with
@@ -47,14 +52,16 @@ impl Application {
         }
         let commands = Commands::new(
             store,
-            TokenVerifier::new(settings.auth0.clone(), http.clone()),
+            TokenVerifier::new(jwks.clone(), issuer.clone(), settings.user_audience.clone()),
             GitHubClient::new(settings.github.clone(), http),
+            settings.refusals_per_minute,
         );
         let listener = TcpListener::bind(settings.listen_addr)
             .await
             .with_context(|| format!("listen on {}", settings.listen_addr))?;
         let local_addr = listener.local_addr().context("read the bound address")?;
-        Ok(Application { listener, local_addr, pool, redis, settings, commands: Arc::new(commands) })
+        let callers = CallerAuth::new(TokenVerifier::new(jwks, issuer, settings.api_audience.clone()), permission);
+        Ok(Application { listener, local_addr, callers, pool, redis, settings, commands: Arc::new(commands) })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -64,12 +71,14 @@ impl Application {
     /// Serves until `shutdown` fires: health goes NOT_SERVING, the server stops taking calls and lets in-flight
     /// ones finish, and the relay stops after its current step.
     pub async fn run_until_stopped(self, shutdown: Shutdown) -> Result<()> {
-        let Application { listener, local_addr, pool, redis, settings, commands } = self;
+        let Application { listener, local_addr, callers, pool, redis, settings, commands } = self;
         let relay = tokio::spawn(
             Relay::new(commands.store.clone(), redis.clone(), settings.relay.clone()).run(shutdown.clone()),
         );
         tracing::info!(address = %local_addr, "kiroku-command listening");
         GrpcServer::new()
+            .limits(settings.limits)
+            .callers(callers)
             .add_service(CommandServiceServer::new(CommandGrpc::new(commands)))
             .serve(listener, Dependencies { postgres: pool.clone(), redis: None }, shutdown)
             .await?;
@@ -81,13 +90,10 @@ impl Application {
     }
 }
 
-/// One HTTP client for JWKS and GitHub: connection pooling, rustls with ring, no redirects to other hosts.
-fn http_client() -> Result<reqwest::Client> {
-    // reqwest is built without a default crypto provider; ring is installed once per process.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .context("build the HTTP client")
+/// The permission each CommandService RPC needs; anything else is administrative.
+fn permission(path: &str) -> &'static str {
+    match path {
+        "/kiroku.v1.CommandService/RegisterUser" | "/kiroku.v1.CommandService/SyncGitHubProfile" => caller::REGISTER,
+        _ => caller::ADMIN,
+    }
 }

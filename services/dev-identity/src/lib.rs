@@ -29,8 +29,12 @@ use serde_json::json;
 
 /// The address `kiroku dev` serves it on.
 pub const DEV_IDENTITY_ADDR: &str = "127.0.0.1:50053";
-/// The audience of every token it mints.
+/// The audience of the end-user tokens it mints (RegisterUser's `auth0_token`).
 pub const DEV_AUDIENCE: &str = "kiroku-dev";
+/// The audience of the caller tokens it mints (`authorization: Bearer`, every `kiroku.v1` RPC).
+pub const DEV_API_AUDIENCE: &str = "kiroku-api";
+/// The client its caller tokens are issued to.
+pub const DEV_CALLER: &str = "kiroku-dev";
 
 /// An RSA signing key with its key id.
 #[derive(Clone)]
@@ -80,6 +84,29 @@ impl SigningKey {
         jsonwebtoken::encode(&header, claims, &self.encoding).context("sign a token")
     }
 
+    /// A caller token (a machine-to-machine client's, Auth0-style: `sub` is `<client>@clients`) for `audience`
+    /// with `permissions`, valid from now for `ttl`.
+    pub fn mint_caller(
+        &self,
+        issuer: &str,
+        audience: &str,
+        client: &str,
+        permissions: &[&str],
+        ttl: Duration,
+    ) -> Result<String> {
+        let now = unix_now();
+        self.sign(&json!({
+            "iss": issuer,
+            "aud": audience,
+            "sub": format!("{client}@clients"),
+            "azp": client,
+            "permissions": permissions,
+            "iat": now,
+            "nbf": now,
+            "exp": now + ttl.as_secs(),
+        }))
+    }
+
     /// A token for `github|<github_id>`, valid from now for `ttl`.
     pub fn mint(&self, issuer: &str, audience: &str, github_id: u64, ttl: Duration) -> Result<String> {
         let now = unix_now();
@@ -122,10 +149,18 @@ pub struct DevIdentityProvider {
     local_addr: SocketAddr,
 }
 
+/// `{"github_id": N, "login": "L"}` for an end user's token (with a caller token beside it), or
+/// `{"caller": true, "permissions": [...]}` for a caller token alone.
 #[derive(Deserialize)]
 struct MintRequest {
-    github_id: u64,
-    login: String,
+    #[serde(default)]
+    github_id: Option<u64>,
+    #[serde(default)]
+    login: Option<String>,
+    #[serde(default)]
+    caller: bool,
+    #[serde(default)]
+    permissions: Option<Vec<String>>,
 }
 
 impl DevIdentityProvider {
@@ -169,7 +204,15 @@ impl DevIdentityProvider {
     pub fn mint(&self, account: &DevAccount, ttl: Duration) -> Result<String> {
         mint(&self.provider, account, ttl)
     }
+
+    /// A caller token with `permissions`.
+    pub fn mint_caller(&self, permissions: &[&str], ttl: Duration) -> Result<String> {
+        self.provider.key.mint_caller(&self.provider.issuer, DEV_API_AUDIENCE, DEV_CALLER, permissions, ttl)
+    }
 }
+
+/// Every permission a kiroku caller can hold (what `kiroku dev` gives its own caller token).
+pub const ALL_PERMISSIONS: [&str; 4] = ["kiroku:register", "kiroku:read", "kiroku:watch", "kiroku:admin"];
 
 fn mint(provider: &Provider, account: &DevAccount, ttl: Duration) -> Result<String> {
     if let Ok(mut accounts) = provider.accounts.lock() {
@@ -199,13 +242,27 @@ async fn serve_user(State(provider): State<Arc<Provider>>, Path(id): Path<String
 }
 
 async fn serve_mint(State(provider): State<Arc<Provider>>, Json(request): Json<MintRequest>) -> impl IntoResponse {
-    let login = request.login.trim();
-    if login.is_empty() || login.len() > 39 {
-        return (StatusCode::BAD_REQUEST, Json(json!({ "message": "login must be 1 to 39 characters" })));
-    }
-    let account = DevAccount { github_id: request.github_id, login: login.to_owned() };
-    match mint(&provider, &account, Duration::from_secs(24 * 3600)) {
-        Ok(token) => (StatusCode::OK, Json(json!({ "token": token }))),
+    let ttl = Duration::from_secs(24 * 3600);
+    let caller = |permissions: &[&str]| {
+        provider.key.mint_caller(&provider.issuer, DEV_API_AUDIENCE, DEV_CALLER, permissions, ttl)
+    };
+    let answer = if request.caller {
+        let permissions = request.permissions.unwrap_or_else(|| ALL_PERMISSIONS.map(str::to_owned).to_vec());
+        let permissions: Vec<&str> = permissions.iter().map(String::as_str).collect();
+        caller(&permissions).map(|token| json!({ "token": token }))
+    } else {
+        let (Some(github_id), Some(login)) = (request.github_id, request.login.as_deref().map(str::trim)) else {
+            return (StatusCode::BAD_REQUEST, Json(json!({ "message": "github_id and login are required" })));
+        };
+        if login.is_empty() || login.len() > 39 {
+            return (StatusCode::BAD_REQUEST, Json(json!({ "message": "login must be 1 to 39 characters" })));
+        }
+        let account = DevAccount { github_id, login: login.to_owned() };
+        mint(&provider, &account, ttl)
+            .and_then(|token| Ok(json!({ "token": token, "caller_token": caller(&ALL_PERMISSIONS)? })))
+    };
+    match answer {
+        Ok(body) => (StatusCode::OK, Json(body)),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "message": error.to_string() }))),
     }
 }

@@ -27,15 +27,37 @@ pub struct PersonalProfile {
     pub avatar_url: Option<String>,
 }
 
+/// The longest login, display name and avatar URL kiroku records (the read model's columns hold them).
+pub(crate) const MAX_LOGIN_CHARS: usize = 100;
+pub(crate) const MAX_DISPLAY_NAME_CHARS: usize = 300;
+pub(crate) const MAX_AVATAR_URL_CHARS: usize = 2000;
+
 impl PersonalProfile {
-    /// The display name falls back to the login when GitHub has no name.
-    fn from_github(profile: &GitHubProfile) -> Self {
-        let name = profile.name.as_deref().map(str::trim).filter(|n| !n.is_empty());
-        PersonalProfile {
-            github_username: profile.login.clone(),
-            display_name: name.unwrap_or(&profile.login).to_owned(),
-            avatar_url: profile.avatar_url.clone().filter(|u| !u.is_empty()),
+    /// What kiroku records of a GitHub profile, within what the read model can hold: a login that is missing,
+    /// too long or carries control characters (a NUL would fail every insert, for ever) is refused; a display name
+    /// loses its control characters and is cut to size, falling back to the login when GitHub has none; an avatar
+    /// URL that does not fit, or is not a plain https URL, is left out.
+    fn from_github(profile: &GitHubProfile) -> Result<Self, UserError> {
+        let login = profile.login.trim();
+        if login.is_empty() {
+            return Err(UserError::MissingLogin);
         }
+        if login.chars().count() > MAX_LOGIN_CHARS || login.chars().any(char::is_control) {
+            return Err(UserError::InvalidLogin);
+        }
+        let name: String = profile.name.as_deref().unwrap_or_default().chars().filter(|c| !c.is_control()).collect();
+        let name = name.trim();
+        let display_name = if name.is_empty() { login } else { name };
+        let avatar_url = profile.avatar_url.clone().filter(|url| {
+            url.starts_with("https://")
+                && url.chars().count() <= MAX_AVATAR_URL_CHARS
+                && !url.chars().any(|c| c.is_control() || c.is_whitespace())
+        });
+        Ok(PersonalProfile {
+            github_username: login.to_owned(),
+            display_name: display_name.chars().take(MAX_DISPLAY_NAME_CHARS).collect(),
+            avatar_url,
+        })
     }
 }
 
@@ -104,6 +126,8 @@ pub struct User {
 pub enum UserError {
     #[error("the GitHub profile has no login")]
     MissingLogin,
+    #[error("the GitHub profile's login is too long or has control characters")]
+    InvalidLogin,
     #[error("the GitHub profile is for account {profile}, but the token names {subject}")]
     ProfileMismatch { subject: GitHubId, profile: GitHubId },
     #[error("the user is not registered")]
@@ -199,16 +223,13 @@ fn register(state: Option<&User>, command: &RegisterUser) -> Result<UserEvent, U
         return Err(UserError::AlreadyRegistered);
     }
     let profile = &command.profile;
-    if profile.login.trim().is_empty() {
-        return Err(UserError::MissingLogin);
-    }
     if profile.id != command.subject.github_id() {
         return Err(UserError::ProfileMismatch { subject: command.subject.github_id(), profile: profile.id });
     }
     Ok(UserEvent::UserRegistered(UserRegistered {
         auth0_id: command.subject.clone(),
         github_id: profile.id,
-        personal: PersonalProfile::from_github(profile),
+        personal: PersonalProfile::from_github(profile)?,
         registered_at: command.now,
         github_etag: profile.etag.clone(),
     }))
@@ -221,10 +242,7 @@ fn sync_profile(state: Option<&User>, command: &SyncProfile) -> Result<Option<Us
     if profile.id != user.github_id {
         return Err(UserError::ProfileMismatch { subject: user.github_id, profile: profile.id });
     }
-    if profile.login.trim().is_empty() {
-        return Err(UserError::MissingLogin);
-    }
-    let fresh = PersonalProfile::from_github(profile);
+    let fresh = PersonalProfile::from_github(profile)?;
     let changed = |old: &str, new: &str| (old != new).then(|| new.to_owned());
     let changes = ProfileChanges {
         github_username: changed(&user.personal.github_username, &fresh.github_username),
@@ -358,6 +376,23 @@ mod tests {
     fn refuses_a_profile_without_a_login() {
         let nameless = GitHubProfile { login: " ".to_owned(), ..octocat() };
         given(&[]).when(registering(nameless)).then_refused(UserError::MissingLogin);
+    }
+
+    #[test]
+    fn a_profile_is_kept_within_what_the_read_model_holds() {
+        let bad_login = GitHubProfile { login: "oct\0cat".to_owned(), ..octocat() };
+        given(&[]).when(registering(bad_login)).then_refused(UserError::InvalidLogin);
+        let long_login = GitHubProfile { login: "x".repeat(MAX_LOGIN_CHARS + 1), ..octocat() };
+        given(&[]).when(registering(long_login)).then_refused(UserError::InvalidLogin);
+        let messy = GitHubProfile {
+            name: Some(format!("Octo\0{}", "名".repeat(MAX_DISPLAY_NAME_CHARS))),
+            avatar_url: Some(format!("https://a/{}", "x".repeat(MAX_AVATAR_URL_CHARS))),
+            ..octocat()
+        };
+        let UserEvent::UserRegistered(event) = given(&[]).when(registering(messy)).event() else { panic!() };
+        assert_eq!(event.personal.display_name.chars().count(), MAX_DISPLAY_NAME_CHARS);
+        assert!(event.personal.display_name.starts_with("Octo名"), "control characters are dropped");
+        assert_eq!(event.personal.avatar_url, None, "an avatar URL that does not fit is left out");
     }
 
     #[test]

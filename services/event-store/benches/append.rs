@@ -23,6 +23,7 @@ fn event(n: u64) -> NewEvent {
             correlation_id: Uuid::new_v4().to_string(),
             causation_id: Uuid::new_v4().to_string(),
             schema_version: 1,
+            caller: None,
         },
         occurred_at: Utc::now(),
     }

@@ -220,6 +220,22 @@ impl EventStore {
         Ok(owner)
     }
 
+    /// The first of `claims` (in their order) that some aggregate holds, with its owner.
+    pub async fn first_claimed(&self, claims: &[Claim]) -> Result<Option<(Claim, Uuid)>, StoreError> {
+        let kinds: Vec<&str> = claims.iter().map(|c| c.kind.as_str()).collect();
+        let values: Vec<&str> = claims.iter().map(|c| c.value.as_str()).collect();
+        let found: Option<(String, String, Uuid)> = sqlx::query_as(
+            "SELECT c.kind, c.value, c.owner_id FROM unnest($1::varchar[], $2::varchar[]) WITH ORDINALITY \
+             AS wanted(kind, value, ord) JOIN claims c ON c.kind = wanted.kind AND c.value = wanted.value \
+             ORDER BY wanted.ord LIMIT 1",
+        )
+        .bind(&kinds)
+        .bind(&values)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.map(|(kind, value, owner)| (Claim { kind, value }, owner)))
+    }
+
     /// Deletes idempotency records older than `keep`, a thousand per short transaction (a long delete would hold
     /// back every reader of the log), at most `max_batches` thousand per call; returns how many went.
     pub async fn prune_idempotency_records(

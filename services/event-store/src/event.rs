@@ -75,6 +75,17 @@ pub struct EventMetadata {
     pub causation_id: String,
     /// The version of the payload's schema, for upcasting old events.
     pub schema_version: u32,
+    /// The service that called (its verified token's `sub` and `azp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller: Option<CallerRef>,
+}
+
+/// Who called: a verified caller token's subject and authorized party.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallerRef {
+    pub sub: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azp: Option<String>,
 }
 
 /// An event to append. Its id, version and position are assigned by the store.

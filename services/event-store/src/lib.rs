@@ -26,7 +26,7 @@ pub use append::{
     append_in_transaction,
 };
 pub use error::{AppendError, StoreError, is_transient};
-pub use event::{EventMetadata, NewEvent, Position, RecordedEvent};
+pub use event::{CallerRef, EventMetadata, NewEvent, Position, RecordedEvent};
 pub use follow::Follower;
 pub use leader::LeaderLock;
 pub use migrate::migrate;

@@ -159,6 +159,27 @@ impl EventStore {
         Ok(Batch { events, through, full })
     }
 
+    /// The final events after `after` up to `through` (at most `limit`), in position order: what a follower that
+    /// was told of events up to `through` (by the Redis stream, say) checks them against. Never past the horizon.
+    pub async fn read_range(
+        &self,
+        after: Position,
+        through: Position,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT position, id, aggregate_id, aggregate_type, event_type, event_version, event_data, metadata, \
+             occurred_at, created_at FROM events WHERE position > $1 AND position <= $2 \
+             AND position < (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) ORDER BY position LIMIT $3",
+        )
+        .bind(after)
+        .bind(through)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode).collect()
+    }
+
     /// Up to `limit` final events after `after` that match `filter`, scanning at most `scan` events of the log in
     /// one statement (the filter runs in PostgreSQL). `through` is where the scan ended; `full` says more of the
     /// log is there right away (the limit was reached, or the scan stopped before the horizon).

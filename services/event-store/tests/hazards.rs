@@ -23,6 +23,7 @@ fn event(n: u64) -> NewEvent {
             correlation_id: format!("c{n}"),
             causation_id: format!("c{n}"),
             schema_version: 1,
+            caller: None,
         },
         occurred_at: Utc::now(),
     }

@@ -24,6 +24,7 @@ fn event(event_type: &str, n: u64) -> NewEvent {
             correlation_id: format!("corr-{n}"),
             causation_id: format!("cause-{n}"),
             schema_version: 1,
+            caller: None,
         },
         occurred_at: Utc::now(),
     }

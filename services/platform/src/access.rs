@@ -4,8 +4,8 @@
 //! The code is known only at the very end: an error is a trailers-only response (`grpc-status` in the
 //! headers), a success or a stream's end is in the trailers that follow the body. So the line is written when
 //! the response body is dropped, with whatever status it saw; a call dropped before its status (the client went
-//! away) is `CANCELLED`. Handlers add what only they know to the span: `request_id` (AIP-155, from the message
-//! body) and `command_id`.
+//! away) is `CANCELLED`. The caller check adds the verified `caller`, and handlers what only they know:
+//! `request_id` (AIP-155, from the message body) and `command_id`.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -72,6 +72,7 @@ where
             method = %method,
             request_id = tracing::field::Empty,
             command_id = tracing::field::Empty,
+            caller = tracing::field::Empty,
             correlation_id = correlation_id.as_deref(),
         );
         let mut record = Record { span: span.clone(), method, started: Instant::now(), code: None };

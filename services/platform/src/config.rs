@@ -77,6 +77,66 @@ pub const REDIS_PREFIX: Setting = Setting::new(
 );
 pub const MIGRATE: Setting =
     Setting::new("KIROKU_MIGRATE", Some("true"), "apply pending migrations at start-up (true or false)");
+pub const MIGRATE_DATABASE_URL: Setting = Setting::new(
+    "KIROKU_MIGRATE_DATABASE_URL",
+    None,
+    "the schema's owner, who migrates (services log in as members of kiroku_command, kiroku_query, \
+     kiroku_projector) [default: DATABASE_URL]",
+);
+pub const AUTH0_ISSUER: Setting =
+    Setting::new("KIROKU_AUTH0_ISSUER", None, "the Auth0 tenant, e.g. https://tenant.auth0.com/ (required)");
+pub const AUTH0_JWKS_URL: Setting =
+    Setting::new("KIROKU_AUTH0_JWKS_URL", None, "the signing keys [default: the issuer + .well-known/jwks.json]");
+pub const API_AUDIENCE: Setting = Setting::new(
+    "KIROKU_API_AUDIENCE",
+    None,
+    "the audience of callers' tokens (authorization: Bearer, every kiroku.v1 RPC) (required)",
+);
+
+pub const MAX_IN_FLIGHT: Setting = Setting::new(
+    "KIROKU_MAX_IN_FLIGHT",
+    Some("1024"),
+    "calls a server handles at once; past it, RESOURCE_EXHAUSTED LIMIT_REACHED (never a queue)",
+);
+pub const REQUEST_TIMEOUT_MS: Setting =
+    Setting::new("KIROKU_REQUEST_TIMEOUT_MS", Some("30000"), "the longest a unary call may take, in milliseconds");
+pub const MAX_STREAMS_PER_CONNECTION: Setting =
+    Setting::new("KIROKU_MAX_STREAMS_PER_CONNECTION", Some("256"), "HTTP/2 streams one connection may open at once");
+
+/// What a gRPC server lets its clients take.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerLimits {
+    pub in_flight: usize,
+    pub request_timeout: std::time::Duration,
+    pub streams_per_connection: u32,
+}
+
+pub fn server_limits(source: &dyn Source) -> Result<ServerLimits, ConfigError> {
+    Ok(ServerLimits {
+        in_flight: positive(source, &MAX_IN_FLIGHT)?,
+        request_timeout: std::time::Duration::from_millis(positive(source, &REQUEST_TIMEOUT_MS)?),
+        streams_per_connection: positive(source, &MAX_STREAMS_PER_CONNECTION)?,
+    })
+}
+
+/// An Auth0 tenant: who issues the tokens kiroku accepts, and where its signing keys are.
+#[derive(Clone, Debug)]
+pub struct Auth0Tenant {
+    /// Compared with a token's `iss` with or without a trailing slash.
+    pub issuer: String,
+    pub jwks_url: Url,
+}
+
+pub fn auth0_tenant(source: &dyn Source) -> Result<Auth0Tenant, ConfigError> {
+    let issuer = required(source, &AUTH0_ISSUER)?;
+    web_url(AUTH0_ISSUER.name, &issuer)?;
+    let jwks_url = match AUTH0_JWKS_URL.get(source) {
+        Some(url) => web_url(AUTH0_JWKS_URL.name, &url)?,
+        None => web_url(AUTH0_ISSUER.name, &format!("{}/.well-known/jwks.json", issuer.trim_end_matches('/')))?,
+    };
+    Ok(Auth0Tenant { issuer, jwks_url })
+}
+
 /// Read by the logger rather than by `config.rs`; listed so that `--help` shows it.
 pub const RUST_LOG: Setting = Setting::new("RUST_LOG", Some("info"), "log filter, e.g. info,kiroku_projector=debug");
 
@@ -148,11 +208,25 @@ pub fn web_url(name: &'static str, value: &str) -> Result<Url, ConfigError> {
 
 /// A `postgres://` URL. The message never repeats the URL, which may hold a password.
 pub fn database_url(source: &dyn Source) -> Result<String, ConfigError> {
-    const NAME: &str = DATABASE_URL.name;
-    let value = required(source, &DATABASE_URL)?;
-    let url = Url::parse(&value).map_err(|_| ConfigError::new(NAME, "is not a URL"))?;
+    postgres_url(&DATABASE_URL, required(source, &DATABASE_URL)?)
+}
+
+/// The URL to migrate with at start-up, if `KIROKU_MIGRATE` says to: `KIROKU_MIGRATE_DATABASE_URL`, else
+/// `DATABASE_URL`.
+pub fn migration(source: &dyn Source) -> Result<Option<String>, ConfigError> {
+    if !bool(source, &MIGRATE)? {
+        return Ok(None);
+    }
+    match MIGRATE_DATABASE_URL.get(source) {
+        Some(url) => postgres_url(&MIGRATE_DATABASE_URL, url).map(Some),
+        None => database_url(source).map(Some),
+    }
+}
+
+fn postgres_url(setting: &Setting, value: String) -> Result<String, ConfigError> {
+    let url = Url::parse(&value).map_err(|_| ConfigError::new(setting.name, "is not a URL"))?;
     if !matches!(url.scheme(), "postgres" | "postgresql") {
-        return Err(ConfigError::new(NAME, "must start with postgres://"));
+        return Err(ConfigError::new(setting.name, "must start with postgres://"));
     }
     Ok(value)
 }

@@ -37,14 +37,15 @@ pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool>
     }
 }
 
-/// A pool on `url` (retried like [`connect_postgres`]), with pending migrations applied when `migrate` is set
-/// (`KIROKU_MIGRATE`).
-pub async fn open_database(url: &str, max_connections: u32, migrate: bool) -> Result<PgPool> {
-    let pool = connect_postgres(url, max_connections).await?;
-    if migrate {
-        kiroku_event_store::migrate(&pool).await.context("apply migrations")?;
+/// A pool on `url` (retried like [`connect_postgres`]), after pending migrations were applied as `migrate` (the
+/// schema owner's URL, when `KIROKU_MIGRATE` says so; see `config::migration`).
+pub async fn open_database(url: &str, max_connections: u32, migrate: Option<&str>) -> Result<PgPool> {
+    if let Some(owner) = migrate {
+        let owner = connect_postgres(owner, 1).await?;
+        kiroku_event_store::migrate(&owner).await.context("apply migrations")?;
+        owner.close().await;
     }
-    Ok(pool)
+    connect_postgres(url, max_connections).await
 }
 
 /// A client on `url`, retried until Redis answers or 30 s have passed. Once connected, fred reconnects by

@@ -17,7 +17,10 @@ use tower_service::Service;
 
 use crate::Shutdown;
 use crate::access::AccessLogLayer;
+use crate::caller::{CallerAuth, CallerLayer};
+use crate::config::ServerLimits;
 use crate::health::{Dependencies, health_service};
+use crate::shed::ShedLayer;
 
 const HEALTH: &str = "grpc.health.v1.Health";
 const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
@@ -31,6 +34,9 @@ pub struct GrpcServer {
     services: Vec<&'static str>,
     /// Health entries besides `""`.
     health_entries: Vec<&'static str>,
+    /// Who may call the `kiroku.v1` services (none: nobody is checked, for a server of health only).
+    callers: Option<CallerAuth>,
+    limits: Option<ServerLimits>,
 }
 
 impl GrpcServer {
@@ -55,6 +61,18 @@ impl GrpcServer {
         self
     }
 
+    /// Requires a caller token with the right permission on every `kiroku.v1` RPC (see `caller.rs`).
+    pub fn callers(mut self, auth: CallerAuth) -> Self {
+        self.callers = Some(auth);
+        self
+    }
+
+    /// Caps what clients may take (see `shed.rs`); without them, the defaults of `ServerLimits`' settings.
+    pub fn limits(mut self, limits: ServerLimits) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
     /// A health entry that names no gRPC service (the projector reports its own state this way).
     pub fn health_entry(mut self, name: &'static str) -> Self {
         self.health_entries.push(name);
@@ -64,7 +82,12 @@ impl GrpcServer {
     /// Serves on `listener` until `shutdown`: health goes NOT_SERVING, new calls are refused, in-flight calls
     /// finish. HTTP/2 keepalive keeps idle connections and streams alive through proxies and notices dead peers.
     pub async fn serve(self, listener: TcpListener, dependencies: Dependencies, shutdown: Shutdown) -> Result<()> {
-        let GrpcServer { mut routes, services, health_entries } = self;
+        let GrpcServer { mut routes, services, health_entries, callers, limits } = self;
+        let limits = limits.unwrap_or(ServerLimits {
+            in_flight: 1024,
+            request_timeout: Duration::from_secs(30),
+            streams_per_connection: 256,
+        });
         let (health, probe) = health_service(health_entries, dependencies, shutdown.clone());
         let listed: Vec<&str> = services.iter().copied().chain([HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA]).collect();
         let (reflection_v1, reflection_v1alpha) = reflection(&listed)?;
@@ -73,7 +96,12 @@ impl GrpcServer {
         let served = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_concurrent_streams(Some(limits.streams_per_connection))
+            // Unary calls only: a stream's handler returns once its response starts.
+            .timeout(limits.request_timeout)
             .layer(AccessLogLayer)
+            .layer(ShedLayer::new(limits.in_flight))
+            .layer(CallerLayer::new(callers))
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stopping.wait().await })
             .await

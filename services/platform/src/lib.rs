@@ -4,11 +4,14 @@
 //! It knows no business rule and no SQL of the log.
 
 pub mod access;
+pub mod auth;
+pub mod caller;
 pub mod config;
 mod connect;
 mod failpoint;
 pub mod grpc;
 pub mod health;
+pub mod shed;
 mod shutdown;
 mod telemetry;
 

@@ -4,12 +4,14 @@ use std::net::SocketAddr;
 
 use kiroku_platform::config::{self, ConfigError, Setting, Source};
 
-#[derive(Clone, Debug)]
+/// No `Debug`: the URLs may hold passwords, and nothing here needs printing.
+#[derive(Clone)]
 pub struct Settings {
     pub database_url: String,
     pub redis_url: String,
     pub redis_prefix: String,
-    pub migrate: bool,
+    /// The schema owner's URL, to migrate with at start-up (`KIROKU_MIGRATE`, `KIROKU_MIGRATE_DATABASE_URL`).
+    pub migrate: Option<String>,
     /// Where `grpc.health.v1` answers (compose probes it with `kiroku health`).
     pub health_addr: SocketAddr,
     /// This process's name in the consumer group; unique per process.
@@ -45,6 +47,7 @@ pub const SETTINGS: &[Setting] = &[
     config::REDIS_PREFIX,
     HEALTH_ADDR,
     config::MIGRATE,
+    config::MIGRATE_DATABASE_URL,
     MAX_ATTEMPTS,
     CONSUMER,
     CLAIM_IDLE_MS,
@@ -57,13 +60,13 @@ impl Settings {
             database_url: config::database_url(source)?,
             redis_url: config::redis_url(source)?,
             redis_prefix: config::redis_prefix(source)?,
-            migrate: config::bool(source, &config::MIGRATE)?,
+            migrate: config::migration(source)?,
             health_addr: config::socket_addr(source, &HEALTH_ADDR)?,
             consumer_name: CONSUMER
                 .get(source)
                 .unwrap_or_else(|| format!("projector-{}-{}", std::process::id(), ulid::Ulid::new())),
             max_attempts: config::positive(source, &MAX_ATTEMPTS)?,
-            claim_idle_ms: config::number(source, &CLAIM_IDLE_MS)?,
+            claim_idle_ms: config::positive(source, &CLAIM_IDLE_MS)?,
         })
     }
 }

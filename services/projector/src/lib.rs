@@ -9,7 +9,7 @@ mod projection;
 pub mod rebuild;
 mod startup;
 
-pub use projection::{PROJECTION, Projection, Status};
+pub use projection::{PROJECTION, Projection, Status, Step, Target};
 pub use startup::{Application, SERVICE_NAME};
 
 /// Runs the projector until SIGTERM or Ctrl-C, then stops within 10 s.

@@ -101,7 +101,7 @@ impl Projection {
             tx.rollback().await?;
             return Ok(Step { checkpoint, ..Step::default() });
         }
-        let (events, through, more, source) = match chained(&fresh, checkpoint) {
+        let (events, through, more, source) = match self.authentic(&fresh, checkpoint).await? {
             Some(events) => (events, None, false, Source::Stream),
             None => {
                 let batch = self.store.read_batch(checkpoint, BATCH).await?;
@@ -148,6 +148,33 @@ impl Projection {
         }
         tx.commit().await?;
         Ok(step)
+    }
+
+    /// The delivered entries' events, as the log has them, when the entries continue the chain from the
+    /// checkpoint and the log agrees: exactly these positions, and nothing else, after the checkpoint up to the
+    /// last of them (one indexed range read). Anyone who can write the stream could forge an entry (a user that
+    /// was never registered, a chain that skips real events, a position far ahead): what is applied is what the
+    /// log holds, and a stream that disagrees with it is not used (and said so).
+    async fn authentic(&self, fresh: &[&Entry], checkpoint: Position) -> anyhow::Result<Option<Vec<RecordedEvent>>> {
+        let Some(delivered) = chained(fresh, checkpoint) else { return Ok(None) };
+        let last = delivered.last().map_or(checkpoint, |e| e.position);
+        let logged =
+            self.store.read_range(checkpoint, last, u32::try_from(delivered.len() + 1).unwrap_or(u32::MAX)).await?;
+        let agrees = logged.len() == delivered.len()
+            && logged
+                .iter()
+                .zip(&delivered)
+                .all(|(log, entry)| log.position == entry.position && log.event_id == entry.event_id);
+        if !agrees {
+            tracing::warn!(
+                checkpoint = %checkpoint,
+                delivered = delivered.len(),
+                logged = logged.len(),
+                "stream entries disagree with the log (forged, or from another database?); reading the log instead"
+            );
+            return Ok(None);
+        }
+        Ok(Some(logged))
     }
 
     /// The slow path after a failed batch: each event in a savepoint. The first failing event gets one more

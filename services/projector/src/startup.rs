@@ -28,7 +28,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Application> {
-        let pool = open_database(&settings.database_url, 8, settings.migrate).await?;
+        let pool = open_database(&settings.database_url, 8, settings.migrate.as_deref()).await?;
         let redis = connect_redis(&settings.redis_url).await?;
         let reader = connect_redis(&settings.redis_url).await?;
         let listener = TcpListener::bind(settings.health_addr)

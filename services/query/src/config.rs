@@ -7,14 +7,21 @@ use kiroku_platform::config::{self, ConfigError, Setting, Source};
 
 use crate::watch::WatchSettings;
 
-#[derive(Clone, Debug)]
+/// No `Debug`: the URLs may hold passwords, and nothing here needs printing.
+#[derive(Clone)]
 pub struct Settings {
     pub database_url: String,
     pub redis_url: String,
     pub redis_prefix: String,
     pub listen_addr: SocketAddr,
-    pub migrate: bool,
+    /// The schema owner's URL, to migrate with at start-up (`KIROKU_MIGRATE`, `KIROKU_MIGRATE_DATABASE_URL`).
+    pub migrate: Option<String>,
+    /// What the gRPC server lets its clients take.
+    pub limits: config::ServerLimits,
     pub watch: WatchSettings,
+    /// Who issues callers' tokens, and the audience they must carry.
+    pub tenant: config::Auth0Tenant,
+    pub api_audience: String,
 }
 
 pub const QUERY_ADDR: Setting =
@@ -27,15 +34,29 @@ pub const WATCH_STALL_TIMEOUT_MS: Setting = Setting::new(
     "a subscriber that leaves a full buffer unread this long (ms) is ended with CONSUMER_TOO_SLOW",
 );
 
+pub const WATCH_MAX_STREAMS: Setting =
+    Setting::new("KIROKU_WATCH_MAX_STREAMS", Some("10000"), "WatchEvents streams this process serves at once");
+pub const WATCH_MAX_STREAMS_PER_CALLER: Setting =
+    Setting::new("KIROKU_WATCH_MAX_STREAMS_PER_CALLER", Some("100"), "WatchEvents streams one caller may hold at once");
+
 /// Every setting of `kiroku-query`, as `--help` lists them.
 pub const SETTINGS: &[Setting] = &[
     config::DATABASE_URL,
     config::REDIS_URL,
     config::REDIS_PREFIX,
     QUERY_ADDR,
+    config::AUTH0_ISSUER,
+    config::AUTH0_JWKS_URL,
+    config::API_AUDIENCE,
     config::MIGRATE,
+    config::MIGRATE_DATABASE_URL,
+    config::MAX_IN_FLIGHT,
+    config::REQUEST_TIMEOUT_MS,
+    config::MAX_STREAMS_PER_CONNECTION,
     WATCH_BUFFER,
     WATCH_STALL_TIMEOUT_MS,
+    WATCH_MAX_STREAMS,
+    WATCH_MAX_STREAMS_PER_CALLER,
     config::RUST_LOG,
 ];
 
@@ -47,11 +68,16 @@ impl Settings {
             redis_url: config::redis_url(source)?,
             redis_prefix: config::redis_prefix(source)?,
             listen_addr: config::socket_addr(source, &QUERY_ADDR)?,
-            migrate: config::bool(source, &config::MIGRATE)?,
+            migrate: config::migration(source)?,
+            limits: config::server_limits(source)?,
+            tenant: config::auth0_tenant(source)?,
+            api_audience: config::required(source, &config::API_AUDIENCE)?,
             watch: WatchSettings {
                 client_buffer,
                 broadcast_buffer: WatchSettings::default().broadcast_buffer.max(client_buffer),
-                stall_timeout: Duration::from_millis(config::number(source, &WATCH_STALL_TIMEOUT_MS)?),
+                stall_timeout: Duration::from_millis(config::positive(source, &WATCH_STALL_TIMEOUT_MS)?),
+                max_streams: config::positive(source, &WATCH_MAX_STREAMS)?,
+                max_streams_per_caller: config::positive(source, &WATCH_MAX_STREAMS_PER_CALLER)?,
             },
         })
     }
@@ -61,8 +87,12 @@ impl Settings {
 mod tests {
     use super::*;
 
-    const BASE: &[(&str, &str)] =
-        &[("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/kiroku"), ("REDIS_URL", "redis://127.0.0.1:6379/0")];
+    const BASE: &[(&str, &str)] = &[
+        ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/kiroku"),
+        ("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        ("KIROKU_AUTH0_ISSUER", "https://tenant.auth0.com/"),
+        ("KIROKU_API_AUDIENCE", "kiroku-api"),
+    ];
 
     #[test]
     fn every_setting_read_is_listed_in_help_and_the_defaults_are_the_watchers_own() {

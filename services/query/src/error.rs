@@ -21,6 +21,9 @@ pub enum QueryError {
     ConsumerTooSlow,
     #[error("the server is shutting down; resume with after_position")]
     ShuttingDown,
+    /// Past a cap (open streams): retry later.
+    #[error("{0}: limit reached; retry later")]
+    LimitReached(&'static str),
     /// The database is unreachable or restarting: retry.
     #[error("the database is unavailable; retry")]
     Unavailable,
@@ -76,6 +79,9 @@ impl From<QueryError> for Status {
                 Status::with_error_details(Code::ResourceExhausted, message, info("CONSUMER_TOO_SLOW"))
             }
             QueryError::ShuttingDown => Status::with_error_details(Code::Unavailable, message, info("SHUTTING_DOWN")),
+            QueryError::LimitReached(_) => {
+                kiroku_platform::shed::limit_reached(message, std::time::Duration::from_secs(5))
+            }
             QueryError::Unavailable => {
                 let mut details = info("STORE_UNAVAILABLE");
                 details.set_retry_info(Some(std::time::Duration::from_secs(1)));

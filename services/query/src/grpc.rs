@@ -8,8 +8,9 @@ use kiroku::v1::{
     ListRegistrationFailuresResponse, ListUsersRequest, ListUsersResponse, LookupUserRequest, LookupUserResponse,
     WatchEventsRequest, lookup_user_request,
 };
-use kiroku_domain::UserEvent;
+use kiroku_domain::{Auth0Subject, UserEvent};
 use kiroku_event_store::{EventStore, Position};
+use kiroku_platform::caller::Caller;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -89,10 +90,25 @@ impl QueryService for QueryGrpc {
     }
 
     async fn lookup_user(&self, request: Request<LookupUserRequest>) -> Result<Response<LookupUserResponse>, Status> {
+        // Keys that no user can have are the caller's mistake, not an unknown user.
         let key = match &request.get_ref().key {
-            Some(lookup_user_request::Key::Auth0Id(v)) if !v.is_empty() => UserKey::Auth0Id(v),
-            Some(lookup_user_request::Key::GithubId(v)) if !v.is_empty() => UserKey::GitHubId(v),
-            Some(lookup_user_request::Key::GithubUsername(v)) if !v.is_empty() => UserKey::GitHubUsername(v),
+            Some(lookup_user_request::Key::Auth0Id(v)) if !v.is_empty() => {
+                v.parse::<Auth0Subject>()
+                    .map_err(|_| QueryError::invalid("auth0_id", "must be github|<numeric id>"))?;
+                UserKey::Auth0Id(v)
+            }
+            Some(lookup_user_request::Key::GithubId(v)) if !v.is_empty() => {
+                if v.len() > 20 || !v.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(QueryError::invalid("github_id", "must be a numeric GitHub account id").into());
+                }
+                UserKey::GitHubId(v)
+            }
+            Some(lookup_user_request::Key::GithubUsername(v)) if !v.is_empty() => {
+                if v.len() > 100 || v.contains('\0') {
+                    return Err(QueryError::invalid("github_username", "must be a GitHub login").into());
+                }
+                UserKey::GitHubUsername(v)
+            }
             _ => {
                 return Err(
                     QueryError::invalid("key", "one of auth0_id, github_id, github_username is required").into()
@@ -168,7 +184,9 @@ impl QueryService for QueryGrpc {
     type WatchEventsStream = WatchStream;
 
     async fn watch_events(&self, request: Request<WatchEventsRequest>) -> Result<Response<WatchStream>, Status> {
-        let stream = self.watcher.watch(request.into_inner()).await?;
+        // Streams are capped per caller; without a caller check (none configured), all share one cap.
+        let caller = request.extensions().get::<Caller>().map(|c| c.subject.clone()).unwrap_or_default();
+        let stream = self.watcher.watch(request.into_inner(), &caller).await?;
         Ok(Response::new(stream))
     }
 }

@@ -6,6 +6,8 @@ use anyhow::{Context, Result};
 use fred::prelude::*;
 use kiroku::v1::query_service_server::QueryServiceServer;
 use kiroku_event_store::EventStore;
+use kiroku_platform::auth::{Jwks, TokenVerifier, http_client};
+use kiroku_platform::caller::{self, CallerAuth};
 use kiroku_platform::grpc::GrpcServer;
 use kiroku_platform::health::Dependencies;
 use kiroku_platform::{Shutdown, connect_redis, open_database};
@@ -27,7 +29,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Application> {
-        let pool = open_database(&settings.database_url, 32, settings.migrate).await?;
+        let pool = open_database(&settings.database_url, 32, settings.migrate.as_deref()).await?;
         let redis = connect_redis(&settings.redis_url).await?;
         let listener = TcpListener::bind(settings.listen_addr)
             .await
@@ -46,13 +48,25 @@ impl Application {
         let watcher = Watcher::start(store.clone(), settings.watch, shutdown.clone()).await?;
         let read_models = ReadModels::listen(pool.clone(), shutdown.clone()).await;
         let queries = QueryGrpc::new(read_models, store, watcher);
+        let jwks = Jwks::new(settings.tenant.jwks_url.clone(), http_client()?);
+        let verifier = TokenVerifier::new(jwks, settings.tenant.issuer.clone(), settings.api_audience.clone());
         tracing::info!(address = %local_addr, "kiroku-query listening");
         GrpcServer::new()
+            .limits(settings.limits)
+            .callers(CallerAuth::new(verifier, permission))
             .add_service(QueryServiceServer::new(queries))
             .serve(listener, Dependencies { postgres: pool.clone(), redis: Some(redis.clone()) }, shutdown)
             .await?;
         pool.close().await;
         let _ = redis.quit().await;
         Ok(())
+    }
+}
+
+/// The permission each QueryService RPC needs: reading, or following the log.
+fn permission(path: &str) -> &'static str {
+    match path {
+        "/kiroku.v1.QueryService/WatchEvents" => caller::WATCH,
+        _ => caller::READ,
     }
 }

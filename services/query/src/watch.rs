@@ -12,7 +12,7 @@
 //!   `CONSUMER_TOO_SLOW` (after what is buffered) and resumes with `after_position`.
 //! - **Progress** is sent after a second without any message: every later event has a higher position.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -59,11 +59,47 @@ pub struct WatchSettings {
     pub broadcast_buffer: usize,
     /// A client that leaves its full buffer unread this long is ended with CONSUMER_TOO_SLOW.
     pub stall_timeout: Duration,
+    /// Open streams this process serves at most, and at most per caller (past either, LIMIT_REACHED).
+    pub max_streams: usize,
+    pub max_streams_per_caller: usize,
 }
 
 impl Default for WatchSettings {
     fn default() -> Self {
-        WatchSettings { client_buffer: 1024, broadcast_buffer: 4096, stall_timeout: Duration::from_secs(30) }
+        WatchSettings {
+            client_buffer: 1024,
+            broadcast_buffer: 4096,
+            stall_timeout: Duration::from_secs(30),
+            max_streams: 10_000,
+            max_streams_per_caller: 100,
+        }
+    }
+}
+
+/// Open streams, in all and per caller.
+#[derive(Default)]
+struct Open {
+    total: usize,
+    by_caller: HashMap<String, usize>,
+}
+
+/// A place among the open streams, given back when the subscriber ends.
+struct Slot {
+    open: Arc<Mutex<Open>>,
+    caller: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.open.lock() {
+            open.total = open.total.saturating_sub(1);
+            if let Some(count) = open.by_caller.get_mut(&self.caller) {
+                *count -= 1;
+                if *count == 0 {
+                    open.by_caller.remove(&self.caller);
+                }
+            }
+        }
     }
 }
 
@@ -74,6 +110,7 @@ pub(crate) struct Watcher {
     items: broadcast::Sender<Item>,
     scanned: watch::Receiver<Position>,
     settings: WatchSettings,
+    open: Arc<Mutex<Open>>,
     shutdown: Shutdown,
 }
 
@@ -91,12 +128,13 @@ impl Watcher {
         let (scanned_tx, scanned) = watch::channel(head);
         let follower = store.follow(head, BATCH, POLL_EVERY).await;
         tokio::spawn(pump(follower, items.clone(), scanned_tx, shutdown.clone()));
-        Ok(Watcher { store, items, scanned, settings, shutdown })
+        Ok(Watcher { store, items, scanned, settings, open: Arc::default(), shutdown })
     }
 
     /// Validates the request and starts a subscriber.
-    pub(crate) async fn watch(&self, request: WatchEventsRequest) -> Result<WatchStream, QueryError> {
+    pub(crate) async fn watch(&self, request: WatchEventsRequest, caller: &str) -> Result<WatchStream, QueryError> {
         let filter = filter(&request)?;
+        let slot = self.take_slot(caller)?;
         let start = match request.start {
             Some(watch_events_request::Start::FromBeginning(true)) => Some(Position::ZERO),
             Some(watch_events_request::Start::AfterPosition(after)) => {
@@ -122,6 +160,7 @@ impl Watcher {
             full_since: None,
             stall_timeout: self.settings.stall_timeout,
             shutdown: self.shutdown.clone(),
+            _slot: slot,
         };
         // Live only starts after everything final now: what committed before the call is not sent (an older
         // transaction still open commits later in log order, and is sent).
@@ -134,6 +173,21 @@ impl Watcher {
         })
         .map(Err);
         Ok(Box::pin(ReceiverStream::new(receiver).chain(tail)))
+    }
+
+    /// A place for one more stream of `caller`, or LIMIT_REACHED.
+    fn take_slot(&self, caller: &str) -> Result<Slot, QueryError> {
+        let mut open = self.open.lock().map_err(|_| QueryError::Internal(anyhow::anyhow!("open streams poisoned")))?;
+        let mine = open.by_caller.get(caller).copied().unwrap_or(0);
+        if open.total >= self.settings.max_streams {
+            return Err(QueryError::LimitReached("this server's WatchEvents streams"));
+        }
+        if mine >= self.settings.max_streams_per_caller {
+            return Err(QueryError::LimitReached("this caller's WatchEvents streams"));
+        }
+        open.total += 1;
+        *open.by_caller.entry(caller.to_owned()).or_default() += 1;
+        Ok(Slot { open: self.open.clone(), caller: caller.to_owned() })
     }
 
     /// The highest position a client may resume after: committed events and announced progress.
@@ -215,6 +269,8 @@ struct Subscriber {
     full_since: Option<Instant>,
     stall_timeout: Duration,
     shutdown: Shutdown,
+    /// Given back when the subscriber ends.
+    _slot: Slot,
 }
 
 /// Why a subscriber stopped.

@@ -1,5 +1,7 @@
-//! Auth0 access tokens: RS256 only, keys from the configured JWKS (never from the token's `jku`, `x5u` or `jwk`
-//! headers), issuer and audience checked, `exp`/`nbf` with 30 s of leeway.
+//! Auth0 access tokens, for both kinds kiroku receives: the end user's token in RegisterUser's body (audience
+//! `KIROKU_AUTH0_AUDIENCE`) and the calling service's token in every RPC's metadata (audience
+//! `KIROKU_API_AUDIENCE`). RS256 only, keys from the configured JWKS (never from the token's `jku`, `x5u` or `jwk`
+//! headers), issuer and audience checked, `exp`/`nbf` with 30 s of leeway; one JWKS cache serves both.
 //!
 //! The JWKS is cached and refreshed in the background once it is 10 minutes old (a known key never waits for
 //! Auth0; a set that could not be refreshed for a day is no longer trusted). An unknown `kid` triggers a refetch,
@@ -15,8 +17,6 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
 use tokio::sync::{Mutex, RwLock};
 
-use crate::config::Auth0Settings;
-
 /// The least time between two JWKS fetches.
 const REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a fetched JWKS is used before it is refreshed (a key removed from it is then revoked).
@@ -25,12 +25,14 @@ const MAX_KEY_AGE: Duration = Duration::from_secs(600);
 const MAX_UNREFRESHED_AGE: Duration = Duration::from_secs(24 * 3600);
 /// Allowed clock skew for `exp` and `nbf`.
 const LEEWAY_SECONDS: u64 = 30;
+/// A JWKS larger than this is refused (a handful of keys is a few KiB).
+const MAX_JWKS_BYTES: usize = 64 * 1024;
 /// Longer tokens are refused before any parsing.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 /// Why a token was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum TokenError {
+pub enum TokenError {
     #[error("the token has expired")]
     Expired,
     /// The detail is for logs only; clients just learn that the token is invalid.
@@ -42,14 +44,24 @@ pub(crate) enum TokenError {
 
 /// What kiroku takes from a verified token.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct VerifiedToken {
+pub struct VerifiedToken {
     pub subject: String,
+    /// `azp`: the client the token was issued to (a machine-to-machine client's id).
+    pub authorized_party: Option<String>,
+    /// Auth0 RBAC's `permissions` array, or else the space-separated `scope`.
+    pub permissions: Vec<String>,
 }
 
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
     iss: String,
+    #[serde(default)]
+    azp: Option<String>,
+    #[serde(default)]
+    permissions: Option<Vec<String>>,
+    #[serde(default)]
+    scope: Option<String>,
 }
 
 /// The signing keys of the last JWKS fetched.
@@ -77,10 +89,23 @@ struct Refetch {
     last_succeeded: bool,
 }
 
-/// Verifies tokens against one Auth0 tenant.
-pub(crate) struct TokenVerifier {
-    settings: Auth0Settings,
+/// An Auth0 tenant's signing keys, cached; cheap to clone (clones share the cache).
+#[derive(Clone)]
+pub struct Jwks {
     keys: Arc<Keys>,
+}
+
+impl Jwks {
+    pub fn new(jwks_url: url::Url, http: reqwest::Client) -> Self {
+        Jwks { keys: Arc::new(Keys { jwks_url, http, cache: RwLock::default(), refetch: Mutex::default() }) }
+    }
+}
+
+/// Verifies tokens of one issuer for one audience.
+pub struct TokenVerifier {
+    jwks: Jwks,
+    issuer: String,
+    audience: String,
 }
 
 /// The JWKS cache and how to refill it; shared with background refreshes.
@@ -93,17 +118,12 @@ struct Keys {
 }
 
 impl TokenVerifier {
-    pub(crate) fn new(settings: Auth0Settings, http: reqwest::Client) -> Self {
-        let keys = Arc::new(Keys {
-            jwks_url: settings.jwks_url.clone(),
-            http,
-            cache: RwLock::default(),
-            refetch: Mutex::default(),
-        });
-        TokenVerifier { settings, keys }
+    /// `issuer` compares equal with or without a trailing slash.
+    pub fn new(jwks: Jwks, issuer: String, audience: String) -> Self {
+        TokenVerifier { jwks, issuer, audience }
     }
 
-    pub(crate) async fn verify(&self, token: &str) -> Result<VerifiedToken, TokenError> {
+    pub async fn verify(&self, token: &str) -> Result<VerifiedToken, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Invalid("too long"));
         }
@@ -112,13 +132,13 @@ impl TokenVerifier {
             return Err(TokenError::Invalid("algorithm is not RS256"));
         }
         let kid = header.kid.ok_or(TokenError::Invalid("no kid"))?;
-        let key = self.keys.key_for(&kid).await?;
+        let key = self.jwks.keys.key_for(&kid).await?;
 
         let mut validation = Validation::new(Algorithm::RS256);
         validation.leeway = LEEWAY_SECONDS;
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.set_audience(&[self.settings.audience.as_str()]);
+        validation.set_audience(&[self.audience.as_str()]);
         validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
         let claims = decode::<Claims>(token, &key, &validation)
             .map_err(|error| match error.kind() {
@@ -129,11 +149,43 @@ impl TokenVerifier {
                 _ => TokenError::Invalid("claims rejected"),
             })?
             .claims;
-        if claims.iss.trim_end_matches('/') != self.settings.issuer.trim_end_matches('/') {
+        if claims.iss.trim_end_matches('/') != self.issuer.trim_end_matches('/') {
             return Err(TokenError::Invalid("wrong issuer"));
         }
-        Ok(VerifiedToken { subject: claims.sub })
+        let permissions = match (claims.permissions, claims.scope) {
+            (Some(permissions), _) => permissions,
+            (None, Some(scope)) => scope.split_whitespace().map(str::to_owned).collect(),
+            (None, None) => Vec::new(),
+        };
+        Ok(VerifiedToken { subject: claims.sub, authorized_party: claims.azp, permissions })
     }
+}
+
+/// A response's body, refused as soon as it passes `limit` bytes (never buffered whole): a misbehaving peer cannot
+/// make kiroku allocate without bound.
+pub async fn read_capped(mut response: reqwest::Response, limit: usize) -> anyhow::Result<Vec<u8>> {
+    if response.content_length().is_some_and(|length| length > limit as u64) {
+        anyhow::bail!("the response is larger than {limit} bytes");
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            anyhow::bail!("the response is larger than {limit} bytes");
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// One HTTP client for Auth0 and GitHub: connection pooling, rustls with ring, no redirects to other hosts.
+pub fn http_client() -> anyhow::Result<reqwest::Client> {
+    // reqwest is built without a default crypto provider; ring is installed once per process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|error| anyhow::anyhow!("build the HTTP client: {error}"))
 }
 
 impl Keys {
@@ -214,7 +266,7 @@ impl Keys {
     async fn fetch(&self) -> anyhow::Result<HashMap<String, Arc<DecodingKey>>> {
         let response =
             self.http.get(self.jwks_url.clone()).timeout(Duration::from_secs(5)).send().await?.error_for_status()?;
-        let set: JwkSet = response.json().await?;
+        let set: JwkSet = serde_json::from_slice(&read_capped(response, MAX_JWKS_BYTES).await?)?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             let usable = matches!(jwk.algorithm, AlgorithmParameters::RSA(_))

@@ -1,0 +1,164 @@
+//! Callers: every `kiroku.v1` RPC carries `authorization: Bearer <token>`, an RS256 token of the configured Auth0
+//! tenant for the audience `KIROKU_API_AUDIENCE` (what Auth0 issues to a machine-to-machine client), whose
+//! `permissions` (or `scope`) must hold the permission the RPC needs. Health and reflection stay open.
+//!
+//! A tower layer checks it before the service sees the call: no or a bad token is UNAUTHENTICATED
+//! `CALLER_UNAUTHENTICATED`, a missing permission PERMISSION_DENIED `PERMISSION_MISSING` (metadata `permission`).
+//! The verified [`Caller`] goes into the request's extensions, for the handlers (event metadata) and into the
+//! RPC's span (the access log). The end user's token in RegisterUser's body is a different token, for another
+//! audience: a user token is never a caller token, nor the reverse.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::Code;
+use tonic_types::{ErrorDetails, StatusExt};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::auth::{TokenError, TokenVerifier};
+
+/// RegisterUser, SyncGitHubProfile.
+pub const REGISTER: &str = "kiroku:register";
+/// GetUser, LookupUser, ListUsers, GetUserHistory, ListRegistrationFailures, GetUserAsOf.
+pub const READ: &str = "kiroku:read";
+/// WatchEvents.
+pub const WATCH: &str = "kiroku:watch";
+/// DeactivateUser, ReactivateUser, EraseUser.
+pub const ADMIN: &str = "kiroku:admin";
+/// Every permission, for development tokens.
+pub const ALL: [&str; 4] = [REGISTER, READ, WATCH, ADMIN];
+
+const ERROR_DOMAIN: &str = "kiroku.v1";
+
+/// A verified caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// `sub`: for a machine-to-machine client, `<client id>@clients`.
+    pub subject: String,
+    /// `azp`: the client the token was issued to.
+    pub authorized_party: Option<String>,
+}
+
+/// The caller check of one service: the verifier for caller tokens, and which permission each of its RPCs needs
+/// (given the method's path, `/kiroku.v1.QueryService/GetUser`).
+#[derive(Clone)]
+pub struct CallerAuth {
+    verifier: Arc<TokenVerifier>,
+    permission: fn(&str) -> &'static str,
+}
+
+impl CallerAuth {
+    pub fn new(verifier: TokenVerifier, permission: fn(&str) -> &'static str) -> Self {
+        CallerAuth { verifier: Arc::new(verifier), permission }
+    }
+
+    /// The caller of a request with these headers, or the status that refuses it.
+    async fn check(&self, path: &str, headers: &http::HeaderMap) -> Result<Caller, tonic::Status> {
+        let token = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|token| !token.is_empty())
+            .ok_or_else(|| unauthenticated("an `authorization: Bearer <token>` header is required"))?;
+        let verified = self.verifier.verify(token).await.map_err(|error| match error {
+            TokenError::JwksUnavailable => {
+                let mut details = ErrorDetails::with_error_info("JWKS_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
+                details.set_retry_info(Some(std::time::Duration::from_secs(10)));
+                tonic::Status::with_error_details(
+                    Code::Unavailable,
+                    "the identity provider's keys cannot be fetched",
+                    details,
+                )
+            }
+            TokenError::Expired => unauthenticated("the caller token has expired"),
+            TokenError::Invalid(why) => {
+                // The reason is for the log only; the token itself never is.
+                tracing::debug!(why, "caller token refused");
+                unauthenticated("the caller token is invalid")
+            }
+        })?;
+        let needed = (self.permission)(path);
+        if !verified.permissions.iter().any(|p| p == needed) {
+            let metadata: HashMap<String, String> = [("permission".to_owned(), needed.to_owned())].into();
+            let details = ErrorDetails::with_error_info("PERMISSION_MISSING", ERROR_DOMAIN, metadata);
+            return Err(tonic::Status::with_error_details(
+                Code::PermissionDenied,
+                format!("the caller lacks the permission {needed}"),
+                details,
+            ));
+        }
+        Ok(Caller { subject: verified.subject, authorized_party: verified.authorized_party })
+    }
+}
+
+fn unauthenticated(message: &str) -> tonic::Status {
+    let details = ErrorDetails::with_error_info("CALLER_UNAUTHENTICATED", ERROR_DOMAIN, HashMap::new());
+    tonic::Status::with_error_details(Code::Unauthenticated, message, details)
+}
+
+/// The layer: with no [`CallerAuth`] (the projector, which serves only health), it lets everything through.
+#[derive(Clone, Default)]
+pub struct CallerLayer {
+    auth: Option<CallerAuth>,
+}
+
+impl CallerLayer {
+    pub fn new(auth: Option<CallerAuth>) -> Self {
+        CallerLayer { auth }
+    }
+}
+
+impl<S> Layer<S> for CallerLayer {
+    type Service = CallerCheck<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CallerCheck { inner, auth: self.auth.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct CallerCheck<S> {
+    inner: S,
+    auth: Option<CallerAuth>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for CallerCheck<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let Some(auth) = self.auth.clone().filter(|_| request.uri().path().starts_with("/kiroku.")) else {
+            return Box::pin(inner.call(request));
+        };
+        Box::pin(async move {
+            match auth.check(request.uri().path(), request.headers()).await {
+                Ok(caller) => {
+                    let span = tracing::Span::current();
+                    span.record("caller", caller.subject.as_str());
+                    request.extensions_mut().insert(caller);
+                    inner.call(request).await
+                }
+                Err(status) => Ok(status.into_http()),
+            }
+        })
+    }
+}

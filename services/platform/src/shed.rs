@@ -1,0 +1,83 @@
+//! Load shedding: a server takes at most `in_flight` calls at once; one more is answered at once with
+//! RESOURCE_EXHAUSTED `LIMIT_REACHED` and a RetryInfo, never queued (a queue only turns overload into latency for
+//! everyone). A stream holds its place until its response starts; WatchEvents streams have caps of their own.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tonic::Code;
+use tonic_types::{ErrorDetails, StatusExt};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// RESOURCE_EXHAUSTED `LIMIT_REACHED`, retry after `retry_after`.
+pub fn limit_reached(message: impl Into<String>, retry_after: Duration) -> tonic::Status {
+    let mut details = ErrorDetails::with_error_info("LIMIT_REACHED", "kiroku.v1", HashMap::new());
+    details.set_retry_info(Some(retry_after));
+    tonic::Status::with_error_details(Code::ResourceExhausted, message, details)
+}
+
+#[derive(Clone)]
+pub struct ShedLayer {
+    permits: Arc<Semaphore>,
+}
+
+impl ShedLayer {
+    pub fn new(in_flight: usize) -> Self {
+        ShedLayer { permits: Arc::new(Semaphore::new(in_flight.max(1))) }
+    }
+}
+
+impl<S> Layer<S> for ShedLayer {
+    type Service = Shed<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Shed { inner, permits: self.permits.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Shed<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Shed<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        // Health and reflection are never shed: an orchestrator must see an overloaded server as alive.
+        if !request.uri().path().starts_with("/kiroku.") {
+            return Box::pin(inner.call(request));
+        }
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            let status = limit_reached("the server is at its limit of calls in flight", Duration::from_secs(1));
+            return Box::pin(async move { Ok(status.into_http()) });
+        };
+        Box::pin(async move {
+            let response = inner.call(request).await;
+            drop(permit);
+            response
+        })
+    }
+}
