@@ -121,12 +121,12 @@ async fn without_min_position_a_user_appears_eventually_and_a_far_position_is_pr
     // No projector yet: the read model cannot reach the position within the caller's deadline.
     let mut request =
         tonic::Request::new(GetUserRequest { user_id: registered.user_id.clone(), min_position: registered.position });
-    request.set_timeout(Duration::from_millis(1500));
+    request.set_timeout(Duration::from_secs(3));
     let started = std::time::Instant::now();
     let behind = client.get_user(request).await.unwrap_err();
     assert_eq!(behind.code(), Code::Unavailable, "{behind:?}");
     assert_eq!(reason(&behind), "PROJECTION_BEHIND");
-    assert!(started.elapsed() < Duration::from_millis(1500), "answered before the caller's deadline");
+    assert!(started.elapsed() < Duration::from_secs(3), "answered before the caller's deadline");
 
     let projector = app.start_projector(&[]).await;
     let user = eventually(Duration::from_secs(20), "the user in the read model", || {
@@ -343,8 +343,9 @@ async fn the_projector_recovers_from_the_store_when_redis_is_flushed() {
     // The consumer group was re-created and everything delivered since has been acknowledged.
     let stream = app.redis.events_stream();
     eventually(Duration::from_secs(20), "the re-created group to have nothing pending", || async {
+        // Until the relay's next publish re-creates the stream, XINFO answers "no such key": not yet.
         let groups: Vec<std::collections::HashMap<String, fred::types::Value>> =
-            app.redis.client.xinfo_groups(&stream).await?;
+            app.redis.client.xinfo_groups(&stream).await.unwrap_or_default();
         let users =
             groups.iter().find(|g| g.get("name").and_then(fred::types::Value::as_string).as_deref() == Some("users"));
         Ok(users.and_then(|g| g.get("pending").and_then(fred::types::Value::as_u64)).filter(|p| *p == 0).map(|_| ()))

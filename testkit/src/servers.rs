@@ -14,6 +14,8 @@ use crate::free_address;
 pub struct PrivatePostgres {
     dir: PathBuf,
     port: u16,
+    /// More `-c name=value` options for `postgres` (TLS).
+    options: String,
 }
 
 /// A PostgreSQL server tool: from `KIROKU_PG_BINDIR`, else from PATH, else from Debian's
@@ -66,6 +68,25 @@ fn run(mut command: Command, what: &str) -> Result<()> {
 impl PrivatePostgres {
     /// A fresh cluster (trust authentication, user `postgres`), started.
     pub fn start() -> Result<PrivatePostgres> {
+        PrivatePostgres::start_with(|_| Ok(String::new()))
+    }
+
+    /// A fresh cluster that also accepts TLS, with this certificate and key (PEM).
+    pub fn start_with_tls(cert: &str, key: &str) -> Result<PrivatePostgres> {
+        PrivatePostgres::start_with(|dir| {
+            let (cert_path, key_path) = (dir.join("server.crt"), dir.join("server.key"));
+            std::fs::write(&cert_path, cert)?;
+            std::fs::write(&key_path, key)?;
+            // PostgreSQL refuses a key that others can read.
+            for path in [&cert_path, &key_path] {
+                let _ = Command::new("chown").arg("postgres").arg(path).stderr(Stdio::null()).status();
+            }
+            let _ = Command::new("chmod").arg("600").arg(&key_path).status();
+            Ok(format!(" -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}", cert_path.display(), key_path.display()))
+        })
+    }
+
+    fn start_with(options: impl FnOnce(&std::path::Path) -> Result<String>) -> Result<PrivatePostgres> {
         let dir = std::env::temp_dir().join(format!("kiroku-pg-{}", ulid::Ulid::new().to_string().to_lowercase()));
         std::fs::create_dir_all(&dir)?;
         // As root, the cluster's files belong to `postgres` (elsewhere this fails harmlessly: they are ours).
@@ -73,7 +94,8 @@ impl PrivatePostgres {
         let mut initdb = postgres_command("initdb");
         initdb.arg("-D").arg(dir.join("data")).args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
         run(initdb, "initdb")?;
-        let postgres = PrivatePostgres { dir, port: free_address().port() };
+        let options = options(&dir)?;
+        let postgres = PrivatePostgres { dir, port: free_address().port(), options };
         postgres.start_again()?;
         Ok(postgres)
     }
@@ -92,9 +114,10 @@ impl PrivatePostgres {
         // No fsync: an immediate shutdown is a crash of PostgreSQL, not of the machine, and the WAL it wrote is
         // still in the OS's cache when it restarts and recovers. What the suite tests is PostgreSQL crashing.
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200{}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.options
         );
         let mut pg_ctl = postgres_command("pg_ctl");
         pg_ctl.arg("-D").arg(self.dir.join("data")).args(["-o", &options, "-l"]).arg(self.dir.join("log"));

@@ -68,8 +68,27 @@ impl CommandApp {
     }
 
     async fn spawn_configured(extra: &[(&str, &str)], proxy: Option<&kiroku_testkit::TcpProxy>) -> CommandApp {
-        let db = TestDb::create().await.unwrap();
+        CommandApp::spawn_prepared(TestRedis::acquire().await.unwrap(), extra, proxy).await
+    }
+
+    /// Starts the service with settings that depend on its Redis database (a Redis user for its prefix, say).
+    pub async fn spawn_with_redis<F, Fut>(prepare: F) -> CommandApp
+    where
+        F: FnOnce(u8, String) -> Fut,
+        Fut: std::future::Future<Output = Vec<(String, String)>>,
+    {
         let redis = TestRedis::acquire().await.unwrap();
+        let extra = prepare(redis.db, redis.prefix.clone()).await;
+        let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        CommandApp::spawn_prepared(redis, &extra, None).await
+    }
+
+    async fn spawn_prepared(
+        redis: TestRedis,
+        extra: &[(&str, &str)],
+        proxy: Option<&kiroku_testkit::TcpProxy>,
+    ) -> CommandApp {
+        let db = TestDb::create().await.unwrap();
         let auth0 = MockServer::start().await;
         let github = MockServer::start().await;
         let key = shared_key();

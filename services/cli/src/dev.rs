@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use fred::prelude::*;
 use kiroku_dev_identity::{
     ALL_PERMISSIONS, DEV_API_AUDIENCE, DEV_AUDIENCE, DEV_IDENTITY_ADDR, DevAccount, DevIdentityProvider,
 };
@@ -21,6 +22,8 @@ const IDENTITY_ADDR: &str = "KIROKU_DEV_IDENTITY_ADDR";
 struct DevSource {
     issuer: String,
     github_api_url: String,
+    /// This service's own Redis user, when `kiroku dev` could make one (see [`redis_users`]).
+    redis_url: Option<String>,
 }
 
 impl Source for DevSource {
@@ -34,31 +37,37 @@ impl Source for DevSource {
             "KIROKU_GITHUB_API_URL" => Some(self.github_api_url.clone()),
             "KIROKU_GITHUB_TOKEN" => None,
             "DATABASE_URL" => Some(Environment.get(name).unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned())),
-            "REDIS_URL" => Some(Environment.get(name).unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned())),
+            "REDIS_URL" => self.redis_url.clone().or_else(|| Some(redis_url())),
             _ => Environment.get(name),
         }
     }
 }
 
 pub(crate) async fn run() -> Result<()> {
-    let database_url = DevSource { issuer: String::new(), github_api_url: String::new() }
-        .get("DATABASE_URL")
-        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+    let database_url = Environment.get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
     create_database_if_missing(&database_url).await?;
 
     let identity = DevIdentityProvider::start(identity_addr()?).await?;
-    let source = DevSource { issuer: identity.issuer().to_owned(), github_api_url: identity.github_api_url() };
+    let users = redis_users().await;
+    let user_names: Vec<String> =
+        users.iter().flatten().filter_map(|url| url::Url::parse(url).ok().map(|u| u.username().to_owned())).collect();
+    let source = |redis_url: Option<String>| DevSource {
+        issuer: identity.issuer().to_owned(),
+        github_api_url: identity.github_api_url(),
+        redis_url,
+    };
+    let [relay, projector, query] = users.map_or([None, None, None], |urls| urls.map(Some));
 
     let command = kiroku_command::Application::build(
-        kiroku_command::config::Settings::from_source(&source).unwrap_or_else(|e| config_error(&e)),
+        kiroku_command::config::Settings::from_source(&source(relay)).unwrap_or_else(|e| config_error(&e)),
     )
     .await?;
     let query = kiroku_query::Application::build(
-        kiroku_query::config::Settings::from_source(&source).unwrap_or_else(|e| config_error(&e)),
+        kiroku_query::config::Settings::from_source(&source(query)).unwrap_or_else(|e| config_error(&e)),
     )
     .await?;
     let projector = kiroku_projector::Application::build(
-        kiroku_projector::config::Settings::from_source(&source).unwrap_or_else(|e| config_error(&e)),
+        kiroku_projector::config::Settings::from_source(&source(projector)).unwrap_or_else(|e| config_error(&e)),
     )
     .await?;
 
@@ -96,7 +105,14 @@ pub(crate) async fn run() -> Result<()> {
     ];
     shutdown_signal().await;
     trigger.trigger();
-    let _ = tokio::time::timeout(Duration::from_secs(9), futures_join(tasks)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(8), futures_join(tasks)).await;
+    // The users were made for this run.
+    if !user_names.is_empty()
+        && let Ok(admin) = kiroku_platform::connect_redis(&redis_url()).await
+    {
+        let _: Result<i64, _> = admin.acl_deluser(user_names).await;
+        let _ = admin.quit().await;
+    }
     Ok(())
 }
 
@@ -146,6 +162,42 @@ pub(crate) async fn token(account: Option<(u64, String)>, permissions: Option<Ve
         None => println!("{token}"),
     }
     Ok(())
+}
+
+fn redis_url() -> String {
+    Environment.get("REDIS_URL").unwrap_or_else(|| DEFAULT_REDIS_URL.to_owned())
+}
+
+/// Redis users for the relay, the projector and the query service, each allowed only its own work (the ACL
+/// rules of `kiroku_relay::stream::acl_rules`), with passwords made for this run; their URLs, in that order.
+/// `None` (and the one URL for all) when this Redis does not let us (an older server, a managed one).
+async fn redis_users() -> Option<[String; 3]> {
+    let base = redis_url();
+    let prefix = Environment.get("KIROKU_REDIS_PREFIX").unwrap_or_else(|| "kiroku".to_owned());
+    let admin = kiroku_platform::connect_redis(&base).await.ok()?;
+    let rules = kiroku_relay::stream::acl_rules(&prefix);
+    let mut urls = Vec::new();
+    for (role, rules) in [("relay", rules.relay), ("projector", rules.projector), ("query", rules.query)] {
+        // One set of users per stream, so that two `kiroku dev` on one Redis keep out of each other's way.
+        let name = format!("kiroku-dev-{role}-{prefix}");
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        let mut args = vec!["reset".to_owned(), "on".to_owned(), format!(">{password}")];
+        args.extend(rules);
+        let made = admin.acl_setuser(name.clone(), args).await;
+        if let Err(error) = made {
+            eprintln!(
+                "  (no Redis users of their own for the services: {error}; they share {})",
+                without_password(&base)
+            );
+            return None;
+        }
+        let mut url = url::Url::parse(&base).ok()?;
+        url.set_username(&name).ok()?;
+        url.set_password(Some(&password)).ok()?;
+        urls.push(url.to_string());
+    }
+    let _ = admin.quit().await;
+    urls.try_into().ok()
 }
 
 /// The identity provider's address: `KIROKU_DEV_IDENTITY_ADDR`, or 127.0.0.1:50053.

@@ -17,6 +17,8 @@ pub struct Settings {
     pub listen_addr: SocketAddr,
     /// The schema owner's URL, to migrate with at start-up (`KIROKU_MIGRATE`, `KIROKU_MIGRATE_DATABASE_URL`).
     pub migrate: Option<String>,
+    /// TLS for the gRPC listener (`KIROKU_TLS_*`); `None`: plaintext.
+    pub tls: Option<kiroku_platform::tls::TlsSettings>,
     /// What the gRPC server lets its clients take.
     pub limits: config::ServerLimits,
     /// The Auth0 tenant whose tokens kiroku accepts, from end users and from callers alike.
@@ -104,6 +106,10 @@ pub const SETTINGS: &[Setting] = &[
     GITHUB_TIMEOUT_MS,
     config::MIGRATE,
     config::MIGRATE_DATABASE_URL,
+    config::TLS_CERT,
+    config::TLS_KEY,
+    config::TLS_CLIENT_CA,
+    config::ALLOW_PLAINTEXT,
     config::MAX_IN_FLIGHT,
     config::REQUEST_TIMEOUT_MS,
     config::MAX_STREAMS_PER_CONNECTION,
@@ -121,10 +127,12 @@ impl Settings {
         let mut relay = RelaySettings::new(&redis_prefix);
         relay.max_len = config::positive(source, &REDIS_MAXLEN)?;
         relay.batch_size = config::positive(source, &RELAY_BATCH_SIZE)?;
+        let listen_addr = config::socket_addr(source, &COMMAND_ADDR)?;
         Ok(Settings {
             database_url: config::database_url(source)?,
             redis_url: config::redis_url(source)?,
-            listen_addr: config::socket_addr(source, &COMMAND_ADDR)?,
+            listen_addr,
+            tls: config::transport(source, listen_addr, &COMMAND_ADDR)?,
             migrate: config::migration(source)?,
             limits: config::server_limits(source)?,
             tenant,

@@ -77,6 +77,7 @@ impl Application {
         );
         tracing::info!(address = %local_addr, "kiroku-command listening");
         GrpcServer::new()
+            .tls(settings.tls.clone())
             .limits(settings.limits)
             .callers(callers)
             .add_service(CommandServiceServer::new(CommandGrpc::new(commands)))

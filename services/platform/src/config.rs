@@ -103,6 +103,50 @@ pub const REQUEST_TIMEOUT_MS: Setting =
 pub const MAX_STREAMS_PER_CONNECTION: Setting =
     Setting::new("KIROKU_MAX_STREAMS_PER_CONNECTION", Some("256"), "HTTP/2 streams one connection may open at once");
 
+pub const TLS_CERT: Setting =
+    Setting::new("KIROKU_TLS_CERT", None, "the server's certificate chain (PEM); with KIROKU_TLS_KEY, gRPC over TLS");
+pub const TLS_KEY: Setting = Setting::new("KIROKU_TLS_KEY", None, "the server's private key (PEM)");
+pub const TLS_CLIENT_CA: Setting = Setting::new(
+    "KIROKU_TLS_CLIENT_CA",
+    None,
+    "a CA (PEM) that client certificates must chain to: mutual TLS [default: no client certificates]",
+);
+pub const ALLOW_PLAINTEXT: Setting = Setting::new(
+    "KIROKU_ALLOW_PLAINTEXT",
+    Some("false"),
+    "serve plaintext on a non-loopback address (a service mesh's sidecar encrypts); otherwise that exits 64",
+);
+
+/// How a server's gRPC listener is secured: TLS when a certificate and key are set; else plaintext, which
+/// off-loopback must be asked for (`KIROKU_ALLOW_PLAINTEXT=true`).
+pub fn transport(
+    source: &dyn Source,
+    listen: SocketAddr,
+    listen_setting: &Setting,
+) -> Result<Option<crate::tls::TlsSettings>, ConfigError> {
+    let file = |setting: &Setting| -> Result<Option<std::path::PathBuf>, ConfigError> {
+        let Some(path) = setting.get(source).map(std::path::PathBuf::from) else { return Ok(None) };
+        std::fs::File::open(&path)
+            .map_err(|e| ConfigError::new(setting.name, format!("cannot be read ({})", e.kind())))?;
+        Ok(Some(path))
+    };
+    let (cert, key, client_ca) = (file(&TLS_CERT)?, file(&TLS_KEY)?, file(&TLS_CLIENT_CA)?);
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(crate::tls::TlsSettings { cert, key, client_ca })),
+        (Some(_), None) => Err(ConfigError::new(TLS_KEY.name, "is required with KIROKU_TLS_CERT")),
+        (None, Some(_)) => Err(ConfigError::new(TLS_CERT.name, "is required with KIROKU_TLS_KEY")),
+        (None, None) if client_ca.is_some() => {
+            Err(ConfigError::new(TLS_CLIENT_CA.name, "needs KIROKU_TLS_CERT and KIROKU_TLS_KEY"))
+        }
+        (None, None) if !listen.ip().is_loopback() && !bool(source, &ALLOW_PLAINTEXT)? => Err(ConfigError::new(
+            listen_setting.name,
+            "is not a loopback address: set KIROKU_TLS_CERT and KIROKU_TLS_KEY, or KIROKU_ALLOW_PLAINTEXT=true when \
+             a service mesh encrypts the traffic",
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
 /// What a gRPC server lets its clients take.
 #[derive(Clone, Copy, Debug)]
 pub struct ServerLimits {
@@ -227,6 +271,18 @@ fn postgres_url(setting: &Setting, value: String) -> Result<String, ConfigError>
     let url = Url::parse(&value).map_err(|_| ConfigError::new(setting.name, "is not a URL"))?;
     if !matches!(url.scheme(), "postgres" | "postgresql") {
         return Err(ConfigError::new(setting.name, "must start with postgres://"));
+    }
+    // What the driver will make of it (sslmode, sslrootcert, …), now rather than after 30 s of retries. Its
+    // message may quote the URL: only the setting's name is shown.
+    value
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .map_err(|_| ConfigError::new(setting.name, "has an option the driver refuses (sslmode, …)"))?;
+    for (option, file) in url.query_pairs() {
+        if matches!(option.as_ref(), "sslrootcert" | "sslcert" | "sslkey")
+            && std::fs::File::open(file.as_ref()).is_err()
+        {
+            return Err(ConfigError::new(setting.name, format!("its {option} cannot be read")));
+        }
     }
     Ok(value)
 }

@@ -21,6 +21,7 @@ use crate::caller::{CallerAuth, CallerLayer};
 use crate::config::ServerLimits;
 use crate::health::{Dependencies, health_service};
 use crate::shed::ShedLayer;
+use crate::tls::TlsSettings;
 
 const HEALTH: &str = "grpc.health.v1.Health";
 const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
@@ -37,6 +38,8 @@ pub struct GrpcServer {
     /// Who may call the `kiroku.v1` services (none: nobody is checked, for a server of health only).
     callers: Option<CallerAuth>,
     limits: Option<ServerLimits>,
+    /// TLS (and mTLS) when configured; plaintext otherwise (config allows that on loopback, or when asked).
+    tls: Option<TlsSettings>,
 }
 
 impl GrpcServer {
@@ -73,6 +76,12 @@ impl GrpcServer {
         self
     }
 
+    /// Serves over TLS when `tls` is set (see `tls.rs`).
+    pub fn tls(mut self, tls: Option<TlsSettings>) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// A health entry that names no gRPC service (the projector reports its own state this way).
     pub fn health_entry(mut self, name: &'static str) -> Self {
         self.health_entries.push(name);
@@ -82,18 +91,19 @@ impl GrpcServer {
     /// Serves on `listener` until `shutdown`: health goes NOT_SERVING, new calls are refused, in-flight calls
     /// finish. HTTP/2 keepalive keeps idle connections and streams alive through proxies and notices dead peers.
     pub async fn serve(self, listener: TcpListener, dependencies: Dependencies, shutdown: Shutdown) -> Result<()> {
-        let GrpcServer { mut routes, services, health_entries, callers, limits } = self;
+        let GrpcServer { mut routes, services, health_entries, callers, limits, tls } = self;
         let limits = limits.unwrap_or(ServerLimits {
             in_flight: 1024,
             request_timeout: Duration::from_secs(30),
             streams_per_connection: 256,
         });
-        let (health, probe) = health_service(health_entries, dependencies, shutdown.clone());
+        let (health, probe) = health_service(health_entries, dependencies, shutdown.clone()).await;
         let listed: Vec<&str> = services.iter().copied().chain([HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA]).collect();
         let (reflection_v1, reflection_v1alpha) = reflection(&listed)?;
         routes.add_service(health).add_service(reflection_v1).add_service(reflection_v1alpha);
         let stopping = shutdown.clone();
-        let served = Server::builder()
+        let stopped = async move { stopping.wait().await };
+        let router = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .max_concurrent_streams(Some(limits.streams_per_connection))
@@ -102,10 +112,15 @@ impl GrpcServer {
             .layer(AccessLogLayer)
             .layer(ShedLayer::new(limits.in_flight))
             .layer(CallerLayer::new(callers))
-            .add_routes(routes.routes())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stopping.wait().await })
-            .await
-            .context("serve gRPC");
+            .add_routes(routes.routes());
+        let served = match tls {
+            Some(tls) => {
+                let acceptor = crate::tls::acceptor(&tls, shutdown.clone())?;
+                router.serve_with_incoming_shutdown(crate::tls::incoming(listener, acceptor), stopped).await
+            }
+            None => router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped).await,
+        }
+        .context("serve gRPC");
         // The probe sets NOT_SERVING once shutdown begins; it ends by itself right after.
         let _ = tokio::time::timeout(Duration::from_secs(2), probe).await;
         served

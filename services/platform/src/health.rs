@@ -40,30 +40,45 @@ impl Dependencies {
     }
 }
 
-/// The `grpc.health.v1` service for `services`, kept up to date by a background probe every second until
-/// shutdown (see [`report_health`]).
-pub fn health_service(
+/// The `grpc.health.v1` service for `services`, its entries set by a first probe before it returns (a caller
+/// that checks a service's own entry right after start-up gets SERVING or NOT_SERVING, never "not registered"),
+/// then kept up to date every second until shutdown (see [`report_health`]).
+pub async fn health_service(
     services: Vec<&'static str>,
     dependencies: Dependencies,
     shutdown: Shutdown,
 ) -> (HealthServer<impl Health>, tokio::task::JoinHandle<()>) {
     let (reporter, service) = tonic_health::server::health_reporter();
-    let probe = tokio::spawn(report_health(reporter, services, dependencies, Duration::from_secs(1), shutdown));
+    let first = status_of(&dependencies).await;
+    set_all(&reporter, &services, first).await;
+    let probe =
+        tokio::spawn(report_health(reporter, services, dependencies, Some(first), Duration::from_secs(1), shutdown));
     (service, probe)
 }
 
-/// Sets `""` and `services` to SERVING or NOT_SERVING every `interval` until shutdown, then NOT_SERVING.
-pub async fn report_health(
+async fn status_of(dependencies: &Dependencies) -> ServingStatus {
+    if dependencies.all_reachable().await { ServingStatus::Serving } else { ServingStatus::NotServing }
+}
+
+/// Sets `""` and `services` to SERVING or NOT_SERVING every `interval` until shutdown, then NOT_SERVING;
+/// `last` is what they were set to already.
+async fn report_health(
     reporter: HealthReporter,
     services: Vec<&'static str>,
     dependencies: Dependencies,
+    mut last: Option<ServingStatus>,
     interval: Duration,
     shutdown: Shutdown,
 ) {
-    let mut last = None;
+    if last == Some(ServingStatus::NotServing) {
+        tracing::warn!("a dependency is unreachable: health is NOT_SERVING");
+    }
     loop {
-        let status =
-            if dependencies.all_reachable().await { ServingStatus::Serving } else { ServingStatus::NotServing };
+        tokio::select! {
+            () = shutdown.wait() => break,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let status = status_of(&dependencies).await;
         if last != Some(status) {
             if status == ServingStatus::NotServing {
                 tracing::warn!("a dependency is unreachable: health is NOT_SERVING");
@@ -72,10 +87,6 @@ pub async fn report_health(
             }
             set_all(&reporter, &services, status).await;
             last = Some(status);
-        }
-        tokio::select! {
-            () = shutdown.wait() => break,
-            () = tokio::time::sleep(interval) => {}
         }
     }
     set_all(&reporter, &services, ServingStatus::NotServing).await;

@@ -14,6 +14,7 @@ pub mod health;
 pub mod shed;
 mod shutdown;
 mod telemetry;
+pub mod tls;
 
 pub use connect::{connect_postgres, connect_redis, open_database};
 pub use failpoint::failpoint;

@@ -12,6 +12,8 @@ pub struct Settings {
     pub redis_prefix: String,
     /// The schema owner's URL, to migrate with at start-up (`KIROKU_MIGRATE`, `KIROKU_MIGRATE_DATABASE_URL`).
     pub migrate: Option<String>,
+    /// TLS for the gRPC listener (`KIROKU_TLS_*`); `None`: plaintext.
+    pub tls: Option<kiroku_platform::tls::TlsSettings>,
     /// Where `grpc.health.v1` answers (compose probes it with `kiroku health`).
     pub health_addr: SocketAddr,
     /// This process's name in the consumer group; unique per process.
@@ -48,6 +50,10 @@ pub const SETTINGS: &[Setting] = &[
     HEALTH_ADDR,
     config::MIGRATE,
     config::MIGRATE_DATABASE_URL,
+    config::TLS_CERT,
+    config::TLS_KEY,
+    config::TLS_CLIENT_CA,
+    config::ALLOW_PLAINTEXT,
     MAX_ATTEMPTS,
     CONSUMER,
     CLAIM_IDLE_MS,
@@ -56,12 +62,14 @@ pub const SETTINGS: &[Setting] = &[
 
 impl Settings {
     pub fn from_source(source: &dyn Source) -> Result<Settings, ConfigError> {
+        let health_addr = config::socket_addr(source, &HEALTH_ADDR)?;
         Ok(Settings {
             database_url: config::database_url(source)?,
             redis_url: config::redis_url(source)?,
             redis_prefix: config::redis_prefix(source)?,
             migrate: config::migration(source)?,
-            health_addr: config::socket_addr(source, &HEALTH_ADDR)?,
+            health_addr,
+            tls: config::transport(source, health_addr, &HEALTH_ADDR)?,
             consumer_name: CONSUMER
                 .get(source)
                 .unwrap_or_else(|| format!("projector-{}-{}", std::process::id(), ulid::Ulid::new())),

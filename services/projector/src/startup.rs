@@ -64,6 +64,7 @@ impl Application {
             "kiroku-projector listening"
         );
         GrpcServer::new()
+            .tls(settings.tls.clone())
             .health_entry(SERVICE_NAME)
             .serve(listener, Dependencies { postgres: pool.clone(), redis: Some(redis.clone()) }, shutdown)
             .await?;

@@ -16,6 +16,8 @@ pub struct Settings {
     pub listen_addr: SocketAddr,
     /// The schema owner's URL, to migrate with at start-up (`KIROKU_MIGRATE`, `KIROKU_MIGRATE_DATABASE_URL`).
     pub migrate: Option<String>,
+    /// TLS for the gRPC listener (`KIROKU_TLS_*`); `None`: plaintext.
+    pub tls: Option<kiroku_platform::tls::TlsSettings>,
     /// What the gRPC server lets its clients take.
     pub limits: config::ServerLimits,
     pub watch: WatchSettings,
@@ -50,6 +52,10 @@ pub const SETTINGS: &[Setting] = &[
     config::API_AUDIENCE,
     config::MIGRATE,
     config::MIGRATE_DATABASE_URL,
+    config::TLS_CERT,
+    config::TLS_KEY,
+    config::TLS_CLIENT_CA,
+    config::ALLOW_PLAINTEXT,
     config::MAX_IN_FLIGHT,
     config::REQUEST_TIMEOUT_MS,
     config::MAX_STREAMS_PER_CONNECTION,
@@ -63,11 +69,13 @@ pub const SETTINGS: &[Setting] = &[
 impl Settings {
     pub fn from_source(source: &dyn Source) -> Result<Settings, ConfigError> {
         let client_buffer: usize = config::positive(source, &WATCH_BUFFER)?;
+        let listen_addr = config::socket_addr(source, &QUERY_ADDR)?;
         Ok(Settings {
             database_url: config::database_url(source)?,
             redis_url: config::redis_url(source)?,
             redis_prefix: config::redis_prefix(source)?,
-            listen_addr: config::socket_addr(source, &QUERY_ADDR)?,
+            listen_addr,
+            tls: config::transport(source, listen_addr, &QUERY_ADDR)?,
             migrate: config::migration(source)?,
             limits: config::server_limits(source)?,
             tenant: config::auth0_tenant(source)?,

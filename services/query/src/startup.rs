@@ -52,6 +52,7 @@ impl Application {
         let verifier = TokenVerifier::new(jwks, settings.tenant.issuer.clone(), settings.api_audience.clone());
         tracing::info!(address = %local_addr, "kiroku-query listening");
         GrpcServer::new()
+            .tls(settings.tls.clone())
             .limits(settings.limits)
             .callers(CallerAuth::new(verifier, permission))
             .add_service(QueryServiceServer::new(queries))

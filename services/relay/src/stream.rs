@@ -20,6 +20,51 @@ pub fn dead_letters_key(prefix: &str) -> String {
     format!("{prefix}:events:dead")
 }
 
+/// What a Redis user needs to connect and nothing more (ACL rules).
+const CONNECT: [&str; 7] = ["+ping", "+auth", "+hello", "+select", "+client|setname", "+client|id", "+quit"];
+
+/// The Redis ACL rules (the arguments after `ACL SETUSER <name> on ><password>`) of each kind of user of the
+/// stream of `prefix`: least privilege on Redis as on PostgreSQL.
+#[derive(Clone, Debug)]
+pub struct AclRules {
+    /// The relay: writes the stream (through its publish script), nothing else.
+    pub relay: Vec<String>,
+    /// The projector: reads the stream and manages its consumer group; writes only the dead letters.
+    pub projector: Vec<String>,
+    /// The query service: pings (its health probe).
+    pub query: Vec<String>,
+}
+
+pub fn acl_rules(prefix: &str) -> AclRules {
+    let events = events_key(prefix);
+    let dead = dead_letters_key(prefix);
+    let rules = |keys: &[String], commands: &[&str], more: &[String]| -> Vec<String> {
+        let mut rules = vec!["resetkeys".to_owned(), "resetchannels".to_owned(), "-@all".to_owned()];
+        rules.extend(keys.iter().map(|key| format!("~{key}")));
+        rules.extend(CONNECT.iter().chain(commands).map(|c| (*c).to_owned()));
+        rules.extend(more.iter().cloned());
+        rules
+    };
+    AclRules {
+        relay: rules(std::slice::from_ref(&events), &["+eval", "+evalsha", "+exists", "+xinfo|stream", "+xadd"], &[]),
+        projector: rules(
+            &[events],
+            &[
+                "+xreadgroup",
+                "+xack",
+                "+xautoclaim",
+                "+xgroup|create",
+                "+xgroup|delconsumer",
+                "+xinfo|consumers",
+                "+xinfo|groups",
+            ],
+            // A selector: the dead-letter stream, and only XADD on it.
+            &[format!("(~{dead} +xadd)")],
+        ),
+        query: rules(&[], &[], &[]),
+    }
+}
+
 /// How many fields an event entry has.
 pub const ENTRY_FIELDS: usize = 8;
 
