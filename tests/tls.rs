@@ -1,6 +1,6 @@
 //! Transport security: gRPC over TLS and mutual TLS with certificates this test makes (rcgen), a renewed
-//! certificate picked up without a restart, plaintext refused off loopback unless asked for, and PostgreSQL over
-//! TLS (`sslmode=require`, `verify-full`).
+//! certificate picked up without a restart, plaintext refused off loopback unless asked for, PostgreSQL over
+//! TLS (`sslmode=require`, `verify-full`) and Redis over TLS (`rediss://`).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -200,4 +200,45 @@ async fn postgresql_over_tls_is_honoured() {
             .unwrap();
         assert!(tls, "{url}: the connection is encrypted");
     }
+}
+
+#[tokio::test]
+async fn redis_over_tls_is_honoured() {
+    let app = CommandApp::spawn().await;
+    let ca = Ca::new("redis");
+    let server = ca.leaf(&["localhost"], ExtendedKeyUsagePurpose::ServerAuth);
+    let dir = tempdir();
+    let (cert, key, root) = (
+        write(&dir, "redis.pem", &server.cert),
+        write(&dir, "redis.key", &server.key),
+        write(&dir, "ca.pem", &ca.pem()),
+    );
+    // This Redis answers on TLS only: a service whose health is SERVING has pinged it over TLS.
+    let redis = kiroku_testkit::PrivateRedis::start_with_tls(&cert, &key).unwrap();
+    let address = kiroku_testkit::free_address();
+    let url = format!("rediss://localhost:{}/0", redis.port());
+    let mut env = app.env(&[("REDIS_URL", &url), ("KIROKU_QUERY_ADDR", &address.to_string())]);
+    // The system's trust store, pointed at the test's CA the standard way.
+    env.push(("SSL_CERT_FILE".to_owned(), root.display().to_string()));
+    let _query = tokio::process::Command::new(binary_path("kiroku-query"))
+        .env_clear()
+        .envs(env)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    kiroku_testkit::eventually(Duration::from_secs(30), "the query service SERVING over rediss://", || async {
+        let Ok(channel) = Channel::from_shared(format!("http://{address}")).unwrap().connect().await else {
+            return Ok(None);
+        };
+        let status = tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .await
+            .map(|r| r.into_inner().status);
+        Ok((status.ok() == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32)).then_some(()))
+    })
+    .await
+    .unwrap();
+    app.stop().await;
 }

@@ -144,11 +144,22 @@ impl Drop for PrivatePostgres {
 pub struct PrivateRedis {
     port: u16,
     child: Option<std::process::Child>,
+    /// Certificate and key when it speaks TLS only.
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl PrivateRedis {
     pub fn start() -> Result<PrivateRedis> {
-        let mut redis = PrivateRedis { port: free_address().port(), child: None };
+        let mut redis = PrivateRedis { port: free_address().port(), child: None, tls: None };
+        redis.start_again()?;
+        Ok(redis)
+    }
+
+    /// A Redis that speaks only TLS, with the PEM certificate and key at these paths (clients need no
+    /// certificate of their own).
+    pub fn start_with_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<PrivateRedis> {
+        let mut redis =
+            PrivateRedis { port: free_address().port(), child: None, tls: Some((cert.to_owned(), key.to_owned())) };
         redis.start_again()?;
         Ok(redis)
     }
@@ -157,10 +168,24 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}/{database}", self.port)
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Starts it (again, empty), waiting until it answers.
     pub fn start_again(&mut self) -> Result<()> {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        let port = self.port.to_string();
+        let mut command = Command::new("redis-server");
+        command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        match &self.tls {
+            None => command.args(["--port", &port]),
+            Some((cert, key)) => command
+                .args(["--port", "0", "--tls-port", &port, "--tls-auth-clients", "no", "--tls-cert-file"])
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key),
+        };
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
