@@ -51,9 +51,8 @@ async fn main() {
         ("KIROKU_MIGRATE", "false".to_owned()),
     ];
     let source = move |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
-    let app = kiroku_query::Application::build(kiroku_query::config::Settings::from_source(&source).unwrap())
-        .await
-        .unwrap();
+    let app =
+        kiroku_query::Application::build(kiroku_query::config::Settings::from_source(&source).unwrap()).await.unwrap();
     let address = app.local_addr();
     let (trigger, shutdown) = Shutdown::new();
     let server = tokio::spawn(app.run_until_stopped(shutdown));

@@ -61,7 +61,9 @@ impl TestDb {
         let name = format!("{TEST_DB_PREFIX}{}", Ulid::new().to_string().to_lowercase());
         admin.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).await.context("create test database")?;
         let url = with_database(&admin_url, &name);
-        let pool = PgPoolOptions::new().max_connections(40).connect(&url).await?;
+        // The tests' own connections need no TLS on loopback (the services decide for themselves).
+        let options = url.parse::<sqlx::postgres::PgConnectOptions>()?.ssl_mode(sqlx::postgres::PgSslMode::Disable);
+        let pool = PgPoolOptions::new().max_connections(40).connect_with(options).await?;
         Ok(TestDb { name, url, pool })
     }
 }
