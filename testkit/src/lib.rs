@@ -281,6 +281,9 @@ impl ServiceProcess {
             command.env("PATH", path);
         }
         command.env("RUST_LOG", std::env::var("KIROKU_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()));
+        // Metrics on a port of their own, never the fixed default that concurrent tests would fight over; a test
+        // that scrapes sets its own address.
+        command.env("KIROKU_METRICS_ADDR", "127.0.0.1:0");
         for (key, value) in env {
             command.env(key, value);
         }
@@ -300,6 +303,35 @@ impl ServiceProcess {
         anyhow::ensure!(status.success(), "kill -TERM failed");
         Ok(tokio::time::timeout(timeout, self.child.wait()).await.context("no exit before the timeout")??)
     }
+}
+
+/// The text of `GET /metrics` at `address` (HTTP/1.0: the server closes the connection after the answer).
+pub async fn scrape(address: std::net::SocketAddr) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: kiroku\r\n\r\n").await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response.split_once("\r\n\r\n").context("an HTTP response")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+    Ok(body.to_owned())
+}
+
+/// The sum of the samples of metric `name` (exactly) whose labels include every `labels` pair, or `None` when
+/// no sample matches.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+        if series_name != name || !labels.iter().all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\""))) {
+            continue;
+        }
+        if let Ok(value) = value.parse::<f64>() {
+            found = Some(found.unwrap_or(0.0) + value);
+        }
+    }
+    found
 }
 
 /// A loopback address with a port that was free a moment ago, for a process whose address must be known in

@@ -112,6 +112,8 @@ impl CommandApp {
             ("KIROKU_GITHUB_API_URL".into(), github.uri()),
             ("KIROKU_COMMAND_ADDR".into(), "127.0.0.1:0".into()),
             ("KIROKU_MIGRATE".into(), "false".into()),
+            // In-process services share the test's one recorder; the metrics tests scrape real processes.
+            ("KIROKU_METRICS_ADDR".into(), "off".into()),
         ];
         for (k, v) in extra {
             env.retain(|(key, _)| key != k);
@@ -235,6 +237,7 @@ impl CommandApp {
             ("KIROKU_API_AUDIENCE".into(), API_AUDIENCE.into()),
             ("KIROKU_PROJECTOR_HEALTH_ADDR".into(), "127.0.0.1:0".into()),
             ("KIROKU_MIGRATE".into(), "false".into()),
+            ("KIROKU_METRICS_ADDR".into(), "off".into()),
         ];
         for (k, v) in extra {
             env.retain(|(key, _)| key != k);

@@ -62,14 +62,15 @@ pub(crate) async fn run() -> Result<()> {
         kiroku_command::config::Settings::from_source(&source(relay)).unwrap_or_else(|e| config_error(&e)),
     )
     .await?;
-    let query = kiroku_query::Application::build(
-        kiroku_query::config::Settings::from_source(&source(query)).unwrap_or_else(|e| config_error(&e)),
-    )
-    .await?;
-    let projector = kiroku_projector::Application::build(
-        kiroku_projector::config::Settings::from_source(&source(projector)).unwrap_or_else(|e| config_error(&e)),
-    )
-    .await?;
+    // One process, one metrics registry: the command's endpoint shows all three services.
+    let mut query_settings =
+        kiroku_query::config::Settings::from_source(&source(query)).unwrap_or_else(|e| config_error(&e));
+    query_settings.metrics_addr = None;
+    let query = kiroku_query::Application::build(query_settings).await?;
+    let mut projector_settings =
+        kiroku_projector::config::Settings::from_source(&source(projector)).unwrap_or_else(|e| config_error(&e));
+    projector_settings.metrics_addr = None;
+    let projector = kiroku_projector::Application::build(projector_settings).await?;
 
     // A fresh GitHub account each run, so the printed line registers a new user the first time it is pasted.
     let github_id = 90_000_000 + kiroku_dev_identity::unix_now() % 10_000_000;
@@ -85,6 +86,9 @@ pub(crate) async fn run() -> Result<()> {
     eprintln!();
     eprintln!("  CommandService  {command_addr}    QueryService  {query_addr}");
     eprintln!("  database        {}", without_password(&database_url));
+    if let Some(metrics) = command.metrics_addr() {
+        eprintln!("  metrics         http://{metrics}/metrics   (Prometheus text; every service of this process)");
+    }
     eprintln!();
     eprintln!("  Register GitHub account {github_id} (login {}) with a 24-hour token:", account.login);
     println!("{}", grpcurl_line(&caller, &token, command_addr));

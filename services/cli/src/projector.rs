@@ -36,6 +36,7 @@ pub(crate) async fn run(action: ProjectorAction) -> Result<()> {
                 json!({
                     "generation": status.generation,
                     "checkpoint": status.checkpoint.get(),
+                    "head": status.head.get(),
                     "lag_events": status.lag.events,
                     "lag_seconds": status.lag_seconds,
                     // Committed but not yet deliverable to any reader, and the age of the oldest open transaction

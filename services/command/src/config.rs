@@ -30,6 +30,8 @@ pub struct Settings {
     pub github: GitHubSettings,
     pub relay: RelaySettings,
     pub refusals_per_minute: u32,
+    /// `GET /metrics`; `None`: off.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Where GitHub profiles come from.
@@ -116,8 +118,13 @@ pub const SETTINGS: &[Setting] = &[
     REDIS_MAXLEN,
     RELAY_BATCH_SIZE,
     REFUSALS_PER_MINUTE,
+    METRICS_ADDR,
+    config::LOG_FORMAT,
     config::RUST_LOG,
 ];
+
+/// Where `GET /metrics` is served.
+pub const METRICS_ADDR: Setting = config::metrics_addr_setting("127.0.0.1:9101");
 
 impl Settings {
     /// Reads and checks every setting; the first bad one is the error.
@@ -145,6 +152,7 @@ impl Settings {
             },
             relay,
             refusals_per_minute: config::positive(source, &REFUSALS_PER_MINUTE)?,
+            metrics_addr: config::metrics_addr(source, &METRICS_ADDR)?,
             redis_prefix,
         })
     }

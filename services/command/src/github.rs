@@ -51,8 +51,25 @@ impl GitHubClient {
         GitHubClient { http, settings }
     }
 
-    /// Fetches an account's profile; with `etag`, a 304 answer is [`Fetched::NotModified`].
+    /// Fetches an account's profile; with `etag`, a 304 answer is [`Fetched::NotModified`]. Each call is counted
+    /// in the dependency metrics, by outcome.
     pub(crate) async fn fetch_user(&self, id: GitHubId, etag: Option<&str>) -> Result<Fetched, GitHubError> {
+        let started = std::time::Instant::now();
+        let fetched = self.fetch_user_once(id, etag).await;
+        let outcome = match &fetched {
+            Ok(Fetched::Profile(_)) => "ok",
+            Ok(Fetched::NotModified) => "not_modified",
+            Err(GitHubError::NotFound) => "not_found",
+            Err(GitHubError::Unavailable { cause, .. }) if cause == "timeout" => "timeout",
+            Err(GitHubError::Unavailable { cause, .. }) if cause == "rate limited" => "rate_limited",
+            Err(GitHubError::Unavailable { .. }) => "unavailable",
+            Err(GitHubError::Refused(_)) => "refused",
+        };
+        kiroku_platform::metrics::dependency_call("github", outcome, started.elapsed());
+        fetched
+    }
+
+    async fn fetch_user_once(&self, id: GitHubId, etag: Option<&str>) -> Result<Fetched, GitHubError> {
         let url = format!("{}/user/{id}", self.settings.api_url.as_str().trim_end_matches('/'));
         let mut request = self
             .http

@@ -13,6 +13,7 @@ use kiroku_platform::auth::{Jwks, TokenVerifier, http_client};
 use kiroku_platform::caller::{self, CallerAuth};
 use kiroku_platform::grpc::GrpcServer;
 use kiroku_platform::health::Dependencies;
+use kiroku_platform::metrics::{MetricsEndpoint, sample_pool};
 use kiroku_platform::{Shutdown, connect_redis, open_database};
 use kiroku_relay::Relay;
 use sqlx::PgPool;
@@ -32,12 +33,16 @@ pub struct Application {
     redis: Client,
     settings: Settings,
     commands: Arc<Commands>,
+    metrics: Option<MetricsEndpoint>,
 }
 
 impl Application {
     /// Connects to PostgreSQL and Redis (retrying for up to 30 s each), applies migrations when
     /// `KIROKU_MIGRATE` says so, and binds the listener (port 0 picks a free one).
     pub async fn build(settings: Settings) -> Result<Application> {
+        let metrics = MetricsEndpoint::bind(settings.metrics_addr).await?;
+        kiroku_event_store::describe_metrics();
+        kiroku_relay::describe_metrics();
         let pool = open_database(&settings.database_url, 32, settings.migrate.as_deref()).await?;
         let redis = connect_redis(&settings.redis_url).await?;
         let http = http_client()?;
@@ -61,17 +66,26 @@ impl Application {
             .with_context(|| format!("listen on {}", settings.listen_addr))?;
         let local_addr = listener.local_addr().context("read the bound address")?;
         let callers = CallerAuth::new(TokenVerifier::new(jwks, issuer, settings.api_audience.clone()), permission);
-        Ok(Application { listener, local_addr, callers, pool, redis, settings, commands: Arc::new(commands) })
+        Ok(Application { listener, local_addr, callers, pool, redis, settings, commands: Arc::new(commands), metrics })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
+    /// Where `GET /metrics` is served; `None` when metrics are off.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
+    }
+
     /// Serves until `shutdown` fires: health goes NOT_SERVING, the server stops taking calls and lets in-flight
     /// ones finish, and the relay stops after its current step.
     pub async fn run_until_stopped(self, shutdown: Shutdown) -> Result<()> {
-        let Application { listener, local_addr, callers, pool, redis, settings, commands } = self;
+        let Application { listener, local_addr, callers, pool, redis, settings, commands, metrics } = self;
+        if let Some(metrics) = metrics {
+            metrics.spawn(shutdown.clone());
+            tokio::spawn(sample_pool(pool.clone(), Duration::from_secs(5), shutdown.clone()));
+        }
         let relay = tokio::spawn(
             Relay::new(commands.store.clone(), redis.clone(), settings.relay.clone()).run(shutdown.clone()),
         );

@@ -137,7 +137,32 @@ impl EventStore {
     /// The transaction runs in a task of its own: a caller that gives up (a cancelled RPC drops its future) must
     /// not abandon it half-way, which would leave an open transaction on a pooled connection (sqlx cannot roll
     /// back a `BEGIN` whose answer it never read) for the next user to run inside, uncommitted.
+    ///
+    /// Counted in `kiroku_event_store_appends_total{outcome}` (appended, replayed, conflict, claim_refused,
+    /// fenced, invalid, error), `kiroku_event_store_events_appended_total` and the latency histogram
+    /// `kiroku_event_store_append_seconds`.
     pub async fn append(&self, append: &Append) -> Result<AppendOutcome, AppendError> {
+        let started = std::time::Instant::now();
+        let result = self.append_once(append).await;
+        let outcome = match &result {
+            Ok(AppendOutcome::Appended(appended)) => {
+                metrics::counter!("kiroku_event_store_events_appended_total")
+                    .increment(appended.positions.len() as u64);
+                "appended"
+            }
+            Ok(AppendOutcome::Replayed(_)) => "replayed",
+            Err(AppendError::Conflict { .. }) => "conflict",
+            Err(AppendError::ClaimRefused { .. }) => "claim_refused",
+            Err(AppendError::PositionsBehind { .. }) => "fenced",
+            Err(AppendError::Invalid(_)) => "invalid",
+            Err(AppendError::Store(_)) => "error",
+        };
+        metrics::counter!("kiroku_event_store_appends_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("kiroku_event_store_append_seconds").record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn append_once(&self, append: &Append) -> Result<AppendOutcome, AppendError> {
         validate(append)?;
         self.ensure_positions_ahead().await?;
         if append.claims.is_empty() && append.idempotency.is_none() {

@@ -64,3 +64,16 @@ impl EventStore {
         self.announcer.committed(&self.pool);
     }
 }
+
+/// The help text of the event store's metrics (recorded by [`EventStore::append`]).
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!("kiroku_event_store_appends_total", "appends, by outcome (appended, replayed, conflict, …)");
+    describe_counter!("kiroku_event_store_events_appended_total", "events committed by appends");
+    describe_histogram!(
+        "kiroku_event_store_append_seconds",
+        Unit::Seconds,
+        "time of an append, from the call to its commit (or refusal)"
+    );
+    metrics::counter!("kiroku_event_store_events_appended_total").increment(0);
+}

@@ -6,8 +6,15 @@
 //! the response body is dropped, with whatever status it saw; a call dropped before its status (the client went
 //! away) is `CANCELLED`. The caller check adds the verified `caller`, and handlers what only they know:
 //! `request_id` (AIP-155, from the message body) and `command_id`.
+//!
+//! The same moment counts the call in `kiroku_grpc_server_handled_total{service, method, code}` and its
+//! latency in `kiroku_grpc_server_handling_seconds{service, method}`. The labels come from the methods the port
+//! really serves: any other path (a client is free to send one) is counted as `service="unknown"`, so that
+//! nobody can grow the label set.
 
+use std::collections::HashSet;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -21,21 +28,31 @@ use tracing::Instrument;
 /// The HTTP header (gRPC metadata) that carries a correlation id across services.
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
 
-/// Wraps a gRPC service so that each call gets a span and an access-log line.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct AccessLogLayer;
+/// Wraps a gRPC service so that each call gets a span, an access-log line and its metrics.
+#[derive(Clone, Debug, Default)]
+pub struct AccessLogLayer {
+    /// The paths (`/package.Service/Method`) the port serves: the only values the metrics' labels take.
+    known: Arc<HashSet<String>>,
+}
+
+impl AccessLogLayer {
+    pub fn new(known: HashSet<String>) -> Self {
+        AccessLogLayer { known: Arc::new(known) }
+    }
+}
 
 impl<S> Layer<S> for AccessLogLayer {
     type Service = AccessLog<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AccessLog { inner }
+        AccessLog { inner, known: self.known.clone() }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct AccessLog<S> {
     inner: S,
+    known: Arc<HashSet<String>>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -75,7 +92,8 @@ where
             caller = tracing::field::Empty,
             correlation_id = correlation_id.as_deref(),
         );
-        let mut record = Record { span: span.clone(), method, started: Instant::now(), code: None };
+        let known = self.known.contains(&method);
+        let mut record = Record { span: span.clone(), method, known, started: Instant::now(), code: None };
         Box::pin(
             async move {
                 let response = inner.call(request).await?;
@@ -127,6 +145,8 @@ where
 struct Record {
     span: tracing::Span,
     method: String,
+    /// Whether `method` is one the port serves (else its metrics say `unknown`).
+    known: bool,
     started: Instant,
     code: Option<tonic::Code>,
 }
@@ -134,7 +154,16 @@ struct Record {
 impl Drop for Record {
     fn drop(&mut self) {
         let code = code_name(self.code.unwrap_or(tonic::Code::Cancelled));
-        let latency_ms = format_args!("{:.3}", self.started.elapsed().as_secs_f64() * 1000.0);
+        let elapsed = self.started.elapsed();
+        let (service, method) = match self.method.trim_start_matches('/').split_once('/') {
+            Some((service, method)) if self.known => (service.to_owned(), method.to_owned()),
+            _ => ("unknown".to_owned(), "unknown".to_owned()),
+        };
+        metrics::counter!("kiroku_grpc_server_handled_total", "service" => service.clone(), "method" => method.clone(), "code" => code)
+            .increment(1);
+        metrics::histogram!("kiroku_grpc_server_handling_seconds", "service" => service, "method" => method)
+            .record(elapsed.as_secs_f64());
+        let latency_ms = format_args!("{:.3}", elapsed.as_secs_f64() * 1000.0);
         let _entered = self.span.enter();
         // Health probes (every few seconds from orchestrators) and reflection (grpcurl) are plumbing: they log
         // at debug, so that the info log is kiroku's own API.

@@ -262,8 +262,15 @@ impl Keys {
         });
     }
 
-    /// The RS256 signing keys of the JWKS, by kid.
+    /// The RS256 signing keys of the JWKS, by kid (the call counted in the dependency metrics).
     async fn fetch(&self) -> anyhow::Result<HashMap<String, Arc<DecodingKey>>> {
+        let started = Instant::now();
+        let fetched = self.fetch_once().await;
+        crate::metrics::dependency_call("jwks", if fetched.is_ok() { "ok" } else { "error" }, started.elapsed());
+        fetched
+    }
+
+    async fn fetch_once(&self) -> anyhow::Result<HashMap<String, Arc<DecodingKey>>> {
         let response =
             self.http.get(self.jwks_url.clone()).timeout(Duration::from_secs(5)).send().await?.error_for_status()?;
         let set: JwkSet = serde_json::from_slice(&read_capped(response, MAX_JWKS_BYTES).await?)?;

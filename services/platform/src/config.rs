@@ -182,6 +182,41 @@ pub fn auth0_tenant(source: &dyn Source) -> Result<Auth0Tenant, ConfigError> {
 }
 
 /// Read by the logger rather than by `config.rs`; listed so that `--help` shows it.
+pub const LOG_FORMAT: Setting = Setting::new(
+    "KIROKU_LOG_FORMAT",
+    Some("text"),
+    "text (lines for people) or json (one object per line, with the span's fields, for a log collector)",
+);
+
+/// `KIROKU_METRICS_ADDR`, with a service's own default port (DESIGN.md: command 9101, query 9102, projector 9103).
+pub const fn metrics_addr_setting(default: &'static str) -> Setting {
+    Setting::new("KIROKU_METRICS_ADDR", Some(default), "where GET /metrics (Prometheus text) is served; off: nowhere")
+}
+
+/// The metrics address, or `None` when it is `off`.
+pub fn metrics_addr(source: &dyn Source, setting: &Setting) -> Result<Option<SocketAddr>, ConfigError> {
+    match setting.get(source).as_deref().map(str::trim) {
+        None | Some("off") => Ok(None),
+        Some(_) => socket_addr(source, setting).map(Some),
+    }
+}
+
+/// The log format: `text` or `json`.
+pub fn log_format(source: &dyn Source) -> Result<LogFormat, ConfigError> {
+    match LOG_FORMAT.get(source).as_deref().map(str::trim) {
+        Some("json") => Ok(LogFormat::Json),
+        None | Some("text") => Ok(LogFormat::Text),
+        Some(other) => Err(ConfigError::new(LOG_FORMAT.name, format!("must be text or json, not {other:?}"))),
+    }
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 pub const RUST_LOG: Setting = Setting::new("RUST_LOG", Some("info"), "log filter, e.g. info,kiroku_projector=debug");
 
 pub fn required(source: &dyn Source, setting: &Setting) -> Result<String, ConfigError> {

@@ -3,6 +3,7 @@
 //! `google/rpc/error_details.proto` so `grpcurl -format-error` decodes details. Every RPC runs inside a span
 //! and ends with one access-log line (see [`access`](crate::access)).
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -109,7 +110,7 @@ impl GrpcServer {
             .max_concurrent_streams(Some(limits.streams_per_connection))
             // Unary calls only: a stream's handler returns once its response starts.
             .timeout(limits.request_timeout)
-            .layer(AccessLogLayer)
+            .layer(AccessLogLayer::new(served_methods(&listed)?))
             .layer(ShedLayer::new(limits.in_flight))
             .layer(CallerLayer::new(callers))
             .add_routes(routes.routes());
@@ -125,6 +126,29 @@ impl GrpcServer {
         let _ = tokio::time::timeout(Duration::from_secs(2), probe).await;
         served
     }
+}
+
+/// The paths (`/package.Service/Method`) of every method of `services`, from the descriptor sets the port
+/// reflects.
+fn served_methods(services: &[&str]) -> Result<HashSet<String>> {
+    use prost::Message;
+    let mut methods = HashSet::new();
+    for set in [kiroku::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET] {
+        let set = prost_types::FileDescriptorSet::decode(set).context("decode a descriptor set")?;
+        for file in &set.file {
+            for service in &file.service {
+                let name = format!("{}.{}", file.package(), service.name());
+                if services.contains(&name.as_str()) {
+                    methods.extend(service.method.iter().map(|m| format!("/{name}/{}", m.name())));
+                }
+            }
+        }
+    }
+    // Reflection's descriptors come with tonic-reflection, which does not export them; its one method is known.
+    for reflection in [REFLECTION_V1, REFLECTION_V1ALPHA] {
+        methods.insert(format!("/{reflection}/ServerReflectionInfo"));
+    }
+    Ok(methods)
 }
 
 /// Server reflection, both versions grpcurl may ask for, listing `services` only: the descriptor set holds

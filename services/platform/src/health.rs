@@ -19,7 +19,7 @@ pub struct Dependencies {
 }
 
 impl Dependencies {
-    /// True when every dependency answers within a second.
+    /// True when every dependency answers within a second (and `kiroku_postgres_up`, `kiroku_redis_up` say which).
     pub async fn all_reachable(&self) -> bool {
         let postgres = async {
             matches!(
@@ -36,6 +36,10 @@ impl Dependencies {
             }
         };
         let (postgres, redis) = tokio::join!(postgres, redis);
+        metrics::gauge!("kiroku_postgres_up").set(f64::from(u8::from(postgres)));
+        if self.redis.is_some() {
+            metrics::gauge!("kiroku_redis_up").set(f64::from(u8::from(redis)));
+        }
         postgres && redis
     }
 }

@@ -11,6 +11,7 @@ mod connect;
 mod failpoint;
 pub mod grpc;
 pub mod health;
+pub mod metrics;
 pub mod shed;
 mod shutdown;
 mod telemetry;

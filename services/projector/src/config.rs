@@ -22,6 +22,8 @@ pub struct Settings {
     pub max_attempts: u32,
     /// Entries idle this long in another consumer's pending list are taken over.
     pub claim_idle_ms: u64,
+    /// `GET /metrics`; `None`: off.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 pub const HEALTH_ADDR: Setting = Setting::new(
@@ -57,8 +59,13 @@ pub const SETTINGS: &[Setting] = &[
     MAX_ATTEMPTS,
     CONSUMER,
     CLAIM_IDLE_MS,
+    METRICS_ADDR,
+    config::LOG_FORMAT,
     config::RUST_LOG,
 ];
+
+/// Where `GET /metrics` is served.
+pub const METRICS_ADDR: Setting = config::metrics_addr_setting("127.0.0.1:9103");
 
 impl Settings {
     pub fn from_source(source: &dyn Source) -> Result<Settings, ConfigError> {
@@ -75,6 +82,7 @@ impl Settings {
                 .unwrap_or_else(|| format!("projector-{}-{}", std::process::id(), ulid::Ulid::new())),
             max_attempts: config::positive(source, &MAX_ATTEMPTS)?,
             claim_idle_ms: config::positive(source, &CLAIM_IDLE_MS)?,
+            metrics_addr: config::metrics_addr(source, &METRICS_ADDR)?,
         })
     }
 }

@@ -117,6 +117,7 @@ impl Consumer {
                 next_claim = Instant::now() + self.settings.claim_idle.min(Duration::from_secs(5));
                 match self.claim_stale().await {
                     Ok(claimed) if !claimed.is_empty() => {
+                        metrics::counter!("kiroku_projector_autoclaim_takeovers_total").increment(claimed.len() as u64);
                         tracing::info!(entries = claimed.len(), "took over entries left pending by another consumer");
                         if let Err(error) = self.process(&claimed, &mut source).await.map(drop) {
                             tracing::warn!(error = format!("{error:#}"), "projection step failed; retrying");
@@ -254,6 +255,7 @@ struct SourceReport {
 
 impl SourceReport {
     fn note(&mut self, step: &Step, delivered: bool) {
+        crate::metrics::record_step(step);
         match step.source {
             Source::Store if !self.from_store => {
                 self.from_store = true;

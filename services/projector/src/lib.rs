@@ -5,10 +5,13 @@ mod apply;
 pub mod config;
 mod consumer;
 pub mod dead_letters;
+mod metrics;
 mod projection;
 pub mod rebuild;
 mod startup;
 
+pub use metrics::describe_metrics;
+pub(crate) use metrics::record_status;
 pub use projection::{PROJECTION, Projection, Status, Step, Target};
 pub use startup::{Application, SERVICE_NAME};
 

@@ -250,6 +250,7 @@ impl Projection {
         .fetch_one(&self.pool)
         .await?;
         let lag = self.store.lag(checkpoint).await?;
+        let head = self.store.head().await?;
         let (dead, parked): (i64, i64) = sqlx::query_as(
             "SELECT count(*) FILTER (WHERE state = 'dead'), count(*) FILTER (WHERE state = 'parked') \
              FROM projection_failures WHERE projection = $1 AND generation = $2",
@@ -261,6 +262,7 @@ impl Projection {
         Ok(Status {
             generation,
             checkpoint,
+            head,
             lag,
             lag_seconds: lag.oldest_committed_at.map(|t| (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0),
             from_stream: u64::try_from(from_stream).unwrap_or(0),
@@ -276,6 +278,8 @@ impl Projection {
 pub struct Status {
     pub generation: i32,
     pub checkpoint: Position,
+    /// The highest position committed in the log.
+    pub head: Position,
     /// The final events not yet applied, and what holds the rest of the log back.
     pub lag: Lag,
     /// How long the oldest event not yet applied has been committed; `None` when caught up with what is final.

@@ -24,6 +24,8 @@ pub struct Settings {
     /// Who issues callers' tokens, and the audience they must carry.
     pub tenant: config::Auth0Tenant,
     pub api_audience: String,
+    /// `GET /metrics`; `None`: off.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 pub const QUERY_ADDR: Setting =
@@ -63,8 +65,13 @@ pub const SETTINGS: &[Setting] = &[
     WATCH_STALL_TIMEOUT_MS,
     WATCH_MAX_STREAMS,
     WATCH_MAX_STREAMS_PER_CALLER,
+    METRICS_ADDR,
+    config::LOG_FORMAT,
     config::RUST_LOG,
 ];
+
+/// Where `GET /metrics` is served.
+pub const METRICS_ADDR: Setting = config::metrics_addr_setting("127.0.0.1:9102");
 
 impl Settings {
     pub fn from_source(source: &dyn Source) -> Result<Settings, ConfigError> {
@@ -80,6 +87,7 @@ impl Settings {
             limits: config::server_limits(source)?,
             tenant: config::auth0_tenant(source)?,
             api_audience: config::required(source, &config::API_AUDIENCE)?,
+            metrics_addr: config::metrics_addr(source, &METRICS_ADDR)?,
             watch: WatchSettings {
                 client_buffer,
                 broadcast_buffer: WatchSettings::default().broadcast_buffer.max(client_buffer),

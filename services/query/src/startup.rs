@@ -1,6 +1,7 @@
 //! Building and running `kiroku-query`.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use fred::prelude::*;
@@ -10,6 +11,7 @@ use kiroku_platform::auth::{Jwks, TokenVerifier, http_client};
 use kiroku_platform::caller::{self, CallerAuth};
 use kiroku_platform::grpc::GrpcServer;
 use kiroku_platform::health::Dependencies;
+use kiroku_platform::metrics::{MetricsEndpoint, sample_pool};
 use kiroku_platform::{Shutdown, connect_redis, open_database};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -25,25 +27,37 @@ pub struct Application {
     pool: PgPool,
     redis: Client,
     settings: Settings,
+    metrics: Option<MetricsEndpoint>,
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Application> {
+        let metrics = MetricsEndpoint::bind(settings.metrics_addr).await?;
+        crate::watch::describe_metrics();
         let pool = open_database(&settings.database_url, 32, settings.migrate.as_deref()).await?;
         let redis = connect_redis(&settings.redis_url).await?;
         let listener = TcpListener::bind(settings.listen_addr)
             .await
             .with_context(|| format!("listen on {}", settings.listen_addr))?;
         let local_addr = listener.local_addr().context("read the bound address")?;
-        Ok(Application { listener, local_addr, pool, redis, settings })
+        Ok(Application { listener, local_addr, pool, redis, settings, metrics })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
+    /// Where `GET /metrics` is served; `None` when metrics are off.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
+    }
+
     pub async fn run_until_stopped(self, shutdown: Shutdown) -> Result<()> {
-        let Application { listener, local_addr, pool, redis, settings } = self;
+        let Application { listener, local_addr, pool, redis, settings, metrics } = self;
+        if let Some(metrics) = metrics {
+            metrics.spawn(shutdown.clone());
+            tokio::spawn(sample_pool(pool.clone(), Duration::from_secs(5), shutdown.clone()));
+        }
         let store = EventStore::new(pool.clone());
         let watcher = Watcher::start(store.clone(), settings.watch, shutdown.clone()).await?;
         let read_models = ReadModels::listen(pool.clone(), shutdown.clone()).await;

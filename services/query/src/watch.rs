@@ -160,6 +160,7 @@ impl Watcher {
             full_since: None,
             stall_timeout: self.settings.stall_timeout,
             shutdown: self.shutdown.clone(),
+            phase: Phase::default(),
             _slot: slot,
         };
         // Live only starts after everything final now: what committed before the call is not sent (an older
@@ -269,8 +270,51 @@ struct Subscriber {
     full_since: Option<Instant>,
     stall_timeout: Duration,
     shutdown: Shutdown,
+    /// Counts the stream in `kiroku_watch_streams{phase}`.
+    phase: Phase,
     /// Given back when the subscriber ends.
     _slot: Slot,
+}
+
+/// Where a subscriber is, for the `kiroku_watch_streams{phase="replaying"|"live"}` gauge: moved between phases
+/// as it goes, and out of the gauge when dropped.
+#[derive(Default)]
+struct Phase(Option<&'static str>);
+
+impl Phase {
+    fn set(&mut self, phase: &'static str) {
+        if self.0 == Some(phase) {
+            return;
+        }
+        if let Some(old) = self.0.replace(phase) {
+            metrics::gauge!("kiroku_watch_streams", "phase" => old).decrement(1.0);
+        }
+        metrics::gauge!("kiroku_watch_streams", "phase" => phase).increment(1.0);
+    }
+}
+
+impl Drop for Phase {
+    fn drop(&mut self) {
+        if let Some(old) = self.0 {
+            metrics::gauge!("kiroku_watch_streams", "phase" => old).decrement(1.0);
+        }
+    }
+}
+
+/// The help text of WatchEvents' metrics.
+pub(crate) fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!("kiroku_watch_streams", "open WatchEvents streams, by phase (replaying from the store, live)");
+    describe_counter!("kiroku_watch_events_delivered_total", "events sent to WatchEvents subscribers, by mode");
+    describe_counter!("kiroku_watch_consumer_too_slow_total", "streams ended with CONSUMER_TOO_SLOW");
+    // Present from the start (at zero), so that rates and alerts work before the first occurrence.
+    for phase in ["replaying", "live"] {
+        metrics::gauge!("kiroku_watch_streams", "phase" => phase).increment(0.0);
+    }
+    for mode in ["replay", "live"] {
+        metrics::counter!("kiroku_watch_events_delivered_total", "mode" => mode).increment(0);
+    }
+    metrics::counter!("kiroku_watch_consumer_too_slow_total").increment(0);
 }
 
 /// Why a subscriber stopped.
@@ -302,7 +346,10 @@ impl Subscriber {
         let Err(end) = self.follow(start, scanned).await else { return };
         let status = match end {
             End::Gone => return,
-            End::TooSlow => QueryError::ConsumerTooSlow.into(),
+            End::TooSlow => {
+                metrics::counter!("kiroku_watch_consumer_too_slow_total").increment(1);
+                QueryError::ConsumerTooSlow.into()
+            }
             End::ShuttingDown => QueryError::ShuttingDown.into(),
             End::Failed(error) => error.into(),
         };
@@ -320,6 +367,7 @@ impl Subscriber {
             }
             None => self.last = scanned,
         }
+        self.phase.set("live");
         let caught_up = watch_events_response::Kind::CaughtUp(CaughtUp { position: self.last.get() });
         self.send(caught_up, Mode::Replay).await?;
         loop {
@@ -348,6 +396,7 @@ impl Subscriber {
                 // Items broadcast from now on are kept for us; the store fills in everything before them.
                 self.items = self.items.resubscribe();
                 self.replay().await?;
+                self.phase.set("live");
             }
         }
     }
@@ -358,6 +407,7 @@ impl Subscriber {
     /// with a Progress mark (so that a filtered subscriber can checkpoint), and a client that left is noticed at
     /// every read.
     async fn replay(&mut self) -> Result<(), End> {
+        self.phase.set("replaying");
         loop {
             if self.shutdown.is_triggered() {
                 return Err(End::ShuttingDown);
@@ -397,6 +447,8 @@ impl Subscriber {
             if matches!(sent, Sent::Behind) {
                 return Ok(Sent::Behind);
             }
+            let mode = if mode == Mode::Live { "live" } else { "replay" };
+            metrics::counter!("kiroku_watch_events_delivered_total", "mode" => mode).increment(1);
         }
         self.last = event.position;
         Ok(Sent::Yes)

@@ -12,6 +12,11 @@
 //!   `prev_position` names an entry the stream no longer has, which tells consumers to read the gap from
 //!   PostgreSQL.
 //!
+//! - Metrics: `kiroku_relay_leader` (0/1), `kiroku_relay_published_position`, `kiroku_relay_lag_events` and
+//!   `kiroku_relay_lag_seconds` (final events not yet published, and the age of the oldest; the leader samples
+//!   them once a second), `kiroku_relay_events_published_total`, `kiroku_relay_entries_skipped_total`,
+//!   `kiroku_relay_redis_errors_total`.
+//!
 //! [`stream`] is the stream's format, shared with every reader of the stream.
 
 pub mod stream;
@@ -113,6 +118,7 @@ impl Relay {
     /// Runs until shutdown: waits to be leader, publishes while leading, and after any failure (PostgreSQL or
     /// Redis away) gives up leadership, waits a second and tries again.
     pub async fn run(self, shutdown: Shutdown) {
+        metrics::gauge!("kiroku_relay_leader").set(0.0);
         while !shutdown.is_triggered() {
             let outcome = tokio::select! {
                 () = shutdown.wait() => return,
@@ -141,7 +147,9 @@ impl Relay {
             }
         }
         tracing::info!(stream = %self.settings.stream_key, "relay is the leader");
+        metrics::gauge!("kiroku_relay_leader").set(1.0);
         let result = self.lead(&mut lock, shutdown).await;
+        metrics::gauge!("kiroku_relay_leader").set(0.0);
         lock.release().await;
         result
     }
@@ -152,6 +160,8 @@ impl Relay {
         let mut follower: Follower =
             self.store.follow(published, self.settings.batch_size, self.settings.poll_interval).await;
         let mut next_prune = tokio::time::Instant::now();
+        let mut next_sample = tokio::time::Instant::now();
+        metrics::gauge!("kiroku_relay_published_position").set(published.get() as f64);
         loop {
             // Still holding the lock? If its connection died, another process may lead by now.
             lock.check().await.context("check the leader lock connection")?;
@@ -160,10 +170,19 @@ impl Relay {
                 batch = follower.next() => batch.context("read events to publish")?,
             };
             if let Some(last) = batch.events.last().map(|e| e.position) {
-                self.publish(&batch.events, published).await.context("publish to Redis")?;
+                if let Err(error) = self.publish(&batch.events, published).await {
+                    metrics::counter!("kiroku_relay_redis_errors_total").increment(1);
+                    return Err(error.context("publish to Redis"));
+                }
                 failpoint("relay.before_checkpoint");
                 self.store.save_checkpoint(&checkpoint, last).await.context("save the relay checkpoint")?;
                 published = last;
+                metrics::counter!("kiroku_relay_events_published_total").increment(batch.events.len() as u64);
+                metrics::gauge!("kiroku_relay_published_position").set(last.get() as f64);
+            }
+            if tokio::time::Instant::now() >= next_sample {
+                self.sample_lag(published).await;
+                next_sample = tokio::time::Instant::now() + Duration::from_secs(1);
             }
             if !batch.full && tokio::time::Instant::now() >= next_prune {
                 self.prune_idempotency_records().await;
@@ -204,6 +223,7 @@ impl Relay {
     /// with `synchronous_commit = off`): the new events reuse positions the stream, and its readers, have passed.
     async fn report_skipped(&self, skipped: u64, first: Position, last: Position, stream_last: &str) {
         let total = self.skipped.fetch_add(skipped, Ordering::Relaxed) + skipped;
+        metrics::counter!("kiroku_relay_entries_skipped_total").increment(skipped);
         let stream_last = Position::new(stream_last.parse().unwrap_or(0));
         match self.store.head().await {
             Ok(head) if stream_last > head => tracing::error!(
@@ -224,6 +244,20 @@ impl Relay {
         }
     }
 
+    /// Sets the lag gauges: final events after `published`, and how long the oldest of them has been committed.
+    async fn sample_lag(&self, published: Position) {
+        match self.store.lag(published).await {
+            Ok(lag) => {
+                let seconds = lag
+                    .oldest_committed_at
+                    .map_or(0.0, |at| (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0);
+                metrics::gauge!("kiroku_relay_lag_events").set(lag.events as f64);
+                metrics::gauge!("kiroku_relay_lag_seconds").set(seconds);
+            }
+            Err(error) => tracing::debug!(%error, "could not sample the relay's lag"),
+        }
+    }
+
     async fn prune_idempotency_records(&self) {
         // Ten thousand at most per minute (600,000 an hour), so the relay never pauses long for it.
         match self.store.prune_idempotency_records(self.settings.idempotency_retention, 10).await {
@@ -231,5 +265,29 @@ impl Relay {
             Ok(pruned) => tracing::info!(pruned, "pruned old idempotency records"),
             Err(error) => tracing::warn!(%error, "could not prune idempotency records"),
         }
+    }
+}
+
+/// The help text of the relay's metrics.
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!("kiroku_relay_leader", "1 while this process's relay leads (publishes), else 0");
+    describe_gauge!("kiroku_relay_published_position", "the highest position the leader has published");
+    describe_gauge!("kiroku_relay_lag_events", "final events in the log not yet published (sampled by the leader)");
+    describe_gauge!("kiroku_relay_lag_seconds", "how long the oldest unpublished final event has been committed");
+    describe_counter!("kiroku_relay_events_published_total", "events published to the Redis stream");
+    describe_counter!(
+        "kiroku_relay_entries_skipped_total",
+        "entries the stream already held (a batch published again)"
+    );
+    describe_counter!("kiroku_relay_redis_errors_total", "batches that Redis failed to take (the relay retries)");
+    // Present from the start (at zero), so that rates and alerts work before the first occurrence.
+    for counter in
+        ["kiroku_relay_events_published_total", "kiroku_relay_entries_skipped_total", "kiroku_relay_redis_errors_total"]
+    {
+        metrics::counter!(counter).increment(0);
+    }
+    for gauge in ["kiroku_relay_published_position", "kiroku_relay_lag_events", "kiroku_relay_lag_seconds"] {
+        metrics::gauge!(gauge).increment(0.0);
     }
 }
