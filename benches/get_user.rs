@@ -49,6 +49,7 @@ async fn main() {
         ("KIROKU_API_AUDIENCE", DEV_API_AUDIENCE.to_owned()),
         ("KIROKU_QUERY_ADDR", "127.0.0.1:0".to_owned()),
         ("KIROKU_MIGRATE", "false".to_owned()),
+        ("KIROKU_METRICS_ADDR", "off".to_owned()),
     ];
     let source = move |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
     let app =

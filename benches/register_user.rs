@@ -2,7 +2,9 @@
 //! over loopback gRPC), PostgreSQL, and the development identity provider standing in for Auth0 and GitHub.
 //!
 //! `cargo bench --bench register_user` (release profile). Prints one JSON document.
-//! `BENCH_CALLS` (default 8000) registrations in all, `BENCH_CALLERS` (default 16) at once.
+//! `BENCH_CALLS` (default 8000) registrations per phase, `BENCH_CALLERS` (default 16) at once. Two phases in one
+//! run: metrics off (no recorder: the `metrics` macros do nothing), then on (the Prometheus recorder installed,
+//! as `KIROKU_METRICS_ADDR` does). The second phase writes to a log and tables that the first one filled.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -11,7 +13,7 @@ use kiroku::v1::RegisterUserRequest;
 use kiroku::v1::command_service_client::CommandServiceClient;
 use kiroku_dev_identity::{ALL_PERMISSIONS, DEV_API_AUDIENCE, DEV_AUDIENCE, DevAccount, DevIdentityProvider};
 use kiroku_platform::Shutdown;
-use kiroku_testkit::{TestDb, TestRedis, with_caller};
+use kiroku_testkit::{CallerChannel, TestDb, TestRedis, with_caller};
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -33,6 +35,8 @@ async fn main() {
         ("KIROKU_GITHUB_API_URL", identity.github_api_url()),
         ("KIROKU_COMMAND_ADDR", "127.0.0.1:0".to_owned()),
         ("KIROKU_MIGRATE", "false".to_owned()),
+        // Off for the first phase; the second installs the recorder itself.
+        ("KIROKU_METRICS_ADDR", "off".to_owned()),
     ];
     let source = move |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
     let settings = kiroku_command::config::Settings::from_source(&source).unwrap();
@@ -42,7 +46,7 @@ async fn main() {
     let server = tokio::spawn(app.run_until_stopped(shutdown));
 
     // Tokens are minted before the clock starts: signing is the caller's cost, not kiroku's.
-    let tokens: Vec<String> = (0..calls)
+    let tokens: Vec<String> = (0..2 * calls + 1)
         .map(|n| {
             let account = DevAccount { github_id: 10_000_000 + n as u64, login: format!("bench-{n}") };
             identity.mint(&account, Duration::from_secs(3600)).unwrap()
@@ -57,7 +61,28 @@ async fn main() {
         .await
         .unwrap();
 
-    let chunks: Vec<Vec<String>> = tokens[1..].chunks(calls.div_ceil(callers)).map(<[String]>::to_vec).collect();
+    let off = phase(&channel, &tokens[1..=calls], callers).await;
+    kiroku_platform::metrics::install().unwrap();
+    let on = phase(&channel, &tokens[calls + 1..], callers).await;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "benchmark": "register_user",
+            "callers": callers,
+            "note": "client and server share this machine's cores",
+            "metrics_off": off,
+            "metrics_on": on,
+            "on_vs_off": (on["calls_per_sec"].as_f64().unwrap() / off["calls_per_sec"].as_f64().unwrap() * 1000.0).round() / 1000.0,
+        }))
+        .unwrap()
+    );
+    trigger.trigger();
+    let _ = server.await;
+}
+
+/// Registers one user per token, `callers` at a time; throughput and latency as JSON.
+async fn phase(channel: &CallerChannel, tokens: &[String], callers: usize) -> serde_json::Value {
+    let chunks: Vec<Vec<String>> = tokens.chunks(tokens.len().div_ceil(callers)).map(<[String]>::to_vec).collect();
     let started = Instant::now();
     let tasks: Vec<_> = chunks
         .into_iter()
@@ -84,18 +109,10 @@ async fn main() {
     let elapsed = started.elapsed();
     latencies.sort();
     let pct = |p: f64| kiroku_testkit::percentile(&latencies, p).as_secs_f64() * 1000.0;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&json!({
-            "benchmark": "register_user",
-            "callers": callers,
-            "calls": latencies.len(),
-            "seconds": elapsed.as_secs_f64(),
-            "calls_per_sec": (latencies.len() as f64 / elapsed.as_secs_f64()).round(),
-            "latency_ms": { "p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0) },
-        }))
-        .unwrap()
-    );
-    trigger.trigger();
-    let _ = server.await;
+    json!({
+        "calls": latencies.len(),
+        "seconds": elapsed.as_secs_f64(),
+        "calls_per_sec": (latencies.len() as f64 / elapsed.as_secs_f64()).round(),
+        "latency_ms": { "p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0) },
+    })
 }

@@ -84,6 +84,7 @@ async fn main() {
             ("KIROKU_REDIS_PREFIX", redis.prefix.clone()),
             ("KIROKU_QUERY_ADDR", address.to_owned()),
             ("KIROKU_MIGRATE", "false".to_owned()),
+            ("KIROKU_METRICS_ADDR", "off".to_owned()),
             ("KIROKU_AUTH0_ISSUER", identity.issuer().to_owned()),
             ("KIROKU_API_AUDIENCE", DEV_API_AUDIENCE.to_owned()),
         ],

@@ -2,6 +2,9 @@
 //!
 //! `cargo bench -p kiroku-event-store --bench append` (release profile). Prints one JSON document.
 //! `BENCH_SECONDS` sets each scenario's duration (default 10), `BENCH_WRITERS` the writers (default 16).
+//! The scenarios run twice: without a metrics recorder (the `metrics` macros do nothing), then with the
+//! Prometheus recorder the services install; each time beside a raw INSERT, so that the table growing between
+//! the two passes is measured too.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -126,35 +129,42 @@ async fn main() {
     let store = EventStore::new(db.pool.clone());
     let mut results = Vec::new();
 
-    for events_per_tx in [1u64, 10] {
-        let s = store.clone();
-        let outcome = run(writers, seconds, move |n| {
-            let s = s.clone();
-            async move {
-                let append = Append {
-                    aggregate_id: Uuid::new_v4(),
-                    aggregate_type: "User".to_owned(),
-                    expected: ExpectedVersion::NoStream,
-                    events: (0..events_per_tx).map(|i| event(n * 16 + i)).collect(),
-                    claims: vec![],
-                    idempotency: None,
-                };
-                s.append(&append).await.unwrap();
-            }
-        })
-        .await;
-        results.push(report("kiroku_append", events_per_tx, &outcome));
+    for metrics_on in [false, true] {
+        if metrics_on {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            metrics::set_global_recorder(recorder).unwrap();
+        }
+        let suffix = if metrics_on { "_metrics_on" } else { "" };
+        for events_per_tx in [1u64, 10] {
+            let s = store.clone();
+            let outcome = run(writers, seconds, move |n| {
+                let s = s.clone();
+                async move {
+                    let append = Append {
+                        aggregate_id: Uuid::new_v4(),
+                        aggregate_type: "User".to_owned(),
+                        expected: ExpectedVersion::NoStream,
+                        events: (0..events_per_tx).map(|i| event(n * 16 + i)).collect(),
+                        claims: vec![],
+                        idempotency: None,
+                    };
+                    s.append(&append).await.unwrap();
+                }
+            })
+            .await;
+            results.push(report(&format!("kiroku_append{suffix}"), events_per_tx, &outcome));
 
-        let pool = db.pool.clone();
-        let outcome = run(writers, seconds, move |n| {
-            let pool = pool.clone();
-            async move {
-                let events: Vec<NewEvent> = (0..events_per_tx).map(|i| event(n * 16 + i)).collect();
-                raw_insert(&pool, &events).await;
-            }
-        })
-        .await;
-        results.push(report("raw_insert", events_per_tx, &outcome));
+            let pool = db.pool.clone();
+            let outcome = run(writers, seconds, move |n| {
+                let pool = pool.clone();
+                async move {
+                    let events: Vec<NewEvent> = (0..events_per_tx).map(|i| event(n * 16 + i)).collect();
+                    raw_insert(&pool, &events).await;
+                }
+            })
+            .await;
+            results.push(report(&format!("raw_insert{suffix}"), events_per_tx, &outcome));
+        }
     }
 
     let doc = json!({
