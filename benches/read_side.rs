@@ -37,6 +37,7 @@ fn registration(n: u64) -> Append {
                 causation_id: n.to_string(),
                 schema_version: 1,
                 caller: None,
+                traceparent: None,
             },
             occurred_at: Utc::now(),
         }],
@@ -53,10 +54,10 @@ async fn main() {
     let rate: u64 = std::env::var("BENCH_RATE").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let rebuild_events: u64 = std::env::var("BENCH_REBUILD_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
-    if std::env::var_os("RUST_LOG").is_some() {
-        // The services' own log lines, on stderr, when asked for (what a slow figure needs explained).
-        kiroku_platform::init_tracing(&kiroku_platform::config::Environment);
-    }
+    // The services' own log lines, on stderr, when asked for (what a slow figure needs explained).
+    let _telemetry = std::env::var_os("RUST_LOG")
+        .is_some()
+        .then(|| kiroku_platform::init_tracing(&kiroku_platform::config::Environment));
     let db = TestDb::create().await.unwrap();
     let redis = TestRedis::acquire().await.unwrap();
     let store = EventStore::new(db.pool.clone());

@@ -36,6 +36,7 @@ fn event(n: u64) -> Append {
                 causation_id: n.to_string(),
                 schema_version: 1,
                 caller: None,
+                traceparent: None,
             },
             occurred_at: Utc::now(),
         }],

@@ -57,3 +57,17 @@ async fn a_flag_sets_what_its_variable_would() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("KIROKU_QUERY_ADDR"), "{stderr}");
 }
+
+#[tokio::test]
+async fn an_unknown_log_format_or_metrics_address_exits_64_naming_it() {
+    let output = run("kiroku-projector", &["--log-format", "xml"]).await;
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("KIROKU_LOG_FORMAT"));
+    let output = run(
+        "kiroku-projector",
+        &["--metrics-addr", "everywhere", "--database-url", "postgres://h/d", "--redis-url", "redis://h/0"],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("KIROKU_METRICS_ADDR"));
+}

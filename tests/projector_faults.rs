@@ -33,6 +33,7 @@ fn new_event(event: &UserEvent) -> NewEvent {
             causation_id: "tests".to_owned(),
             schema_version: 1,
             caller: None,
+            traceparent: None,
         },
         occurred_at: Utc::now(),
     }

@@ -52,6 +52,7 @@ async fn append_events(store: &EventStore, count: usize) -> Vec<Position> {
                     causation_id: format!("c{n}"),
                     schema_version: 1,
                     caller: None,
+                    traceparent: None,
                 },
                 occurred_at: Utc::now(),
             }],

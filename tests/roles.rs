@@ -61,6 +61,7 @@ fn registration() -> Append {
                 causation_id: "c".to_owned(),
                 schema_version: 1,
                 caller: None,
+                traceparent: None,
             },
             occurred_at: Utc::now(),
         }],

@@ -246,6 +246,7 @@ async fn a_subscriber_that_stops_reading_is_cut_off_while_another_gets_everythin
                         causation_id: "c".into(),
                         schema_version: 1,
                         caller: None,
+                        traceparent: None,
                     },
                     occurred_at: chrono::Utc::now(),
                 })
@@ -321,6 +322,7 @@ async fn a_filtered_catch_up_sends_progress_through_stretches_it_filters_out() {
                     causation_id: "c".to_owned(),
                     schema_version: 1,
                     caller: None,
+                    traceparent: None,
                 },
                 occurred_at: chrono::Utc::now(),
             })

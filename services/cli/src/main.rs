@@ -85,7 +85,7 @@ async fn main() -> ExitCode {
         let _ = error.print();
         std::process::exit(code)
     });
-    kiroku_platform::init_tracing(&Environment);
+    let _telemetry = kiroku_platform::init_tracing(&Environment);
     let outcome = match cli.command {
         Command::Dev { action: None } => dev::run().await,
         Command::Dev { action: Some(DevAction::Token { github_id, login, permissions, .. }) } => {

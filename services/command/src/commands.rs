@@ -45,13 +45,15 @@ pub(crate) struct Call {
     pub received_at: DateTime<Utc>,
     /// The service that called (verified by the caller check), recorded in the events it writes.
     pub caller: Option<Caller>,
+    /// The call's W3C trace context, recorded in the events it writes.
+    pub traceparent: Option<String>,
 }
 
 impl Call {
     pub(crate) fn new(request_id: Option<String>, correlation_id: Option<String>, caller: Option<Caller>) -> Self {
         let command_id = Ulid::new();
         let correlation_id = correlation_id.or_else(|| request_id.clone()).unwrap_or_else(|| command_id.to_string());
-        Call { command_id, request_id, correlation_id, received_at: Utc::now(), caller }
+        Call { command_id, request_id, correlation_id, received_at: Utc::now(), caller, traceparent: None }
     }
 
     /// The events a decision produced, encoded and stamped with this call's metadata, ready to append.
@@ -82,6 +84,7 @@ impl Call {
                     .caller
                     .as_ref()
                     .map(|caller| CallerRef { sub: caller.subject.clone(), azp: caller.authorized_party.clone() }),
+                traceparent: self.traceparent.clone(),
             },
             occurred_at: self.received_at,
         }

@@ -8,6 +8,7 @@ use kiroku::v1::command_service_server::CommandService;
 use kiroku::v1::{RegisterUserRequest, RegisterUserResponse, SyncGitHubProfileRequest, SyncGitHubProfileResponse};
 use kiroku_platform::access::CORRELATION_HEADER;
 use kiroku_platform::caller::Caller;
+use kiroku_platform::trace::TraceParent;
 use tonic::{Request, Response, Status};
 
 use crate::commands::{Call, Commands};
@@ -51,8 +52,14 @@ fn correlation_id<T>(request: &Request<T>) -> Option<String> {
 }
 
 /// The call's identity, checked, and recorded in the current span (the RPC's, opened by the access log).
-fn start_call(raw_request_id: &str, correlation: Option<String>, caller: Option<Caller>) -> Result<Call, CommandError> {
-    let call = Call::new(request_id(raw_request_id)?, correlation, caller);
+fn start_call(
+    raw_request_id: &str,
+    correlation: Option<String>,
+    caller: Option<Caller>,
+    trace: Option<TraceParent>,
+) -> Result<Call, CommandError> {
+    let mut call = Call::new(request_id(raw_request_id)?, correlation, caller);
+    call.traceparent = trace.map(|t| t.0);
     let span = tracing::Span::current();
     span.record("command_id", tracing::field::display(call.command_id));
     if let Some(request_id) = &call.request_id {
@@ -69,8 +76,9 @@ impl CommandService for CommandGrpc {
     ) -> Result<Response<RegisterUserResponse>, Status> {
         let correlation = correlation_id(&request);
         let caller = request.extensions().get::<Caller>().cloned();
+        let trace = request.extensions().get::<TraceParent>().cloned();
         let message = request.into_inner();
-        let call = start_call(&message.request_id, correlation, caller)?;
+        let call = start_call(&message.request_id, correlation, caller, trace)?;
         let token = token(&message.auth0_token)?;
         let registered = self.commands.register_user(token, &call).await?;
         Ok(Response::new(RegisterUserResponse {
@@ -85,8 +93,9 @@ impl CommandService for CommandGrpc {
     ) -> Result<Response<SyncGitHubProfileResponse>, Status> {
         let correlation = correlation_id(&request);
         let caller = request.extensions().get::<Caller>().cloned();
+        let trace = request.extensions().get::<TraceParent>().cloned();
         let message = request.into_inner();
-        let call = start_call(&message.request_id, correlation, caller)?;
+        let call = start_call(&message.request_id, correlation, caller, trace)?;
         let token = token(&message.auth0_token)?;
         let synced = self.commands.sync_github_profile(token, message.expected_version, &call).await?;
         Ok(Response::new(SyncGitHubProfileResponse {

@@ -11,7 +11,7 @@ const ABOUT: &str =
 #[tokio::main]
 async fn main() -> ExitCode {
     let command_line = CommandLine::parse("kiroku-command", ABOUT, SETTINGS);
-    kiroku_platform::init_tracing(&command_line);
+    let _telemetry = kiroku_platform::init_tracing(&command_line);
     let settings = Settings::from_source(&command_line).unwrap_or_else(|e| exit_on_config_error("kiroku-command", &e));
     match kiroku_command::run(settings).await {
         Ok(()) => ExitCode::SUCCESS,

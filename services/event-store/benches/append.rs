@@ -27,6 +27,7 @@ fn event(n: u64) -> NewEvent {
             causation_id: Uuid::new_v4().to_string(),
             schema_version: 1,
             caller: None,
+            traceparent: None,
         },
         occurred_at: Utc::now(),
     }

@@ -78,6 +78,10 @@ pub struct EventMetadata {
     /// The service that called (its verified token's `sub` and `azp`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caller: Option<CallerRef>,
+    /// The W3C trace context of the call that wrote the event (`00-<trace id>-<span id>-<flags>`), so that what
+    /// follows it (the relay, the projector, subscribers) can join the same trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// Who called: a verified caller token's subject and authorized party.

@@ -24,6 +24,7 @@ fn event(n: u64) -> NewEvent {
             causation_id: format!("c{n}"),
             schema_version: 1,
             caller: None,
+            traceparent: None,
         },
         occurred_at: Utc::now(),
     }

@@ -25,6 +25,7 @@ fn event(event_type: &str, n: u64) -> NewEvent {
             causation_id: format!("cause-{n}"),
             schema_version: 1,
             caller: None,
+            traceparent: None,
         },
         occurred_at: Utc::now(),
     }

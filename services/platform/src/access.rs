@@ -5,7 +5,9 @@
 //! headers), a success or a stream's end is in the trailers that follow the body. So the line is written when
 //! the response body is dropped, with whatever status it saw; a call dropped before its status (the client went
 //! away) is `CANCELLED`. The caller check adds the verified `caller`, and handlers what only they know:
-//! `request_id` (AIP-155, from the message body) and `command_id`.
+//! `request_id` (AIP-155, from the message body) and `command_id`. The span continues the caller's W3C trace
+//! (`traceparent`; see `trace.rs`) and carries its `trace_id` and `span_id`; the `traceparent` to pass on goes
+//! into the request's extensions, for the events the call writes.
 //!
 //! The same moment counts the call in `kiroku_grpc_server_handled_total{service, method, code}` and its
 //! latency in `kiroku_grpc_server_handling_seconds{service, method}`. The labels come from the methods the port
@@ -91,7 +93,16 @@ where
             command_id = tracing::field::Empty,
             caller = tracing::field::Empty,
             correlation_id = correlation_id.as_deref(),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            otel.name = %method,
+            otel.kind = "server",
+            rpc.system = "grpc",
         );
+        let trace = crate::trace::continue_trace(&span, request.headers());
+        span.record("trace_id", trace.trace_id.as_str()).record("span_id", trace.span_id.as_str());
+        let mut request = request;
+        request.extensions_mut().insert(trace.traceparent);
         let known = self.known.contains(&method);
         let mut record = Record { span: span.clone(), method, known, started: Instant::now(), code: None };
         Box::pin(

@@ -16,8 +16,9 @@ pub mod shed;
 mod shutdown;
 mod telemetry;
 pub mod tls;
+pub mod trace;
 
 pub use connect::{connect_postgres, connect_redis, open_database};
 pub use failpoint::failpoint;
 pub use shutdown::{Shutdown, ShutdownTrigger, run_until_signal, shutdown_signal};
-pub use telemetry::init_tracing;
+pub use telemetry::{Telemetry, init_tracing};

@@ -13,6 +13,7 @@ use fred::types::Value;
 use kiroku_event_store::Position;
 use kiroku_platform::Shutdown;
 use kiroku_relay::stream::{self, DeadLetterEntry, Entry};
+use tracing::Instrument;
 
 use crate::projection::{DeadLetter, PROJECTION, Projection, Source, Step, Target};
 
@@ -215,7 +216,14 @@ impl Consumer {
         // A malformed or trimmed entry is skipped here: the chain then breaks, and the store fills in.
         let delivered: Vec<Entry> = entries.iter().filter_map(|(_, fields)| Entry::decode(fields).ok()).collect();
         let wanted = delivered.iter().map(|d| d.event.position).max().unwrap_or(Position::ZERO);
-        let mut step = self.projection.step(Target::Active, &delivered).await?;
+        // A span per step that applies delivered entries, linked to the trace of each call that wrote them.
+        let span = if delivered.is_empty() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!("projector.apply", events = delivered.len(), otel.kind = "consumer")
+        };
+        kiroku_platform::trace::link_to_events(&span, delivered.iter().map(|d| &d.event.metadata));
+        let mut step = self.projection.step(Target::Active, &delivered).instrument(span).await?;
         source.note(&step, !entries.is_empty());
         self.publish_dead_letters(&step.dead_lettered).await;
         // A broken chain was read from the store in batches: go on until the delivered entries are covered.

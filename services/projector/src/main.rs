@@ -10,7 +10,7 @@ const ABOUT: &str = "kiroku's projector: consumes the Redis stream and keeps the
 #[tokio::main]
 async fn main() -> ExitCode {
     let command_line = CommandLine::parse("kiroku-projector", ABOUT, SETTINGS);
-    kiroku_platform::init_tracing(&command_line);
+    let _telemetry = kiroku_platform::init_tracing(&command_line);
     let settings =
         Settings::from_source(&command_line).unwrap_or_else(|e| exit_on_config_error("kiroku-projector", &e));
     match kiroku_projector::run(settings).await {

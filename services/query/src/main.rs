@@ -10,7 +10,7 @@ const ABOUT: &str = "kiroku's QueryService: the read models, user history, and t
 #[tokio::main]
 async fn main() -> ExitCode {
     let command_line = CommandLine::parse("kiroku-query", ABOUT, SETTINGS);
-    kiroku_platform::init_tracing(&command_line);
+    let _telemetry = kiroku_platform::init_tracing(&command_line);
     let settings = Settings::from_source(&command_line).unwrap_or_else(|e| exit_on_config_error("kiroku-query", &e));
     match kiroku_query::run(settings).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,6 +28,7 @@ use anyhow::{Context, Result};
 use fred::prelude::*;
 use kiroku_event_store::{EventStore, Follower, Position, RecordedEvent};
 use kiroku_platform::{Shutdown, failpoint};
+use tracing::Instrument;
 
 use crate::stream::{ENTRY_FIELDS, encode_fields};
 
@@ -170,7 +171,15 @@ impl Relay {
                 batch = follower.next() => batch.context("read events to publish")?,
             };
             if let Some(last) = batch.events.last().map(|e| e.position) {
-                if let Err(error) = self.publish(&batch.events, published).await {
+                // One span per batch, linked to the trace of each call that wrote its events.
+                let span = tracing::info_span!(
+                    "relay.publish",
+                    events = batch.events.len(),
+                    last = %last,
+                    otel.kind = "producer",
+                );
+                kiroku_platform::trace::link_to_events(&span, batch.events.iter().map(|e| &e.metadata));
+                if let Err(error) = self.publish(&batch.events, published).instrument(span).await {
                     metrics::counter!("kiroku_relay_redis_errors_total").increment(1);
                     return Err(error.context("publish to Redis"));
                 }
