@@ -2,9 +2,11 @@
 //! over loopback gRPC), PostgreSQL, and the development identity provider standing in for Auth0 and GitHub.
 //!
 //! `cargo bench --bench register_user` (release profile). Prints one JSON document.
-//! `BENCH_CALLS` (default 8000) registrations per phase, `BENCH_CALLERS` (default 16) at once. Two phases in one
-//! run: metrics off (no recorder: the `metrics` macros do nothing), then on (the Prometheus recorder installed,
-//! as `KIROKU_METRICS_ADDR` does). The second phase writes to a log and tables that the first one filled.
+//! `BENCH_CALLS` (default 8000) registrations per phase, `BENCH_CALLERS` (default 16) at once. Three phases in one
+//! run: metrics and tracing off (no recorder, no subscriber: the macros and spans do nothing); metrics on (the
+//! Prometheus recorder, as `KIROKU_METRICS_ADDR` installs it); then tracing on too (`init_tracing` at `info` with
+//! OTLP export to a loopback receiver: every RPC's span exported, and its access-log line written, to stderr).
+//! Each phase writes to a log and tables that the ones before it filled.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -46,7 +48,7 @@ async fn main() {
     let server = tokio::spawn(app.run_until_stopped(shutdown));
 
     // Tokens are minted before the clock starts: signing is the caller's cost, not kiroku's.
-    let tokens: Vec<String> = (0..2 * calls + 1)
+    let tokens: Vec<String> = (0..3 * calls + 1)
         .map(|n| {
             let account = DevAccount { github_id: 10_000_000 + n as u64, login: format!("bench-{n}") };
             identity.mint(&account, Duration::from_secs(3600)).unwrap()
@@ -63,7 +65,18 @@ async fn main() {
 
     let off = phase(&channel, &tokens[1..=calls], callers).await;
     kiroku_platform::metrics::install().unwrap();
-    let on = phase(&channel, &tokens[calls + 1..], callers).await;
+    let on = phase(&channel, &tokens[calls + 1..=2 * calls], callers).await;
+    let receiver = kiroku_testkit::OtlpReceiver::default();
+    let otlp = receiver.start().await.unwrap();
+    let telemetry_env = [
+        ("RUST_LOG", "info".to_owned()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}")),
+        ("OTEL_SERVICE_NAME", "kiroku-command".to_owned()),
+    ];
+    let telemetry_source = move |name: &str| telemetry_env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
+    let telemetry = kiroku_platform::init_tracing(&telemetry_source);
+    let traced = phase(&channel, &tokens[2 * calls + 1..], callers).await;
+    drop(telemetry);
     println!(
         "{}",
         serde_json::to_string_pretty(&json!({
@@ -72,7 +85,10 @@ async fn main() {
             "note": "client and server share this machine's cores",
             "metrics_off": off,
             "metrics_on": on,
-            "on_vs_off": (on["calls_per_sec"].as_f64().unwrap() / off["calls_per_sec"].as_f64().unwrap() * 1000.0).round() / 1000.0,
+            "metrics_and_tracing_on": traced,
+            "spans_exported": receiver.len(),
+            "metrics_on_vs_off": ratio(&on, &off),
+            "metrics_and_tracing_on_vs_off": ratio(&traced, &off),
         }))
         .unwrap()
     );
@@ -115,4 +131,8 @@ async fn phase(channel: &CallerChannel, tokens: &[String], callers: usize) -> se
         "calls_per_sec": (latencies.len() as f64 / elapsed.as_secs_f64()).round(),
         "latency_ms": { "p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0) },
     })
+}
+
+fn ratio(a: &serde_json::Value, b: &serde_json::Value) -> f64 {
+    (a["calls_per_sec"].as_f64().unwrap_or(0.0) / b["calls_per_sec"].as_f64().unwrap_or(1.0) * 1000.0).round() / 1000.0
 }

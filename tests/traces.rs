@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiroku::v1::command_service_client::CommandServiceClient;
@@ -14,65 +13,10 @@ use kiroku::v1::{
     ListUsersRequest, RegisterUserRequest, WatchEventsRequest, watch_events_request, watch_events_response,
 };
 use kiroku_dev_identity::SigningKey;
-use kiroku_testkit::{ServiceProcess, TestDb, TestRedis, eventually, free_address, with_caller};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-use opentelemetry_proto::tonic::common::v1::any_value;
+use kiroku_testkit::{OtlpReceiver, ServiceProcess, TestDb, TestRedis, eventually, free_address, with_caller};
 use serde_json::json;
 use wiremock::matchers::path;
 use wiremock::{Mock, MockServer, ResponseTemplate};
-
-/// An OTLP/gRPC trace receiver that keeps every span it is sent, with its service's name.
-#[derive(Clone, Default)]
-struct Receiver(Arc<Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>);
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.0.lock().unwrap();
-        for resource in request.into_inner().resource_spans {
-            let service = resource
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|a| a.key == "service.name")
-                .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
-                    any_value::Value::StringValue(name) => Some(name.clone()),
-                    _ => None,
-                })
-                .unwrap_or_default();
-            for scope in resource.scope_spans {
-                spans.extend(scope.spans.into_iter().map(|span| (service.clone(), span)));
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-impl Receiver {
-    async fn start(self) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(self))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        address
-    }
-
-    /// Whether `service` sent a span named `name` that is in trace `trace_id` (as its own or through a link).
-    fn has(&self, service: &str, name: &str, trace_id: &[u8]) -> bool {
-        self.0.lock().unwrap().iter().any(|(from, span)| {
-            from == service
-                && span.name == name
-                && (span.trace_id == trace_id || span.links.iter().any(|link| link.trace_id == trace_id))
-        })
-    }
-}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -109,8 +53,8 @@ async fn one_registration_is_one_trace_from_grpc_to_the_projector_and_its_logs_c
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": 701, "login": "traced", "name": null})))
         .mount(&github)
         .await;
-    let receiver = Receiver::default();
-    let otlp = receiver.clone().start().await;
+    let receiver = OtlpReceiver::default();
+    let otlp = receiver.start().await.unwrap();
     let issuer = format!("{}/", auth0.uri());
     let (command_addr, query_addr) = (free_address(), free_address());
     let logs = tempfile_dir();
@@ -178,11 +122,8 @@ async fn one_registration_is_one_trace_from_grpc_to_the_projector_and_its_logs_c
     })
     .await
     .unwrap();
-    {
-        let spans = receiver.0.lock().unwrap();
-        let (_, rpc) = spans.iter().find(|(_, span)| span.name == register).unwrap();
-        assert_eq!((rpc.trace_id.as_slice(), rpc.parent_span_id.as_slice()), (&trace_id[..], &parent[..]));
-    }
+    let rpc = receiver.span(register).unwrap();
+    assert_eq!((rpc.trace_id.as_slice(), rpc.parent_span_id.as_slice()), (&trace_id[..], &parent[..]));
 
     // The event carries the trace, to the store and to WatchEvents subscribers.
     let stored: String =

@@ -15,8 +15,10 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, Executor, PgPool};
 use ulid::Ulid;
 
+mod otlp;
 mod servers;
 
+pub use otlp::{OtlpReceiver, Span as OtlpSpan};
 pub use servers::{PrivatePostgres, PrivateRedis};
 
 /// The server that test databases are created on.
