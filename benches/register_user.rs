@@ -6,7 +6,8 @@
 //! run: metrics and tracing off (no recorder, no subscriber: the macros and spans do nothing); metrics on (the
 //! Prometheus recorder, as `KIROKU_METRICS_ADDR` installs it); then tracing on too (`init_tracing` at `info` with
 //! OTLP export to a loopback receiver: every RPC's span exported, and its access-log line written, to stderr).
-//! Each phase writes to a log and tables that the ones before it filled.
+//! Each phase writes to a log and tables that the ones before it filled. `BENCH_PHASES` (default `off,on,traced`)
+//! chooses the sequence; `off,off,on,on` shows how much a phase loses to the growing database alone.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -23,6 +24,15 @@ use tonic::transport::Channel;
 async fn main() {
     let calls: usize = std::env::var("BENCH_CALLS").ok().and_then(|v| v.parse().ok()).unwrap_or(8000);
     let callers: usize = std::env::var("BENCH_CALLERS").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+    let phases: Vec<String> = std::env::var("BENCH_PHASES")
+        .unwrap_or_else(|_| "off,on,traced".to_owned())
+        .split(',')
+        .map(|p| p.trim().to_owned())
+        .collect();
+    assert!(phases.iter().all(|p| ["off", "on", "traced"].contains(&p.as_str())), "BENCH_PHASES: off, on, traced");
+    let first_on = phases.iter().position(|p| p != "off").unwrap_or(phases.len());
+    assert!(phases[first_on..].iter().all(|p| p != "off"), "BENCH_PHASES: no off phase after metrics are on");
+    let mut metrics_installed = false;
     let db = TestDb::create().await.unwrap();
     let redis = TestRedis::acquire().await.unwrap();
     let identity = DevIdentityProvider::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
@@ -48,7 +58,7 @@ async fn main() {
     let server = tokio::spawn(app.run_until_stopped(shutdown));
 
     // Tokens are minted before the clock starts: signing is the caller's cost, not kiroku's.
-    let tokens: Vec<String> = (0..3 * calls + 1)
+    let tokens: Vec<String> = (0..phases.len() * calls + 1)
         .map(|n| {
             let account = DevAccount { github_id: 10_000_000 + n as u64, login: format!("bench-{n}") };
             identity.mint(&account, Duration::from_secs(3600)).unwrap()
@@ -63,32 +73,47 @@ async fn main() {
         .await
         .unwrap();
 
-    let off = phase(&channel, &tokens[1..=calls], callers).await;
-    kiroku_platform::metrics::install().unwrap();
-    let on = phase(&channel, &tokens[calls + 1..=2 * calls], callers).await;
-    let receiver = kiroku_testkit::OtlpReceiver::default();
-    let otlp = receiver.start().await.unwrap();
-    let telemetry_env = [
-        ("RUST_LOG", "info".to_owned()),
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}")),
-        ("OTEL_SERVICE_NAME", "kiroku-command".to_owned()),
-    ];
-    let telemetry_source = move |name: &str| telemetry_env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
-    let telemetry = kiroku_platform::init_tracing(&telemetry_source);
-    let traced = phase(&channel, &tokens[2 * calls + 1..], callers).await;
+    // Phases in order; once on, metrics (and tracing) stay on for the rest of the run.
+    let mut results = Vec::new();
+    let mut receiver = None;
+    let mut telemetry = None;
+    for (n, name) in phases.iter().enumerate() {
+        if name != "off" && !metrics_installed {
+            kiroku_platform::metrics::install().unwrap();
+            metrics_installed = true;
+        }
+        if name == "traced" && telemetry.is_none() {
+            let spans = kiroku_testkit::OtlpReceiver::default();
+            let otlp = spans.start().await.unwrap();
+            let env = [
+                ("RUST_LOG", "info".to_owned()),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}")),
+                ("OTEL_SERVICE_NAME", "kiroku-command".to_owned()),
+            ];
+            let source = move |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
+            telemetry = Some(kiroku_platform::init_tracing(&source));
+            receiver = Some(spans);
+        }
+        let mut result = phase(&channel, &tokens[1 + n * calls..=(n + 1) * calls], callers).await;
+        result["phase"] = json!(name);
+        results.push(result);
+    }
     drop(telemetry);
+    let first_off = results.iter().find(|r| r["phase"] == "off").cloned();
+    let relative = |name: &str| {
+        let last = results.iter().rev().find(|r| r["phase"] == name)?;
+        Some(ratio(last, first_off.as_ref()?))
+    };
     println!(
         "{}",
         serde_json::to_string_pretty(&json!({
             "benchmark": "register_user",
             "callers": callers,
-            "note": "client and server share this machine's cores",
-            "metrics_off": off,
-            "metrics_on": on,
-            "metrics_and_tracing_on": traced,
-            "spans_exported": receiver.len(),
-            "metrics_on_vs_off": ratio(&on, &off),
-            "metrics_and_tracing_on_vs_off": ratio(&traced, &off),
+            "note": "client and server share this machine's cores; phases run in order on one growing database",
+            "phases": results,
+            "spans_exported": receiver.as_ref().map(kiroku_testkit::OtlpReceiver::len),
+            "metrics_on_vs_off": relative("on"),
+            "metrics_and_tracing_on_vs_off": relative("traced"),
         }))
         .unwrap()
     );

@@ -43,6 +43,7 @@ async fn the_printed_grpcurl_line_registers_a_user_once() {
     let db = TestDb::create_empty().await.unwrap();
     let redis = TestRedis::acquire().await.unwrap();
     let identity = free_address();
+    let metrics = free_address();
     let mut dev = ServiceProcess::spawn_piped(
         "kiroku",
         &["dev"],
@@ -54,6 +55,7 @@ async fn the_printed_grpcurl_line_registers_a_user_once() {
             ("KIROKU_QUERY_ADDR", "127.0.0.1:0".to_owned()),
             ("KIROKU_PROJECTOR_HEALTH_ADDR", "127.0.0.1:0".to_owned()),
             ("KIROKU_DEV_IDENTITY_ADDR", identity.to_string()),
+            ("KIROKU_METRICS_ADDR", metrics.to_string()),
         ],
     )
     .unwrap();
@@ -66,6 +68,16 @@ async fn the_printed_grpcurl_line_registers_a_user_once() {
     assert!(registered.position > 0);
     let again = register(&printed).await.unwrap_err();
     assert_eq!(again.code(), Code::AlreadyExists);
+    // One metrics endpoint for the three services of the process.
+    let scraped = kiroku_testkit::eventually(Duration::from_secs(20), "the projector's first sample", || async {
+        let text = kiroku_testkit::scrape(metrics).await?;
+        Ok(text.contains("kiroku_projector_checkpoint_position").then_some(text))
+    })
+    .await
+    .unwrap();
+    let registered_ok = [("method", "RegisterUser"), ("code", "OK")];
+    assert_eq!(kiroku_testkit::metric(&scraped, "kiroku_grpc_server_handled_total", &registered_ok), Some(1.0));
+    assert!(scraped.contains("kiroku_watch_streams"), "{scraped}");
 
     // A second terminal mints a token for another account, which the dev GitHub endpoint then knows.
     let output = tokio::process::Command::new(binary_path("kiroku"))

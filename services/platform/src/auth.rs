@@ -50,12 +50,15 @@ pub struct VerifiedToken {
     pub authorized_party: Option<String>,
     /// Auth0 RBAC's `permissions` array, or else the space-separated `scope`.
     pub permissions: Vec<String>,
+    /// `exp`, in seconds since the epoch.
+    pub expires_at: u64,
 }
 
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
     iss: String,
+    exp: u64,
     #[serde(default)]
     azp: Option<String>,
     #[serde(default)]
@@ -157,7 +160,7 @@ impl TokenVerifier {
             (None, Some(scope)) => scope.split_whitespace().map(str::to_owned).collect(),
             (None, None) => Vec::new(),
         };
-        Ok(VerifiedToken { subject: claims.sub, authorized_party: claims.azp, permissions })
+        Ok(VerifiedToken { subject: claims.sub, authorized_party: claims.azp, permissions, expires_at: claims.exp })
     }
 }
 

@@ -7,18 +7,29 @@
 //! The verified [`Caller`] goes into the request's extensions, for the handlers (event metadata) and into the
 //! RPC's span (the access log). The end user's token in RegisterUser's body is a different token, for another
 //! audience: a user token is never a caller token, nor the reverse.
+//!
+//! A service calls with the same token for as long as it lives (Auth0's machine-to-machine tokens last hours), so
+//! a verified caller token is remembered for up to a minute (never past its `exp`): the signature is checked
+//! once, not on every call. A key withdrawn from the JWKS stops its tokens within that minute. At most
+//! `CACHED_TOKENS` are remembered; only tokens that verified are.
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tonic::Code;
 use tonic_types::{ErrorDetails, StatusExt};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::auth::{TokenError, TokenVerifier};
+use crate::auth::{TokenError, TokenVerifier, VerifiedToken};
+
+/// How long a verified caller token is trusted without checking its signature again.
+const REMEMBER_FOR: Duration = Duration::from_secs(60);
+/// Verified caller tokens remembered at most (a few per calling service is the normal case).
+const CACHED_TOKENS: usize = 1024;
 
 /// RegisterUser, SyncGitHubProfile.
 pub const REGISTER: &str = "kiroku:register";
@@ -48,11 +59,37 @@ pub struct Caller {
 pub struct CallerAuth {
     verifier: Arc<TokenVerifier>,
     permission: fn(&str) -> &'static str,
+    /// Verified tokens, with when to stop trusting them.
+    verified: Arc<Mutex<HashMap<String, (VerifiedToken, Instant)>>>,
 }
 
 impl CallerAuth {
     pub fn new(verifier: TokenVerifier, permission: fn(&str) -> &'static str) -> Self {
-        CallerAuth { verifier: Arc::new(verifier), permission }
+        CallerAuth { verifier: Arc::new(verifier), permission, verified: Arc::default() }
+    }
+
+    /// `token`, verified: from memory when it verified less than [`REMEMBER_FOR`] ago (and has not expired).
+    async fn verify(&self, token: &str) -> Result<VerifiedToken, TokenError> {
+        let now = Instant::now();
+        if let Ok(verified) = self.verified.lock()
+            && let Some((claims, until)) = verified.get(token)
+            && now < *until
+        {
+            return Ok(claims.clone());
+        }
+        let claims = self.verifier.verify(token).await?;
+        let epoch = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let remaining = Duration::from_secs(claims.expires_at.saturating_sub(epoch));
+        if let Ok(mut verified) = self.verified.lock() {
+            if verified.len() >= CACHED_TOKENS {
+                verified.retain(|_, (_, until)| now < *until);
+                if verified.len() >= CACHED_TOKENS {
+                    verified.clear();
+                }
+            }
+            verified.insert(token.to_owned(), (claims.clone(), now + remaining.min(REMEMBER_FOR)));
+        }
+        Ok(claims)
     }
 
     /// The caller of a request with these headers, or the status that refuses it.
@@ -64,7 +101,7 @@ impl CallerAuth {
             .map(str::trim)
             .filter(|token| !token.is_empty())
             .ok_or_else(|| unauthenticated("an `authorization: Bearer <token>` header is required"))?;
-        let verified = self.verifier.verify(token).await.map_err(|error| match error {
+        let verified = self.verify(token).await.map_err(|error| match error {
             TokenError::JwksUnavailable => {
                 let mut details = ErrorDetails::with_error_info("JWKS_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
                 details.set_retry_info(Some(std::time::Duration::from_secs(10)));
