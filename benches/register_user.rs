@@ -6,7 +6,8 @@
 //! run: metrics and tracing off (no recorder, no subscriber: the macros and spans do nothing); metrics on (the
 //! Prometheus recorder, as `KIROKU_METRICS_ADDR` installs it); then tracing on too (`init_tracing` at `info` with
 //! OTLP export to a loopback receiver: every RPC's span exported, and its access-log line written, to stderr).
-//! Each phase writes to a log and tables that the ones before it filled. `BENCH_PHASES` (default `off,on,traced`)
+//! Each phase writes to a log and tables that the ones before it filled. With a traced phase, `stages_ms` breaks one
+//! RegisterUser down by span (caller check, token check, ownership lookup, GitHub, append and its statements). `BENCH_PHASES` (default `off,on,traced`)
 //! chooses the sequence; `off,off,on,on` shows how much a phase loses to the growing database alone.
 #![allow(clippy::unwrap_used)]
 
@@ -86,7 +87,8 @@ async fn main() {
             let spans = kiroku_testkit::OtlpReceiver::default();
             let otlp = spans.start().await.unwrap();
             let env = [
-                ("RUST_LOG", "info".to_owned()),
+                // The append's own steps (BEGIN, claims, events, COMMIT) are debug spans: in the breakdown too.
+                ("RUST_LOG", "info,kiroku_event_store=debug".to_owned()),
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}")),
                 ("OTEL_SERVICE_NAME", "kiroku-command".to_owned()),
             ];
@@ -112,6 +114,7 @@ async fn main() {
             "note": "client and server share this machine's cores; phases run in order on one growing database",
             "phases": results,
             "spans_exported": receiver.as_ref().map(kiroku_testkit::OtlpReceiver::len),
+            "stages_ms": receiver.as_ref().map(stages),
             "metrics_on_vs_off": relative("on"),
             "metrics_and_tracing_on_vs_off": relative("traced"),
         }))
@@ -160,4 +163,19 @@ async fn phase(channel: &CallerChannel, tokens: &[String], callers: usize) -> se
 
 fn ratio(a: &serde_json::Value, b: &serde_json::Value) -> f64 {
     (a["calls_per_sec"].as_f64().unwrap_or(0.0) / b["calls_per_sec"].as_f64().unwrap_or(1.0) * 1000.0).round() / 1000.0
+}
+
+/// Where the time of one RegisterUser goes, from the spans the traced phase exported: per span name, how many
+/// arrived (the exporter drops what overflows its queue, so a sample) and their p50 and p99 in milliseconds.
+fn stages(receiver: &kiroku_testkit::OtlpReceiver) -> serde_json::Value {
+    let stages: serde_json::Map<String, serde_json::Value> = receiver
+        .durations()
+        .into_iter()
+        .map(|(name, mut took)| {
+            took.sort_unstable();
+            let ms = |p: f64| kiroku_testkit::percentile(&took, p) as f64 / 1e6;
+            (name, json!({ "spans": took.len(), "p50": ms(0.5), "p99": ms(0.99) }))
+        })
+        .collect();
+    serde_json::Value::Object(stages)
 }

@@ -323,6 +323,7 @@ async fn a_held_horizon_and_a_dead_letter_show_in_the_projector_metrics_and_its_
         .until(system.projector_metrics, "the dead letter in the metrics", |text| {
             value(text, "kiroku_projector_dead_lettered_total", &[]) == 1.0
                 && value(text, "kiroku_projector_dead_letters", &[]) == 1.0
+                && value(text, "kiroku_projector_parked_aggregates", &[]) == 1.0
         })
         .await;
     assert_eq!(system.projector_status().await["dead_letters"].as_u64(), Some(1));

@@ -147,6 +147,7 @@ async fn a_dead_lettered_event_parks_its_aggregate_and_the_rest_flows_without_st
     assert_eq!(rows, [("dead".to_owned(), 2), ("parked".to_owned(), 0), ("parked".to_owned(), 0)]);
     let status = &cli(&app, &["status"]).await[0];
     assert_eq!((status["dead_letters"].as_u64(), status["parked_events"].as_u64()), (Some(1), Some(2)), "{status}");
+    assert_eq!(status["parked_aggregates"].as_u64(), Some(1), "{status}");
     let listed = cli(&app, &["dead-letters", "list"]).await;
     assert_eq!(listed.iter().map(|l| l["state"].as_str().unwrap()).collect::<Vec<_>>(), ["dead", "parked", "parked"]);
 

@@ -72,6 +72,18 @@ impl OtlpReceiver {
         })
     }
 
+    /// How long the spans of each name took, in nanoseconds, by name.
+    pub fn durations(&self) -> std::collections::BTreeMap<String, Vec<u64>> {
+        let mut durations = std::collections::BTreeMap::<String, Vec<u64>>::new();
+        if let Ok(spans) = self.0.lock() {
+            for (_, span) in spans.iter() {
+                let took = span.end_time_unix_nano.saturating_sub(span.start_time_unix_nano);
+                durations.entry(span.name.clone()).or_default().push(took);
+            }
+        }
+        durations
+    }
+
     /// The first span named `name`.
     pub fn span(&self, name: &str) -> Option<Span> {
         self.0.lock().ok()?.iter().find(|(_, span)| span.name == name).map(|(_, span)| span.clone())

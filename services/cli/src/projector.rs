@@ -47,6 +47,7 @@ pub(crate) async fn run(action: ProjectorAction) -> Result<()> {
                     "from_store": status.from_store,
                     "dead_letters": status.dead_letters,
                     "parked_events": status.parked_events,
+                    "parked_aggregates": status.parked_aggregates,
                 })
             );
         }

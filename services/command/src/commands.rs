@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::error::CommandError;
 use crate::github::{GitHubClient, GitHubError};
 use crate::limits::{RefusalLimit, Sampler};
+use tracing::Instrument;
 
 /// The command side's dependencies. Use cases are methods on it, one file each.
 pub(crate) struct Commands {
@@ -118,10 +119,11 @@ impl Commands {
     /// The first steps of every command, in this order: verify the token, then look up the answer stored for
     /// (RPC, verified subject, request id). Only then may a command call GitHub.
     pub(crate) async fn admit(&self, token: &str, call: &Call, rpc: &str) -> Result<Admitted, CommandError> {
-        let subject = self.authenticate(token).await?;
+        let subject = self.authenticate(token).instrument(tracing::info_span!("token.verify")).await?;
         let key = call.idempotency_key(rpc, &subject);
         if let Some(key) = &key
-            && let Some(stored) = self.store.stored_outcome(key).await?
+            && let Some(stored) =
+                self.store.stored_outcome(key).instrument(tracing::info_span!("idempotency.lookup")).await?
         {
             return Ok(Admitted::Repeat(stored));
         }

@@ -9,6 +9,7 @@ use kiroku_event_store::{
     Append, AppendError, AppendOutcome, ExpectedVersion, IdempotencyKey, Position, StoredOutcome,
 };
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use crate::commands::{Admitted, Call, Commands, claim, github_subject, idempotency_record};
 use crate::error::CommandError;
@@ -42,10 +43,12 @@ impl Commands {
         let claims: Vec<_> = User::claims(&subject).into_iter().map(|(kind, value)| claim(kind, value)).collect();
         // Who owns the identity is known before GitHub is asked: a registered user who calls again costs kiroku
         // one indexed read, not a share of its GitHub rate limit. (The claims in the append still decide a race.)
-        if let Some((taken, owner)) = self.store.first_claimed(&claims).await? {
+        let owned = self.store.first_claimed(&claims).instrument(tracing::info_span!("claims.lookup")).await?;
+        if let Some((taken, owner)) = owned {
             return self.refused_claim(&subject, &taken.kind, owner, key, call).await;
         }
-        let profile = match self.github.fetch_user(subject.github_id(), None).await? {
+        let fetched = self.github.fetch_user(subject.github_id(), None).instrument(tracing::info_span!("github.fetch"));
+        let profile = match fetched.await? {
             Fetched::Profile(profile) => profile,
             Fetched::NotModified => {
                 return Err(anyhow::anyhow!("GitHub answered 304 to an unconditional request").into());
@@ -63,7 +66,7 @@ impl Commands {
             claims,
             idempotency: idempotency_record(&key, &Outcome::Registered { user_id })?,
         };
-        match self.store.append(&append).await {
+        match self.store.append(&append).instrument(tracing::info_span!("store.append")).await {
             Ok(AppendOutcome::Appended(appended)) => {
                 tracing::info!(%user_id, position = %appended.last_position(), "user registered");
                 Ok(Registered { user_id, position: appended.last_position() })

@@ -3,6 +3,7 @@
 use std::fmt;
 
 use sqlx::{PgConnection, Row};
+use tracing::Instrument;
 use ulid::Ulid;
 use uuid::Uuid;
 
@@ -199,10 +200,10 @@ impl EventStore {
     }
 
     async fn append_transaction(&self, append: &Append) -> Result<AppendOutcome, AppendError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin().instrument(tracing::debug_span!("append.begin")).await?;
         match append_in_transaction(&mut tx, append).await {
             Ok(AppendOutcome::Appended(appended)) => {
-                tx.commit().await?;
+                tx.commit().instrument(tracing::debug_span!("append.commit")).await?;
                 self.announce_commit();
                 Ok(AppendOutcome::Appended(appended))
             }
@@ -323,10 +324,10 @@ pub async fn append_in_transaction(tx: &mut PgConnection, append: &Append) -> Re
             .into()),
         };
     }
-    if let Some(refused) = take_claims(tx, append).await? {
+    if let Some(refused) = take_claims(tx, append).instrument(tracing::debug_span!("append.claims")).await? {
         return Err(refused);
     }
-    let appended = insert_events(tx, append).await?;
+    let appended = insert_events(tx, append).instrument(tracing::debug_span!("append.events")).await?;
     if let Some(record) = &append.idempotency {
         sqlx::query("UPDATE idempotency_records SET version = $3, position = $4 WHERE caller = $1 AND request_id = $2")
             .bind(&record.key.caller)

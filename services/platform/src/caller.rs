@@ -23,6 +23,7 @@ use tonic::Code;
 use tonic_types::{ErrorDetails, StatusExt};
 use tower_layer::Layer;
 use tower_service::Service;
+use tracing::Instrument;
 
 use crate::auth::{TokenError, TokenVerifier, VerifiedToken};
 
@@ -101,23 +102,24 @@ impl CallerAuth {
             .map(str::trim)
             .filter(|token| !token.is_empty())
             .ok_or_else(|| unauthenticated("an `authorization: Bearer <token>` header is required"))?;
-        let verified = self.verify(token).await.map_err(|error| match error {
-            TokenError::JwksUnavailable => {
-                let mut details = ErrorDetails::with_error_info("JWKS_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
-                details.set_retry_info(Some(std::time::Duration::from_secs(10)));
-                tonic::Status::with_error_details(
-                    Code::Unavailable,
-                    "the identity provider's keys cannot be fetched",
-                    details,
-                )
-            }
-            TokenError::Expired => unauthenticated("the caller token has expired"),
-            TokenError::Invalid(why) => {
-                // The reason is for the log only; the token itself never is.
-                tracing::debug!(why, "caller token refused");
-                unauthenticated("the caller token is invalid")
-            }
-        })?;
+        let verified =
+            self.verify(token).instrument(tracing::info_span!("caller.verify")).await.map_err(|error| match error {
+                TokenError::JwksUnavailable => {
+                    let mut details = ErrorDetails::with_error_info("JWKS_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
+                    details.set_retry_info(Some(std::time::Duration::from_secs(10)));
+                    tonic::Status::with_error_details(
+                        Code::Unavailable,
+                        "the identity provider's keys cannot be fetched",
+                        details,
+                    )
+                }
+                TokenError::Expired => unauthenticated("the caller token has expired"),
+                TokenError::Invalid(why) => {
+                    // The reason is for the log only; the token itself never is.
+                    tracing::debug!(why, "caller token refused");
+                    unauthenticated("the caller token is invalid")
+                }
+            })?;
         let needed = (self.permission)(path);
         if !verified.permissions.iter().any(|p| p == needed) {
             let metadata: HashMap<String, String> = [("permission".to_owned(), needed.to_owned())].into();

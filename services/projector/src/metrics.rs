@@ -29,6 +29,10 @@ pub fn describe_metrics() {
         "kiroku_projector_parked_events",
         "events set aside behind a dead-lettered event of their aggregate"
     );
+    describe_gauge!(
+        "kiroku_projector_parked_aggregates",
+        "aggregates (users) held back by a dead letter: their later events wait until it is replayed"
+    );
     describe_counter!("kiroku_projector_events_applied_total", "events applied, by source (stream, store)");
     describe_counter!(
         "kiroku_projector_events_parked_total",
@@ -64,6 +68,7 @@ pub(crate) fn record_status(status: &Status, stall_seconds: f64) {
     metrics::gauge!("kiroku_horizon_oldest_transaction_seconds").set(stall_seconds);
     metrics::gauge!("kiroku_projector_dead_letters").set(status.dead_letters as f64);
     metrics::gauge!("kiroku_projector_parked_events").set(status.parked_events as f64);
+    metrics::gauge!("kiroku_projector_parked_aggregates").set(status.parked_aggregates as f64);
 }
 
 /// Counts what one step did.

@@ -251,8 +251,9 @@ impl Projection {
         .await?;
         let lag = self.store.lag(checkpoint).await?;
         let head = self.store.head().await?;
-        let (dead, parked): (i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE state = 'dead'), count(*) FILTER (WHERE state = 'parked') \
+        let (dead, parked, parked_aggregates): (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state = 'dead'), count(*) FILTER (WHERE state = 'parked'), \
+                    count(DISTINCT aggregate_id) FILTER (WHERE state IN ('dead', 'parked')) \
              FROM projection_failures WHERE projection = $1 AND generation = $2",
         )
         .bind(PROJECTION)
@@ -269,6 +270,7 @@ impl Projection {
             from_store: u64::try_from(from_store).unwrap_or(0),
             dead_letters: u64::try_from(dead).unwrap_or(0),
             parked_events: u64::try_from(parked).unwrap_or(0),
+            parked_aggregates: u64::try_from(parked_aggregates).unwrap_or(0),
         })
     }
 }
@@ -289,6 +291,8 @@ pub struct Status {
     pub from_store: u64,
     pub dead_letters: u64,
     pub parked_events: u64,
+    /// Users whose events wait behind a dead letter (each has one dead letter and its parked events).
+    pub parked_aggregates: u64,
 }
 
 /// The delivered events if they continue the chain from `checkpoint` without a hole. The relay chains each entry

@@ -181,8 +181,10 @@ impl Relay {
                 kiroku_platform::trace::link_to_events(&span, batch.events.iter().map(|e| &e.metadata));
                 if let Err(error) = self.publish(&batch.events, published).instrument(span).await {
                     metrics::counter!("kiroku_relay_redis_errors_total").increment(1);
+                    metrics::gauge!("kiroku_redis_up").set(0.0);
                     return Err(error.context("publish to Redis"));
                 }
+                metrics::gauge!("kiroku_redis_up").set(1.0);
                 failpoint("relay.before_checkpoint");
                 self.store.save_checkpoint(&checkpoint, last).await.context("save the relay checkpoint")?;
                 published = last;
