@@ -88,6 +88,8 @@ async fn main() {
             ("KIROKU_METRICS_ADDR", "off".to_owned()),
             ("KIROKU_AUTH0_ISSUER", identity.issuer().to_owned()),
             ("KIROKU_API_AUDIENCE", DEV_API_AUDIENCE.to_owned()),
+            // Every subscriber here is one caller: lift the per-caller cap (100) above what the benchmark opens.
+            ("KIROKU_WATCH_MAX_STREAMS_PER_CALLER", (subscribers + idle + 10).to_string()),
         ],
     )
     .unwrap();
