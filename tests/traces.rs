@@ -22,10 +22,12 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The JSON objects of a log file, each line checked to be one.
+/// The JSON objects of a log file, each complete line checked to be one (the process may be writing the last).
 fn json_lines(log: &std::path::Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(log).unwrap();
-    text.lines()
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}")))
         .collect()
 }

@@ -30,7 +30,7 @@ pub use event::{CallerRef, EventMetadata, NewEvent, Position, RecordedEvent};
 pub use follow::Follower;
 pub use leader::LeaderLock;
 pub use migrate::migrate;
-pub use read::{Batch, Lag, LogFilter};
+pub use read::{Batch, LAG_COUNT_LIMIT, Lag, LogFilter};
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;

@@ -108,15 +108,20 @@ impl LogFilter {
     }
 }
 
+/// Where [`EventStore::lag`] stops counting.
+pub const LAG_COUNT_LIMIT: i64 = 100_000;
+
 /// How far a follower at some position is behind the log, and what holds the log back from every reader.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Lag {
-    /// Final events after the follower's position.
+    /// The horizon the figures were taken at: the last position no open transaction can still commit below.
+    pub horizon: Position,
+    /// Final events after the follower's position (at most [`LAG_COUNT_LIMIT`]).
     pub events: u64,
-    /// When the oldest of them was committed; `None` when there is none.
+    /// When the first of them was committed; `None` when there is none.
     pub oldest_committed_at: Option<DateTime<Utc>>,
-    /// Events committed above the horizon: no reader can deliver them until an older transaction ends. A
-    /// follower that is "caught up" while this grows is stalled by the horizon, not by itself.
+    /// Events committed above the horizon (at most [`LAG_COUNT_LIMIT`]): no reader can deliver them until an older
+    /// transaction ends. A follower that is "caught up" while this grows is stalled by the horizon, not by itself.
     pub undeliverable_events: u64,
     /// How long the oldest transaction with an id (in any database of the cluster) has been open: the one that
     /// holds the horizon back. Near zero on a healthy cluster.
@@ -258,20 +263,29 @@ impl EventStore {
 
     /// How far a follower whose checkpoint is `after` is behind the final part of the log, and how much of the log
     /// the horizon holds back.
+    ///
+    /// Counts stop at [`LAG_COUNT_LIMIT`], so that sampling a large backlog (a relay catching up after an outage)
+    /// costs a bounded index scan, not one over the whole backlog.
     pub async fn lag(&self, after: Position) -> Result<Lag, StoreError> {
-        let (events, oldest, undeliverable, transaction_seconds): (i64, Option<DateTime<Utc>>, i64, Option<f64>) =
-            sqlx::query_as(
-                "WITH h AS (SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1 AS horizon) \
-                 SELECT (SELECT count(*) FROM events, h WHERE position > $1 AND position <= h.horizon), \
-                        (SELECT min(created_at) FROM events, h WHERE position > $1 AND position <= h.horizon), \
-                        (SELECT count(*) FROM events, h WHERE position > h.horizon), \
-                        (SELECT extract(epoch FROM now() - xact_start)::float8 FROM pg_stat_activity \
-                         WHERE backend_xid IS NOT NULL ORDER BY age(backend_xid) DESC LIMIT 1)",
-            )
-            .bind(after)
-            .fetch_one(&self.pool)
-            .await?;
+        type Row = (Position, i64, Option<DateTime<Utc>>, i64, Option<f64>);
+        let (horizon, events, oldest, undeliverable, transaction_seconds): Row = sqlx::query_as(
+            "WITH h AS (SELECT (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) - 1 AS horizon) \
+             SELECT h.horizon, \
+                    (SELECT count(*) FROM (SELECT 1 FROM events \
+                     WHERE position > $1 AND position <= h.horizon LIMIT $2) c), \
+                    (SELECT created_at FROM events WHERE position > $1 AND position <= h.horizon \
+                     ORDER BY position LIMIT 1), \
+                    (SELECT count(*) FROM (SELECT 1 FROM events WHERE position > h.horizon LIMIT $2) u), \
+                    (SELECT extract(epoch FROM now() - xact_start)::float8 FROM pg_stat_activity \
+                     WHERE backend_xid IS NOT NULL ORDER BY age(backend_xid) DESC LIMIT 1) \
+             FROM h",
+        )
+        .bind(after)
+        .bind(LAG_COUNT_LIMIT)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(Lag {
+            horizon,
             events: u64::try_from(events).unwrap_or(0),
             oldest_committed_at: oldest,
             undeliverable_events: u64::try_from(undeliverable).unwrap_or(0),

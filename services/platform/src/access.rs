@@ -95,7 +95,8 @@ where
             correlation_id = correlation_id.as_deref(),
             trace_id = tracing::field::Empty,
             span_id = tracing::field::Empty,
-            otel.name = %method,
+            // The span's name is a label in trace stores too: a path this port does not serve is "unknown".
+            otel.name = if self.known.contains(&method) { method.as_str() } else { "unknown" },
             otel.kind = "server",
             rpc.system = "grpc",
         );

@@ -10,8 +10,9 @@
 //!
 //! A service calls with the same token for as long as it lives (Auth0's machine-to-machine tokens last hours), so
 //! a verified caller token is remembered for up to a minute (never past its `exp`): the signature is checked
-//! once, not on every call. A key withdrawn from the JWKS stops its tokens within that minute. At most
-//! `CACHED_TOKENS` are remembered; only tokens that verified are.
+//! once, not on every call. A key withdrawn from the JWKS stops its tokens up to a minute after the JWKS is next
+//! fetched (see `auth.rs`). At most `CACHED_TOKENS` are remembered; only tokens that verified are, and expired
+//! ones are dropped whenever one is added.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -82,11 +83,10 @@ impl CallerAuth {
         let epoch = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let remaining = Duration::from_secs(claims.expires_at.saturating_sub(epoch));
         if let Ok(mut verified) = self.verified.lock() {
+            // Expired entries go as soon as anything is added: bearer tokens are not kept longer than needed.
+            verified.retain(|_, (_, until)| now < *until);
             if verified.len() >= CACHED_TOKENS {
-                verified.retain(|_, (_, until)| now < *until);
-                if verified.len() >= CACHED_TOKENS {
-                    verified.clear();
-                }
+                verified.clear();
             }
             verified.insert(token.to_owned(), (claims.clone(), now + remaining.min(REMEMBER_FOR)));
         }

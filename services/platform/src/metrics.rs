@@ -52,8 +52,15 @@ pub fn install() -> Result<PrometheusHandle> {
     HANDLE.get().cloned().context("a metrics recorder of another kind is installed")
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` (HTTP/1.1, one task per connection).
+/// Scrapers served at once; a connection past it is closed at once.
+const MAX_CONNECTIONS: usize = 16;
+/// The longest one connection may live: a client that never reads its answer cannot hold it for ever.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `GET /metrics` on `listener` until `shutdown` (HTTP/1.1, one task per connection, at most
+/// `MAX_CONNECTIONS` of them, each for at most `CONNECTION_TIMEOUT`).
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, shutdown: Shutdown) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             () = shutdown.wait() => return,
@@ -66,8 +73,13 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, shutdown: Sh
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let handle = handle.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let handle = handle.clone();
                 async move { Ok::<_, Infallible>(respond(&request, &handle)) }
@@ -76,7 +88,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, shutdown: Sh
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            let _ = connection.await;
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
         });
     }
 }

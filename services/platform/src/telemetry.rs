@@ -16,7 +16,7 @@ use tracing_subscriber::prelude::*;
 
 use crate::config::{self, LogFormat, Source};
 
-/// Keeps the span exporter alive; dropping it flushes what is buffered (give it up to 5 s at exit).
+/// Keeps the span exporter alive; dropping it flushes what is buffered (for at most 1 s).
 #[must_use = "dropping it stops the span export"]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -26,8 +26,8 @@ impl Drop for Telemetry {
     fn drop(&mut self) {
         if let Some(provider) = self.provider.take() {
             // Blocking: the exporter's calls run on the runtime's other threads (the services' runtimes are
-            // multi-threaded).
-            let _ = provider.shutdown_with_timeout(Duration::from_secs(5));
+            // multi-threaded). One second, so that a stop still fits the 10 s the contract gives it.
+            let _ = provider.shutdown_with_timeout(Duration::from_secs(1));
         }
     }
 }
@@ -78,9 +78,18 @@ pub fn init_tracing(source: &dyn Source) -> Telemetry {
             .with_writer(std::io::stderr)
     });
     let _ = tracing_subscriber::registry().with(filter).with(text).with(json).with(otel).try_init();
+    // The endpoint without any user or password it may carry.
+    let shown = endpoint.as_deref().map(|endpoint| match url::Url::parse(endpoint) {
+        Ok(mut url) => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.to_string()
+        }
+        Err(_) => "(unparsable)".to_owned(),
+    });
     if let Some(error) = exporter_error {
-        tracing::error!(%error, "cannot export spans over OTLP; tracing is off");
-    } else if let Some(endpoint) = endpoint {
+        tracing::error!(%error, endpoint = shown.as_deref(), "cannot export spans over OTLP; tracing is off");
+    } else if let Some(endpoint) = shown {
         tracing::info!(%endpoint, "exporting spans over OTLP");
     }
     Telemetry { provider }

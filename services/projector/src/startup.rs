@@ -121,19 +121,69 @@ async fn report_status(projection: Projection, shutdown: Shutdown) {
 
 /// How long the horizon has been held back. PostgreSQL says when the oldest transaction started only to roles
 /// allowed to see it (its owner, superusers, `pg_read_all_stats`); otherwise this is how long this process has
-/// seen events committed above the horizon, continuously: a lower bound, from the first sample that saw it.
+/// seen the horizon stand still with events committed above it: a lower bound, from the first sample that saw it.
+/// Under load the horizon moves all the time while something is always above it, so only a horizon that does
+/// not move counts as a stall.
 #[derive(Default)]
 struct StallClock {
-    since: Option<tokio::time::Instant>,
+    /// The horizon last seen held back, and since when.
+    held: Option<(kiroku_event_store::Position, tokio::time::Instant)>,
 }
 
 impl StallClock {
     fn seconds(&mut self, status: &crate::projection::Status) -> f64 {
-        if status.lag.undeliverable_events == 0 {
-            self.since = None;
-            return status.lag.oldest_transaction_seconds.unwrap_or(0.0);
+        self.seconds_at(&status.lag, tokio::time::Instant::now())
+    }
+
+    fn seconds_at(&mut self, lag: &kiroku_event_store::Lag, now: tokio::time::Instant) -> f64 {
+        if lag.undeliverable_events == 0 {
+            self.held = None;
+            return lag.oldest_transaction_seconds.unwrap_or(0.0);
         }
-        let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
-        status.lag.oldest_transaction_seconds.unwrap_or_else(|| since.elapsed().as_secs_f64())
+        let since = match self.held {
+            Some((horizon, since)) if horizon == lag.horizon => since,
+            _ => now,
+        };
+        self.held = Some((lag.horizon, since));
+        lag.oldest_transaction_seconds.unwrap_or_else(|| now.duration_since(since).as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kiroku_event_store::{Lag, Position};
+
+    use super::StallClock;
+
+    fn lag(horizon: u64, undeliverable: u64) -> Lag {
+        Lag {
+            horizon: Position::new(horizon),
+            events: 0,
+            oldest_committed_at: None,
+            undeliverable_events: undeliverable,
+            oldest_transaction_seconds: None,
+        }
+    }
+
+    #[test]
+    fn a_stall_is_a_horizon_that_stands_still_with_events_above_it() {
+        let start = tokio::time::Instant::now();
+        let at = |seconds: u64| start + Duration::from_secs(seconds);
+        let mut clock = StallClock::default();
+        // Steady load: always something above the horizon, but the horizon moves every sample.
+        for second in 0..5 {
+            assert_eq!(clock.seconds_at(&lag(100 + second, 3), at(second)), 0.0);
+        }
+        // The horizon stops at 200 while events pile up above it.
+        assert_eq!(clock.seconds_at(&lag(200, 3), at(10)), 0.0);
+        assert_eq!(clock.seconds_at(&lag(200, 9), at(13)), 3.0);
+        // It moves on: the clock starts again; nothing above it: no stall.
+        assert_eq!(clock.seconds_at(&lag(300, 1), at(14)), 0.0);
+        assert_eq!(clock.seconds_at(&lag(300, 0), at(20)), 0.0);
+        // When PostgreSQL tells the transaction's age, that is the answer.
+        let known = Lag { oldest_transaction_seconds: Some(42.0), ..lag(300, 1) };
+        assert_eq!(clock.seconds_at(&known, at(21)), 42.0);
     }
 }

@@ -150,7 +150,10 @@ impl Relay {
         tracing::info!(stream = %self.settings.stream_key, "relay is the leader");
         metrics::gauge!("kiroku_relay_leader").set(1.0);
         let result = self.lead(&mut lock, shutdown).await;
+        // A process that no longer leads has nothing to report: its last figures would only mislead `max()`.
         metrics::gauge!("kiroku_relay_leader").set(0.0);
+        metrics::gauge!("kiroku_relay_lag_events").set(0.0);
+        metrics::gauge!("kiroku_relay_lag_seconds").set(0.0);
         lock.release().await;
         result
     }
@@ -193,7 +196,8 @@ impl Relay {
             }
             if tokio::time::Instant::now() >= next_sample {
                 self.sample_lag(published).await;
-                next_sample = tokio::time::Instant::now() + Duration::from_secs(1);
+                // Catching up (full batches), the figures change slowly and the reads matter more.
+                next_sample = tokio::time::Instant::now() + Duration::from_secs(if batch.full { 5 } else { 1 });
             }
             if !batch.full && tokio::time::Instant::now() >= next_prune {
                 self.prune_idempotency_records().await;
