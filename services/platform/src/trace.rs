@@ -68,9 +68,10 @@ pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) -> CallTr
     let (trace_id, span_id, sampled) = if own.is_valid() {
         (own.trace_id(), own.span_id(), own.is_sampled())
     } else {
+        // Nothing records this span: it is sampled only if the caller's was (then something upstream records).
         let ids = RandomIdGenerator::default();
         let trace_id = if parent.is_valid() { parent.trace_id() } else { ids.new_trace_id() };
-        (trace_id, ids.new_span_id(), !parent.is_valid() || parent.is_sampled())
+        (trace_id, ids.new_span_id(), parent.is_valid() && parent.is_sampled())
     };
     let (trace_id, span_id) = (trace_id.to_string(), span_id.to_string());
     let traceparent = TraceParent(format!("00-{trace_id}-{span_id}-{:02x}", u8::from(sampled)));

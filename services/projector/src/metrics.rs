@@ -6,10 +6,8 @@ use crate::projection::{PROJECTION, Status, Step};
 /// The help text of the projector's metrics.
 pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge};
-    describe_gauge!(
-        "kiroku_projector_checkpoint_position",
-        "the projection's checkpoint, by projection and generation"
-    );
+    describe_gauge!("kiroku_projector_checkpoint_position", "the active generation's checkpoint, by projection");
+    describe_gauge!("kiroku_projector_generation", "the projection's active generation (a rebuild moves it)");
     describe_gauge!("kiroku_projector_lag_events", "final events after the checkpoint, not yet applied");
     describe_gauge!(
         "kiroku_projector_lag_seconds",
@@ -58,9 +56,11 @@ pub fn describe_metrics() {
 
 /// Sets the status gauges; `stall_seconds` is the horizon stall's age as the sampler measured it.
 pub(crate) fn record_status(status: &Status, stall_seconds: f64) {
-    let generation = status.generation.to_string();
-    metrics::gauge!("kiroku_projector_checkpoint_position", "projection" => PROJECTION, "generation" => generation)
+    // The generation is a value, not a label: a label would leave the last generation's series behind, frozen,
+    // after every rebuild.
+    metrics::gauge!("kiroku_projector_checkpoint_position", "projection" => PROJECTION)
         .set(status.checkpoint.get() as f64);
+    metrics::gauge!("kiroku_projector_generation", "projection" => PROJECTION).set(f64::from(status.generation));
     metrics::gauge!("kiroku_projector_lag_events").set(status.lag.events as f64);
     metrics::gauge!("kiroku_projector_lag_seconds").set(status.lag_seconds.unwrap_or(0.0));
     metrics::gauge!("kiroku_event_store_head_position").set(status.head.get() as f64);
