@@ -14,8 +14,8 @@ use kiroku::v1::{
 };
 use kiroku_dev_identity::SigningKey;
 use kiroku_testkit::{
-    CallerChannel, ServiceProcess, TestDb, TestRedis, binary_path, eventually, free_address, metric, scrape,
-    with_caller,
+    CallerChannel, ServiceProcess, TestDb, TestRedis, binary_path, connect_caller, eventually, free_address, metric,
+    scrape,
 };
 use serde_json::json;
 use tonic::Code;
@@ -84,20 +84,8 @@ impl System {
                 .unwrap();
         }
         let caller = key.mint_caller(&issuer, API_AUDIENCE, "tests", &kiroku_platform::caller::ALL, HOUR).unwrap();
-        let connect = |address: SocketAddr| {
-            let caller = caller.clone();
-            async move {
-                let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap();
-                let channel = eventually(Duration::from_secs(30), "the gRPC port", || async {
-                    Ok(endpoint.connect().await.ok())
-                })
-                .await
-                .unwrap();
-                with_caller(channel, &caller)
-            }
-        };
-        let commands = CommandServiceClient::new(connect(command_addr).await);
-        let queries = QueryServiceClient::new(connect(query_addr).await);
+        let commands = CommandServiceClient::new(connect_caller(command_addr, &caller).await.unwrap());
+        let queries = QueryServiceClient::new(connect_caller(query_addr, &caller).await.unwrap());
         System {
             db,
             redis,

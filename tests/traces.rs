@@ -13,7 +13,7 @@ use kiroku::v1::{
     ListUsersRequest, RegisterUserRequest, WatchEventsRequest, watch_events_request, watch_events_response,
 };
 use kiroku_dev_identity::SigningKey;
-use kiroku_testkit::{OtlpReceiver, ServiceProcess, TestDb, TestRedis, eventually, free_address, with_caller};
+use kiroku_testkit::{OtlpReceiver, ServiceProcess, TestDb, TestRedis, connect_caller, eventually, free_address};
 use serde_json::json;
 use wiremock::matchers::path;
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -92,19 +92,8 @@ async fn one_registration_is_one_trace_from_grpc_to_the_projector_and_its_logs_c
     let caller = key
         .mint_caller(&issuer, "kiroku-callers", "tests", &kiroku_platform::caller::ALL, Duration::from_secs(600))
         .unwrap();
-    let connect = |address: SocketAddr| {
-        let caller = caller.clone();
-        async move {
-            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap();
-            let channel =
-                eventually(Duration::from_secs(30), "the gRPC port", || async { Ok(endpoint.connect().await.ok()) })
-                    .await
-                    .unwrap();
-            with_caller(channel, &caller)
-        }
-    };
-    let mut commands = CommandServiceClient::new(connect(command_addr).await);
-    let mut queries = QueryServiceClient::new(connect(query_addr).await);
+    let mut commands = CommandServiceClient::new(connect_caller(command_addr, &caller).await.unwrap());
+    let mut queries = QueryServiceClient::new(connect_caller(query_addr, &caller).await.unwrap());
 
     let trace_id: [u8; 16] = rand::random();
     let parent: [u8; 8] = rand::random();

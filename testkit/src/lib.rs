@@ -443,6 +443,14 @@ pub fn with_caller(channel: tonic::transport::Channel, token: &str) -> CallerCha
     tonic::service::interceptor::InterceptedService::new(channel, BearerToken(value))
 }
 
+/// A channel to a gRPC server that may still be starting (tried for up to 30 s), whose calls carry `token`.
+pub async fn connect_caller(address: std::net::SocketAddr, token: &str) -> Result<CallerChannel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?;
+    let channel =
+        eventually(Duration::from_secs(30), "the gRPC port", || async { Ok(endpoint.connect().await.ok()) }).await?;
+    Ok(with_caller(channel, token))
+}
+
 /// The nearest-rank percentile `p` (0.0 to 1.0) of values sorted ascending, or the default when there are none.
 /// Benchmarks report latencies with it.
 pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {

@@ -57,7 +57,8 @@ pub struct AccessLog<S> {
     known: Arc<HashSet<String>>,
 }
 
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+/// The future every layer of the server (access log, caller check, shedding) returns.
+pub(crate) type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for AccessLog<S>
 where

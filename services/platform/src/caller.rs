@@ -15,7 +15,6 @@
 //! ones are dropped whenever one is added.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -26,6 +25,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Instrument;
 
+use crate::access::BoxFuture;
 use crate::auth::{TokenError, TokenVerifier, VerifiedToken};
 
 /// How long a verified caller token is trusted without checking its signature again.
@@ -164,8 +164,6 @@ pub struct CallerCheck<S> {
     inner: S,
     auth: Option<CallerAuth>,
 }
-
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for CallerCheck<S>
 where

@@ -3,7 +3,6 @@
 //! everyone). A stream holds its place until its response starts; WatchEvents streams have caps of their own.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -13,6 +12,8 @@ use tonic::Code;
 use tonic_types::{ErrorDetails, StatusExt};
 use tower_layer::Layer;
 use tower_service::Service;
+
+use crate::access::BoxFuture;
 
 /// RESOURCE_EXHAUSTED `LIMIT_REACHED`, retry after `retry_after`.
 pub fn limit_reached(message: impl Into<String>, retry_after: Duration) -> tonic::Status {
@@ -45,8 +46,6 @@ pub struct Shed<S> {
     inner: S,
     permits: Arc<Semaphore>,
 }
-
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Shed<S>
 where
