@@ -47,6 +47,7 @@ async fn main() {
         ("KIROKU_REDIS_PREFIX", redis.prefix.clone()),
         ("KIROKU_AUTH0_ISSUER", identity.issuer().to_owned()),
         ("KIROKU_API_AUDIENCE", DEV_API_AUDIENCE.to_owned()),
+        ("KIROKU_MASTER_KEY", kiroku_testkit::TEST_MASTER_KEY.to_owned()),
         ("KIROKU_QUERY_ADDR", "127.0.0.1:0".to_owned()),
         ("KIROKU_MIGRATE", "false".to_owned()),
         ("KIROKU_METRICS_ADDR", "off".to_owned()),

@@ -45,6 +45,8 @@ fn registration(n: u64) -> Append {
             .into_iter()
             .map(|(kind, value)| Claim { kind: kind.as_str().to_owned(), value })
             .collect(),
+        new_key: None,
+        erasure: None,
         idempotency: None,
     }
 }
@@ -100,7 +102,7 @@ async fn main() {
         })
     };
     // The observer polls the projection's checkpoint: an event is visible once the checkpoint passes it.
-    let projection = kiroku_projector::Projection::new(db.pool.clone(), 5);
+    let projection = kiroku_projector::Projection::new(db.pool.clone(), 5, kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap());
     let mut lags = Vec::new();
     let total = (rate * seconds) as usize;
     let deadline = Instant::now() + Duration::from_secs(seconds + 60);
@@ -132,7 +134,7 @@ async fn main() {
         futures::future::join_all(appends).await;
     }
     let events_in_store: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&db.pool).await.unwrap();
-    let rebuilt = kiroku_projector::rebuild::rebuild(&db.pool, &kiroku_projector::Projection::new(db.pool.clone(), 5))
+    let rebuilt = kiroku_projector::rebuild::rebuild(&db.pool, &kiroku_projector::Projection::new(db.pool.clone(), 5, kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap()))
         .await
         .unwrap();
 

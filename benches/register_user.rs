@@ -45,6 +45,7 @@ async fn main() {
         ("KIROKU_AUTH0_ISSUER", identity.issuer().to_owned()),
         ("KIROKU_AUTH0_AUDIENCE", DEV_AUDIENCE.to_owned()),
         ("KIROKU_API_AUDIENCE", DEV_API_AUDIENCE.to_owned()),
+        ("KIROKU_MASTER_KEY", kiroku_testkit::TEST_MASTER_KEY.to_owned()),
         ("KIROKU_GITHUB_API_URL", identity.github_api_url()),
         ("KIROKU_COMMAND_ADDR", "127.0.0.1:0".to_owned()),
         ("KIROKU_MIGRATE", "false".to_owned()),

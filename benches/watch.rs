@@ -41,6 +41,8 @@ fn event(n: u64) -> Append {
             occurred_at: Utc::now(),
         }],
         claims: vec![],
+        new_key: None,
+        erasure: None,
         idempotency: None,
     }
 }
@@ -88,6 +90,7 @@ async fn main() {
             ("KIROKU_METRICS_ADDR", "off".to_owned()),
             ("KIROKU_AUTH0_ISSUER", identity.issuer().to_owned()),
             ("KIROKU_API_AUDIENCE", DEV_API_AUDIENCE.to_owned()),
+            ("KIROKU_MASTER_KEY", kiroku_testkit::TEST_MASTER_KEY.to_owned()),
             // Every subscriber here is one caller: lift the per-caller cap (100) above what the benchmark opens.
             ("KIROKU_WATCH_MAX_STREAMS_PER_CALLER", (subscribers + idle + 10).to_string()),
         ],

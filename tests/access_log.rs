@@ -83,6 +83,7 @@ fn env(db: &TestDb, redis: &TestRedis, issuer: &str) -> Vec<(&'static str, Strin
         ("KIROKU_AUTH0_ISSUER", issuer.to_owned()),
         ("KIROKU_AUTH0_AUDIENCE", "kiroku-tests".to_owned()),
         ("KIROKU_API_AUDIENCE", "kiroku-callers".to_owned()),
+        ("KIROKU_MASTER_KEY", kiroku_testkit::TEST_MASTER_KEY.to_owned()),
     ]
 }
 

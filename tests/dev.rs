@@ -90,14 +90,23 @@ async fn the_printed_grpcurl_line_registers_a_user_once() {
     let minted = parse_grpcurl_line(String::from_utf8(output.stdout).unwrap().trim());
     let other = register(&Line { address: printed.address.clone(), ..minted }).await.unwrap();
     assert_ne!(other.user_id, registered.user_id);
-    let login: String = sqlx::query_scalar(
-        "SELECT event_data->'personal'->>'github_username' FROM events WHERE aggregate_id = $1::uuid",
-    )
-    .bind(&other.user_id)
-    .fetch_one(&db.pool)
+    // The log holds the profile sealed; the read model, opened.
+    let sealed: bool = sqlx::query_scalar("SELECT event_data ? 'sealed' FROM events WHERE aggregate_id = $1::uuid")
+        .bind(&other.user_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(sealed);
+    kiroku_testkit::eventually(Duration::from_secs(30), "the minted user in users_read", || async {
+        let login: Option<String> = sqlx::query_scalar("SELECT github_username FROM users_read WHERE id = $1::uuid")
+            .bind(&other.user_id)
+            .fetch_optional(&db.pool)
+            .await?
+            .flatten();
+        Ok(login.filter(|login| login == "someone"))
+    })
     .await
     .unwrap();
-    assert_eq!(login, "someone");
 
     // A caller token with fewer permissions: it may read, not register.
     let output = tokio::process::Command::new(binary_path("kiroku"))

@@ -165,6 +165,7 @@ fn cluster(database_url: &str, redis_url: &str, stubs_uri: &str, logs: &std::pat
             ("KIROKU_AUTH0_ISSUER", format!("{stubs_uri}/")),
             ("KIROKU_AUTH0_AUDIENCE", AUDIENCE.to_owned()),
             ("KIROKU_API_AUDIENCE", API_AUDIENCE.to_owned()),
+            ("KIROKU_MASTER_KEY", kiroku_testkit::TEST_MASTER_KEY.to_owned()),
             ("KIROKU_GITHUB_API_URL", stubs_uri.to_owned()),
             ("KIROKU_GITHUB_TIMEOUT_MS", "500".to_owned()),
             // Small batches, so that a fail point can stop the relay in the middle of one.
@@ -194,6 +195,7 @@ fn cluster(database_url: &str, redis_url: &str, stubs_uri: &str, logs: &std::pat
                     ("KIROKU_QUERY_ADDR", query.to_string()),
                     ("KIROKU_AUTH0_ISSUER", format!("{stubs_uri}/")),
                     ("KIROKU_API_AUDIENCE", API_AUDIENCE.to_owned()),
+                    ("KIROKU_MASTER_KEY", kiroku_testkit::TEST_MASTER_KEY.to_owned()),
                 ]),
                 "query",
             ),
@@ -830,7 +832,7 @@ async fn the_invariants_hold_together_under_load_while_processes_die_and_servers
             cluster.procs[index].kill().await;
         }
     }
-    let projection = kiroku_projector::Projection::new(pool.clone(), 5);
+    let projection = kiroku_projector::Projection::new(pool.clone(), 5, kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap());
     kiroku_projector::rebuild::rebuild(&pool, &projection).await.unwrap();
     let rebuilt = snapshot(pool.clone()).await;
     assert_eq!(live.len(), rebuilt.len(), "users_read has the rows a rebuild produces");

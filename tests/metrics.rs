@@ -65,6 +65,7 @@ impl System {
                 ("KIROKU_AUTH0_ISSUER", issuer.clone()),
                 ("KIROKU_AUTH0_AUDIENCE", USER_AUDIENCE.to_owned()),
                 ("KIROKU_API_AUDIENCE", API_AUDIENCE.to_owned()),
+                ("KIROKU_MASTER_KEY", kiroku_testkit::TEST_MASTER_KEY.to_owned()),
                 ("KIROKU_GITHUB_API_URL", github.uri()),
                 ("KIROKU_COMMAND_ADDR", command_addr.to_string()),
                 ("KIROKU_QUERY_ADDR", query_addr.to_string()),

@@ -60,6 +60,8 @@ async fn register_as(store: &EventStore, id: Uuid, github_id: u64) -> Position {
             .into_iter()
             .map(|(kind, value)| Claim { kind: kind.as_str().to_owned(), value })
             .collect(),
+        new_key: None,
+        erasure: None,
         idempotency: None,
     };
     match store.append(&append).await.unwrap() {
@@ -71,9 +73,8 @@ async fn register_as(store: &EventStore, id: Uuid, github_id: u64) -> Position {
 /// A renamed login for user `id` at `version` + 1.
 async fn rename(store: &EventStore, id: Uuid, version: u32, login: &str) {
     let event = UserEvent::UserProfileUpdated(UserProfileUpdated {
-        personal: ProfileChanges { github_username: Some(login.to_owned()), ..ProfileChanges::default() },
+        personal: Some(ProfileChanges { github_username: Some(login.to_owned()), ..ProfileChanges::default() }),
         updated_at: Utc::now(),
-        github_etag: None,
     });
     let append = Append {
         aggregate_id: id,
@@ -81,6 +82,8 @@ async fn rename(store: &EventStore, id: Uuid, version: u32, login: &str) {
         expected: ExpectedVersion::Exact(version),
         events: vec![new_event(&event)],
         claims: vec![],
+        new_key: None,
+        erasure: None,
         idempotency: None,
     };
     store.append(&append).await.unwrap();
@@ -311,7 +314,7 @@ async fn one_rebuild_at_a_time_and_no_generation_is_left_behind() {
     .await
     .unwrap();
 
-    let projection = kiroku_projector::Projection::new(app.db.pool.clone(), 5);
+    let projection = kiroku_projector::Projection::new(app.db.pool.clone(), 5, kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap());
     let (first, second) = tokio::join!(
         kiroku_projector::rebuild::rebuild(&app.db.pool, &projection),
         kiroku_projector::rebuild::rebuild(&app.db.pool, &projection)

@@ -21,6 +21,7 @@ fn command_env(db: &TestDb, redis: &TestRedis, extra: &[(&str, &str)]) -> Vec<(&
         ("KIROKU_AUTH0_ISSUER", "http://127.0.0.1:9/".to_owned()),
         ("KIROKU_AUTH0_AUDIENCE", "kiroku-tests".to_owned()),
         ("KIROKU_API_AUDIENCE", "kiroku-callers".to_owned()),
+        ("KIROKU_MASTER_KEY", kiroku_testkit::TEST_MASTER_KEY.to_owned()),
         ("KIROKU_COMMAND_ADDR", "127.0.0.1:0".to_owned()),
         ("KIROKU_MIGRATE", "false".to_owned()),
     ];
@@ -57,6 +58,8 @@ async fn append_events(store: &EventStore, count: usize) -> Vec<Position> {
                 occurred_at: Utc::now(),
             }],
             claims: vec![],
+            new_key: None,
+            erasure: None,
             idempotency: None,
         };
         match store.append(&append).await.unwrap() {

@@ -66,6 +66,8 @@ fn registration() -> Append {
             occurred_at: Utc::now(),
         }],
         claims: vec![Claim { kind: "thing".to_owned(), value: Uuid::new_v4().to_string() }],
+        new_key: None,
+        erasure: None,
         idempotency: Some(IdempotencyRecord {
             key: IdempotencyKey { caller: "roles".to_owned(), request_id: Uuid::new_v4().to_string() },
             outcome: json!({}),
@@ -107,7 +109,7 @@ async fn each_service_role_can_do_its_work_and_nothing_else() {
     assert!(refused(&projector, "DELETE FROM claims").await, "the projector cannot touch the command side");
     assert!(refused(&projector, "DELETE FROM idempotency_records").await);
     // It projects: a step applies the log to the read models and moves its checkpoint.
-    let projection = kiroku_projector::Projection::new(projector.pool.clone(), 5);
+    let projection = kiroku_projector::Projection::new(projector.pool.clone(), 5, kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap());
     let step = projection.step(kiroku_projector::Target::Active, &[]).await.unwrap();
     assert!(step.checkpoint > kiroku_event_store::Position::ZERO);
 

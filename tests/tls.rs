@@ -155,6 +155,7 @@ async fn plaintext_off_loopback_and_unusable_tls_settings_stop_a_service_with_ex
         ("REDIS_URL", "redis://127.0.0.1:6379/0"),
         ("KIROKU_AUTH0_ISSUER", "https://tenant.auth0.com/"),
         ("KIROKU_API_AUDIENCE", "kiroku-api"),
+        ("KIROKU_MASTER_KEY", kiroku_testkit::TEST_MASTER_KEY),
     ];
     let run = |extra: &'static [(&'static str, &'static str)]| async move {
         let output = tokio::process::Command::new(binary_path("kiroku-query"))

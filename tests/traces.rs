@@ -69,6 +69,7 @@ async fn one_registration_is_one_trace_from_grpc_to_the_projector_and_its_logs_c
             ("KIROKU_AUTH0_ISSUER", issuer.clone()),
             ("KIROKU_AUTH0_AUDIENCE", "kiroku-tests".to_owned()),
             ("KIROKU_API_AUDIENCE", "kiroku-callers".to_owned()),
+            ("KIROKU_MASTER_KEY", kiroku_testkit::TEST_MASTER_KEY.to_owned()),
             ("KIROKU_GITHUB_API_URL", github.uri()),
             ("KIROKU_COMMAND_ADDR", command_addr.to_string()),
             ("KIROKU_QUERY_ADDR", query_addr.to_string()),

@@ -252,6 +252,8 @@ async fn a_subscriber_that_stops_reading_is_cut_off_while_another_gets_everythin
                 })
                 .collect(),
             claims: vec![],
+            new_key: None,
+            erasure: None,
             idempotency: None,
         };
         store.append(&append).await.unwrap();
@@ -333,6 +335,8 @@ async fn a_filtered_catch_up_sends_progress_through_stretches_it_filters_out() {
             expected,
             events,
             claims: vec![],
+            new_key: None,
+            erasure: None,
             idempotency: None,
         };
         match store.append(&append).await.unwrap() {

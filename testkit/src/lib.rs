@@ -22,6 +22,9 @@ pub use otlp::{OtlpReceiver, Span as OtlpSpan};
 pub use servers::{PrivatePostgres, PrivateRedis};
 
 /// The server that test databases are created on.
+/// The master key of every test (`KIROKU_MASTER_KEY`): 32 bytes, base64. Spawned services get it by default.
+pub const TEST_MASTER_KEY: &str = "a2lyb2t1LXRlc3QtbWFzdGVyLWtleS0zMi1ieXRlcyE=";
+
 pub fn admin_database_url() -> String {
     std::env::var("KIROKU_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
@@ -286,6 +289,7 @@ impl ServiceProcess {
         // Metrics on a port of their own, never the fixed default that concurrent tests would fight over; a test
         // that scrapes sets its own address.
         command.env("KIROKU_METRICS_ADDR", "127.0.0.1:0");
+        command.env("KIROKU_MASTER_KEY", TEST_MASTER_KEY);
         for (key, value) in env {
             command.env(key, value);
         }

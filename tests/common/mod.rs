@@ -107,6 +107,7 @@ impl CommandApp {
             ("KIROKU_AUTH0_ISSUER".into(), format!("{}/", auth0.uri())),
             ("KIROKU_AUTH0_AUDIENCE".into(), AUDIENCE.into()),
             ("KIROKU_API_AUDIENCE".into(), API_AUDIENCE.into()),
+            ("KIROKU_MASTER_KEY".into(), kiroku_testkit::TEST_MASTER_KEY.into()),
             // Tests refuse one identity many times on purpose; the limit has a test of its own.
             ("KIROKU_REFUSALS_PER_MINUTE".into(), "1000".into()),
             ("KIROKU_GITHUB_API_URL".into(), github.uri()),
@@ -235,6 +236,7 @@ impl CommandApp {
             ("KIROKU_QUERY_ADDR".into(), "127.0.0.1:0".into()),
             ("KIROKU_AUTH0_ISSUER".into(), self.issuer()),
             ("KIROKU_API_AUDIENCE".into(), API_AUDIENCE.into()),
+            ("KIROKU_MASTER_KEY".into(), kiroku_testkit::TEST_MASTER_KEY.into()),
             ("KIROKU_PROJECTOR_HEALTH_ADDR".into(), "127.0.0.1:0".into()),
             ("KIROKU_MIGRATE".into(), "false".into()),
             ("KIROKU_METRICS_ADDR".into(), "off".into()),
@@ -244,6 +246,27 @@ impl CommandApp {
             env.push(((*k).into(), (*v).into()));
         }
         env
+    }
+
+    /// Another command service on this app's database, Redis and stubs: one that starts after the test changed
+    /// the database under the first (loaded rows of an older kiroku, say).
+    pub async fn start_command(&self) -> (Running, Commands) {
+        let github = self.github.uri();
+        let env = self.env(&[
+            ("KIROKU_AUTH0_AUDIENCE", AUDIENCE),
+            ("KIROKU_GITHUB_API_URL", &github),
+            ("KIROKU_COMMAND_ADDR", "127.0.0.1:0"),
+            ("KIROKU_REFUSALS_PER_MINUTE", "1000"),
+        ]);
+        let source = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let settings = kiroku_command::config::Settings::from_source(&source).unwrap();
+        let app = kiroku_command::Application::build(settings).await.unwrap();
+        let address = app.local_addr();
+        let (trigger, shutdown) = Shutdown::new();
+        let task = tokio::spawn(app.run_until_stopped(shutdown));
+        let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+        let caller = self.caller_token(&kiroku_platform::caller::ALL);
+        (Running { address, trigger, task }, CommandServiceClient::new(with_caller(channel, &caller)))
     }
 
     pub async fn start_query(&self, extra: &[(&str, &str)]) -> (Running, Queries) {

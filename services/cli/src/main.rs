@@ -31,6 +31,11 @@ enum Command {
         #[command(subcommand)]
         action: ProjectorAction,
     },
+    /// Master keys (KIROKU_MASTER_KEY), which wrap the data keys sealing personal data.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Asks a kiroku server's grpc.health.v1 whether it is serving; exits 0 only if it is (for probes).
     Health {
         /// host:port of the server.
@@ -70,6 +75,15 @@ enum ProjectorAction {
 }
 
 #[derive(Subcommand)]
+enum KeysAction {
+    /// Prints a new master key (32 random bytes, base64), for KIROKU_MASTER_KEY.
+    New,
+    /// Re-wraps every data key under KIROKU_MASTER_KEY; the old master key goes in KIROKU_PREVIOUS_MASTER_KEYS
+    /// until this has run (and can be dropped after).
+    Rewrap,
+}
+
+#[derive(Subcommand)]
 enum DeadLetterAction {
     /// Lists them as JSON lines.
     List,
@@ -93,6 +107,10 @@ async fn main() -> ExitCode {
         }
         Command::Migrate => migrate().await,
         Command::Projector { action } => projector::run(action).await,
+        Command::Keys { action: KeysAction::New } => {
+            kiroku_vault::generate_master_key().map(|key| println!("{key}")).map_err(anyhow::Error::from)
+        }
+        Command::Keys { action: KeysAction::Rewrap } => rewrap().await,
         Command::Health { address } => health(&address).await,
     };
     match outcome {
@@ -109,6 +127,16 @@ async fn migrate() -> anyhow::Result<()> {
     let pool = kiroku_platform::connect_postgres(&url, 2).await?;
     kiroku_event_store::migrate(&pool).await.context("apply migrations")?;
     println!("migrations applied");
+    Ok(())
+}
+
+async fn rewrap() -> anyhow::Result<()> {
+    let url = config::database_url(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku keys", &e));
+    let master = kiroku_vault::master_keys(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku keys", &e));
+    let pool = kiroku_platform::connect_postgres(&url, 2).await?;
+    let vault = kiroku_vault::Vault::new(kiroku_event_store::EventStore::new(pool), master);
+    let moved = vault.rewrap().await.context("re-wrap the data keys")?;
+    println!("{moved} data keys re-wrapped under the current master key");
     Ok(())
 }
 

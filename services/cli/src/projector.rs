@@ -14,7 +14,9 @@ pub(crate) async fn run(action: ProjectorAction) -> Result<()> {
     // A rebuild meets the same failing events as the live projector and dead-letters them the same way.
     let max_attempts = config::positive(&Environment, &kiroku_projector::config::MAX_ATTEMPTS)
         .unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
-    let projection = Projection::new(pool.clone(), max_attempts);
+    let master_keys =
+        kiroku_vault::master_keys(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
+    let projection = Projection::new(pool.clone(), max_attempts, master_keys);
     match action {
         ProjectorAction::Rebuild => {
             let rebuilt = rebuild::rebuild(&pool, &projection).await?;

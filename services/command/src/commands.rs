@@ -1,10 +1,12 @@
 //! What every command shares: the dependencies, authentication, idempotency keys and event metadata.
 
 use chrono::{DateTime, Utc};
-use kiroku_domain::{Auth0Subject, ClaimKind, EncodeError, SCHEMA_VERSION};
+use kiroku_domain::{Auth0Subject, ClaimKind, EncodeError, SCHEMA_VERSION, User, UserEvent, UserId};
 use kiroku_event_store::{
-    CallerRef, Claim, EventMetadata, EventStore, IdempotencyKey, IdempotencyRecord, NewEvent, StoredOutcome,
+    CallerRef, Claim, EventMetadata, EventStore, IdempotencyKey, IdempotencyRecord, NewEvent, RecordedEvent,
+    StoredOutcome,
 };
+use kiroku_vault::{BlindIndex, Vault};
 use kiroku_platform::auth::{TokenError, TokenVerifier};
 use kiroku_platform::caller::Caller;
 use serde::Serialize;
@@ -20,6 +22,10 @@ use tracing::Instrument;
 /// The command side's dependencies. Use cases are methods on it, one file each.
 pub(crate) struct Commands {
     pub(crate) store: EventStore,
+    /// Seals personal fields under each person's data key, and opens them.
+    pub(crate) vault: Vault,
+    /// Keyed hashes of identities: what claims and idempotency keys store instead of them.
+    pub(crate) index: BlindIndex,
     pub(crate) verifier: TokenVerifier,
     pub(crate) github: GitHubClient,
     /// Refused registrations per subject (a signed-in user retrying in a loop).
@@ -91,24 +97,28 @@ impl Call {
         }
     }
 
-    /// The idempotency key of this call for `rpc`: (verified subject, request_id), one namespace per RPC so that
-    /// a request id reused for another RPC cannot replay the wrong kind of answer.
-    pub(crate) fn idempotency_key(&self, rpc: &str, subject: &str) -> Option<IdempotencyKey> {
+    /// The idempotency key of this call for `rpc`: (`who` called, request_id), one namespace per RPC so that a
+    /// request id reused for another RPC cannot replay the wrong kind of answer.
+    pub(crate) fn idempotency_key(&self, rpc: &str, who: &str) -> Option<IdempotencyKey> {
         self.request_id
             .as_ref()
-            .map(|request_id| IdempotencyKey { caller: format!("{rpc}:{subject}"), request_id: request_id.clone() })
+            .map(|request_id| IdempotencyKey { caller: format!("{rpc}:{who}"), request_id: request_id.clone() })
     }
 }
 
 impl Commands {
     pub(crate) fn new(
         store: EventStore,
+        vault: Vault,
+        index: BlindIndex,
         verifier: TokenVerifier,
         github: GitHubClient,
         refusals_per_minute: u32,
     ) -> Self {
         Commands {
             store,
+            vault,
+            index,
             verifier,
             github,
             refusals: RefusalLimit::new(refusals_per_minute, Duration::from_secs(60)),
@@ -116,18 +126,40 @@ impl Commands {
         }
     }
 
-    /// The first steps of every command, in this order: verify the token, then look up the answer stored for
-    /// (RPC, verified subject, request id). Only then may a command call GitHub.
+    /// The first steps of every command of a signed-in user, in this order: verify the token, then look up the
+    /// answer stored for (RPC, verified subject, request id). Only then may a command call GitHub. The subject is
+    /// personal data: the key holds its keyed hash.
     pub(crate) async fn admit(&self, token: &str, call: &Call, rpc: &str) -> Result<Admitted, CommandError> {
         let subject = self.authenticate(token).instrument(tracing::info_span!("token.verify")).await?;
-        let key = call.idempotency_key(rpc, &subject);
-        if let Some(key) = &key
-            && let Some(stored) =
-                self.store.stored_outcome(key).instrument(tracing::info_span!("idempotency.lookup")).await?
-        {
+        let key = call.idempotency_key(rpc, &self.index.hash("subject", &subject));
+        if let Some(stored) = self.stored(&key).await? {
             return Ok(Admitted::Repeat(stored));
         }
         Ok(Admitted::New { subject, key })
+    }
+
+    /// The answer stored under `key`, if the call has a key and it was answered.
+    pub(crate) async fn stored(&self, key: &Option<IdempotencyKey>) -> Result<Option<StoredOutcome>, CommandError> {
+        let Some(key) = key else { return Ok(None) };
+        Ok(self.store.stored_outcome(key).instrument(tracing::info_span!("idempotency.lookup")).await?)
+    }
+
+    /// The event store's claim of an identity: its keyed hash, never the identity.
+    pub(crate) fn claim(&self, kind: ClaimKind, value: &str) -> Claim {
+        Claim { kind: kind.as_str().to_owned(), value: self.index.hash(kind.as_str(), value) }
+    }
+
+    /// A user's events as stored, and the user they build (opened and upcast); `UserNotFound` when there is none.
+    pub(crate) async fn load_user(&self, user_id: UserId) -> Result<(User, Vec<RecordedEvent>), CommandError> {
+        let stored = self.store.read_stream(user_id.as_uuid(), 0, u32::MAX).await?;
+        let opened = self.vault.open(stored.clone()).await.map_err(vault_error)?;
+        let events = opened
+            .iter()
+            .filter_map(|e| UserEvent::decode(&e.event_type, &e.data))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CommandError::Internal(e.into()))?;
+        let user = User::from_events(user_id, &events).ok_or(CommandError::UserNotFound)?;
+        Ok((user, stored))
     }
 
     /// Verifies the token and returns its subject, still unparsed (any verified subject can own a request id).
@@ -150,9 +182,12 @@ pub(crate) fn github_subject(subject: &str) -> Result<Auth0Subject, CommandError
     subject.parse().map_err(|_| CommandError::NotAGitHubIdentity)
 }
 
-/// The event store's claim of an identity.
-pub(crate) fn claim(kind: ClaimKind, value: String) -> Claim {
-    Claim { kind: kind.as_str().to_owned(), value }
+/// A vault failure: the database's, or one an operator must fix (a master key missing, a corrupt key).
+pub(crate) fn vault_error(error: kiroku_vault::VaultError) -> CommandError {
+    match error {
+        kiroku_vault::VaultError::Store(error) => error.into(),
+        other => CommandError::Internal(other.into()),
+    }
 }
 
 /// The answer to store under the call's idempotency key, if it has one.

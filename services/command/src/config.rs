@@ -32,6 +32,8 @@ pub struct Settings {
     pub refusals_per_minute: u32,
     /// `GET /metrics`; `None`: off.
     pub metrics_addr: Option<SocketAddr>,
+    /// `KIROKU_MASTER_KEY` (and the previous ones): wrap the data keys that seal personal data.
+    pub master_keys: std::sync::Arc<kiroku_vault::MasterKeys>,
 }
 
 /// Where GitHub profiles come from.
@@ -103,6 +105,8 @@ pub const SETTINGS: &[Setting] = &[
     AUTH0_AUDIENCE,
     config::AUTH0_JWKS_URL,
     config::API_AUDIENCE,
+    config::MASTER_KEY,
+    config::PREVIOUS_MASTER_KEYS,
     GITHUB_API_URL,
     GITHUB_TOKEN,
     GITHUB_TIMEOUT_MS,
@@ -153,6 +157,7 @@ impl Settings {
             relay,
             refusals_per_minute: config::positive(source, &REFUSALS_PER_MINUTE)?,
             metrics_addr: config::metrics_addr(source, &METRICS_ADDR)?,
+            master_keys: kiroku_vault::master_keys(source)?,
             redis_prefix,
         })
     }
@@ -173,6 +178,7 @@ mod tests {
         ("KIROKU_AUTH0_ISSUER", "https://tenant.auth0.com/"),
         ("KIROKU_AUTH0_AUDIENCE", "https://kiroku/api"),
         ("KIROKU_API_AUDIENCE", "kiroku-api"),
+        ("KIROKU_MASTER_KEY", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="),
     ];
 
     #[test]
@@ -209,6 +215,8 @@ mod tests {
     fn a_missing_audience_is_named() {
         let error = from(&BASE[..3]).err().unwrap();
         assert_eq!(error.name, "KIROKU_AUTH0_AUDIENCE");
+        let error = from(&BASE[..5]).err().unwrap();
+        assert_eq!(error.name, "KIROKU_MASTER_KEY");
     }
 
     #[test]

@@ -109,6 +109,19 @@ impl From<CommandError> for Status {
             CommandError::Refused(UserError::ProfileMismatch { .. }) => {
                 Status::with_error_details(Code::FailedPrecondition, error.to_string(), info("GITHUB_PROFILE_MISMATCH"))
             }
+            CommandError::Refused(UserError::Deactivated) => {
+                Status::with_error_details(Code::FailedPrecondition, error.to_string(), info("USER_DEACTIVATED"))
+            }
+            CommandError::Refused(UserError::Erased) => {
+                Status::with_error_details(Code::FailedPrecondition, error.to_string(), info("USER_ERASED"))
+            }
+            CommandError::Refused(UserError::InvalidState { .. }) => {
+                Status::with_error_details(Code::FailedPrecondition, error.to_string(), info("INVALID_USER_STATE"))
+            }
+            // An active user whose data does not open: the store and its keys disagree, a bug or tampering.
+            CommandError::Refused(refusal @ UserError::PersonalDataUnavailable) => {
+                CommandError::Internal(refusal.into()).into()
+            }
             CommandError::Refused(UserError::AlreadyRegistered) => {
                 Status::with_error_details(Code::AlreadyExists, error.to_string(), info("USER_ALREADY_EXISTS"))
             }
@@ -186,6 +199,19 @@ mod tests {
         assert_eq!(missing.code(), Code::FailedPrecondition);
         assert_eq!(Status::from(CommandError::Refused(UserError::NotRegistered)).code(), Code::NotFound);
         assert_eq!(Status::from(CommandError::Refused(UserError::AlreadyRegistered)).code(), Code::AlreadyExists);
+        let refusals = [
+            (UserError::Deactivated, "USER_DEACTIVATED"),
+            (UserError::Erased, "USER_ERASED"),
+            (
+                UserError::InvalidState { status: kiroku_domain::UserStatus::Active, action: "reactivated" },
+                "INVALID_USER_STATE",
+            ),
+        ];
+        for (refusal, reason) in refusals {
+            let status = Status::from(CommandError::Refused(refusal));
+            assert_eq!(status.code(), Code::FailedPrecondition);
+            assert_eq!(status.get_details_error_info().unwrap().reason, reason);
+        }
     }
 
     #[test]

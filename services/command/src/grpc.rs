@@ -5,7 +5,12 @@
 use std::sync::Arc;
 
 use kiroku::v1::command_service_server::CommandService;
-use kiroku::v1::{RegisterUserRequest, RegisterUserResponse, SyncGitHubProfileRequest, SyncGitHubProfileResponse};
+use kiroku::v1::{
+    DeactivateUserRequest, DeactivateUserResponse, EraseUserRequest, EraseUserResponse, ReactivateUserRequest,
+    ReactivateUserResponse, RegisterUserRequest, RegisterUserResponse, SyncGitHubProfileRequest,
+    SyncGitHubProfileResponse,
+};
+use kiroku_domain::UserId;
 use kiroku_platform::access::CORRELATION_HEADER;
 use kiroku_platform::caller::Caller;
 use kiroku_platform::trace::TraceParent;
@@ -13,6 +18,10 @@ use tonic::{Request, Response, Status};
 
 use crate::commands::{Call, Commands};
 use crate::error::CommandError;
+use crate::lifecycle::Administer;
+
+/// The longest deactivation reason kiroku records.
+const MAX_REASON_CHARS: usize = 500;
 
 pub(crate) struct CommandGrpc {
     commands: Arc<Commands>,
@@ -43,6 +52,35 @@ fn token(value: &str) -> Result<&str, CommandError> {
         return Err(CommandError::InvalidArgument { field: "auth0_token", description: "is required".to_owned() });
     }
     Ok(value)
+}
+
+fn user_id(value: &str) -> Result<UserId, CommandError> {
+    if value.is_empty() {
+        return Err(CommandError::InvalidArgument { field: "user_id", description: "is required".to_owned() });
+    }
+    value.parse().map_err(|_| CommandError::InvalidArgument { field: "user_id", description: "must be a UUID".to_owned() })
+}
+
+/// At most [`MAX_REASON_CHARS`], without control characters (it is shown to people and written to logs of
+/// audits, never to kiroku's own).
+fn reason(value: &str) -> Result<String, CommandError> {
+    if value.chars().count() > MAX_REASON_CHARS || value.chars().any(char::is_control) {
+        return Err(CommandError::InvalidArgument {
+            field: "reason",
+            description: format!("must be at most {MAX_REASON_CHARS} characters, without control characters"),
+        });
+    }
+    Ok(value.to_owned())
+}
+
+/// The call of an administrator's RPC, with its user.
+fn admin_call<T>(request: Request<T>, request_id: impl Fn(&T) -> &str) -> Result<(Call, T), CommandError> {
+    let correlation = correlation_id(&request);
+    let caller = request.extensions().get::<Caller>().cloned();
+    let trace = request.extensions().get::<TraceParent>().cloned();
+    let message = request.into_inner();
+    let call = start_call(request_id(&message), correlation, caller, trace)?;
+    Ok((call, message))
 }
 
 /// A correlation id the caller passed in the `x-correlation-id` header, if it is sane.
@@ -104,6 +142,40 @@ impl CommandService for CommandGrpc {
             position: synced.position.get(),
             changed: synced.changed,
         }))
+    }
+
+    async fn deactivate_user(
+        &self,
+        request: Request<DeactivateUserRequest>,
+    ) -> Result<Response<DeactivateUserResponse>, Status> {
+        let (call, message) = admin_call(request, |m| &m.request_id)?;
+        let user = user_id(&message.user_id)?;
+        let what = Administer::Deactivate { reason: reason(&message.reason)? };
+        let changed = self.commands.administer(user, what, message.expected_version, &call).await?;
+        Ok(Response::new(DeactivateUserResponse {
+            version: u64::from(changed.version),
+            position: changed.position.get(),
+        }))
+    }
+
+    async fn reactivate_user(
+        &self,
+        request: Request<ReactivateUserRequest>,
+    ) -> Result<Response<ReactivateUserResponse>, Status> {
+        let (call, message) = admin_call(request, |m| &m.request_id)?;
+        let user = user_id(&message.user_id)?;
+        let changed = self.commands.administer(user, Administer::Reactivate, message.expected_version, &call).await?;
+        Ok(Response::new(ReactivateUserResponse {
+            version: u64::from(changed.version),
+            position: changed.position.get(),
+        }))
+    }
+
+    async fn erase_user(&self, request: Request<EraseUserRequest>) -> Result<Response<EraseUserResponse>, Status> {
+        let (call, message) = admin_call(request, |m| &m.request_id)?;
+        let user = user_id(&message.user_id)?;
+        let changed = self.commands.administer(user, Administer::Erase, 0, &call).await?;
+        Ok(Response::new(EraseUserResponse { position: changed.position.get() }))
     }
 }
 

@@ -8,10 +8,11 @@ use kiroku_domain::{
 use kiroku_event_store::{
     Append, AppendError, AppendOutcome, ExpectedVersion, IdempotencyKey, Position, StoredOutcome,
 };
+use kiroku_vault::SealingKey;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::commands::{Admitted, Call, Commands, claim, github_subject, idempotency_record};
+use crate::commands::{Admitted, Call, Commands, github_subject, idempotency_record, vault_error};
 use crate::error::CommandError;
 use crate::github::Fetched;
 
@@ -40,7 +41,7 @@ impl Commands {
         let subject = github_subject(&subject)?;
         // A subject refused again and again is told to wait, before it costs a read, an audit event or a call.
         self.refusals.check(&subject.to_string()).map_err(|retry_after| CommandError::LimitReached { retry_after })?;
-        let claims: Vec<_> = User::claims(&subject).into_iter().map(|(kind, value)| claim(kind, value)).collect();
+        let claims: Vec<_> = User::claims(&subject).iter().map(|(kind, value)| self.claim(*kind, value)).collect();
         // Who owns the identity is known before GitHub is asked: a registered user who calls again costs kiroku
         // one indexed read, not a share of its GitHub rate limit. (The claims in the append still decide a race.)
         let owned = self.store.first_claimed(&claims).instrument(tracing::info_span!("claims.lookup")).await?;
@@ -58,13 +59,19 @@ impl Commands {
         let user_id = UserId::generate();
         let command = UserCommand::Register(RegisterUser { subject: subject.clone(), profile, now: call.received_at });
         let events = User::decide(None, &command)?;
+        // The person's data key is made here and stored with their first event.
+        let (data_key, wrapped) = self.vault.new_key(user_id.as_uuid()).map_err(vault_error)?;
+        let mut events = call.events(&events, UserEvent::encode)?;
+        self.vault.seal(user_id.as_uuid(), &SealingKey::Live(data_key), &mut events).map_err(vault_error)?;
         let append = Append {
             aggregate_id: user_id.as_uuid(),
             aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
             expected: ExpectedVersion::NoStream,
-            events: call.events(&events, UserEvent::encode)?,
+            events,
             claims,
             idempotency: idempotency_record(&key, &Outcome::Registered { user_id })?,
+            new_key: Some(wrapped),
+            erasure: None,
         };
         match self.store.append(&append).instrument(tracing::info_span!("store.append")).await {
             Ok(AppendOutcome::Appended(appended)) => {
@@ -113,12 +120,20 @@ impl Commands {
             now: call.received_at,
         };
         let events = RegistrationAudit::decide(None, &command);
+        // The attempt names the same person as the user who holds the identity: sealed under that user's key, it
+        // is erased with them (and, if they are erased already, written without it).
+        let owner = existing.as_uuid();
+        let data_key = self.vault.key_or_create(owner).await.map_err(vault_error)?;
+        let mut events = call.events(&events, AuditEvent::encode)?;
+        self.vault.seal(owner, &data_key, &mut events).map_err(vault_error)?;
         let append = Append {
             aggregate_id: AuditId::generate().as_uuid(),
             aggregate_type: AuditEvent::AGGREGATE_TYPE.to_owned(),
             expected: ExpectedVersion::NoStream,
-            events: call.events(&events, AuditEvent::encode)?,
+            events,
             claims: vec![],
+            new_key: None,
+            erasure: None,
             idempotency: idempotency_record(&key, &Outcome::AlreadyExists { user_id: existing })?,
         };
         self.refusals.refused(&subject.to_string());

@@ -16,6 +16,7 @@ use kiroku_platform::health::Dependencies;
 use kiroku_platform::metrics::{MetricsEndpoint, sample_pool};
 use kiroku_platform::{Shutdown, connect_redis, open_database};
 use kiroku_relay::Relay;
+use kiroku_vault::{BlindIndex, Vault};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
@@ -55,8 +56,25 @@ impl Application {
             // this error, until an operator moves the cluster's transaction ids past the head.
             tracing::error!(%error, "appends will be refused");
         }
+        let vault = Vault::new(store.clone(), settings.master_keys.clone());
+        vault.check().await.context("KIROKU_MASTER_KEY does not open the data keys in the database")?;
+        let index = vault.blind_index().await.context("load the key of the blind index")?;
+        // Claims written before keyed hashes are hashed now, before the first registration could miss them.
+        let hashed = store.hash_clear_claims(BlindIndex::PREFIX, |kind, value| index.hash(kind, value)).await?;
+        // And the idempotency keys of signed-in users (`<rpc>:<subject>`), so that a retry still finds its answer.
+        let rekeyed = store
+            .hash_clear_idempotency_callers(|caller| match caller.split_once(':') {
+                Some((rpc, subject)) => format!("{rpc}:{}", index.hash("subject", subject)),
+                None => caller.to_owned(),
+            })
+            .await?;
+        if hashed + rekeyed > 0 {
+            tracing::info!(hashed, rekeyed, "claims and idempotency keys written in clear replaced by keyed hashes");
+        }
         let commands = Commands::new(
             store,
+            vault,
+            index,
             TokenVerifier::new(jwks.clone(), issuer.clone(), settings.user_audience.clone()),
             GitHubClient::new(settings.github.clone(), http),
             settings.refusals_per_minute,
@@ -109,6 +127,7 @@ impl Application {
 fn permission(path: &str) -> &'static str {
     match path {
         "/kiroku.v1.CommandService/RegisterUser" | "/kiroku.v1.CommandService/SyncGitHubProfile" => caller::REGISTER,
+        // DeactivateUser, ReactivateUser, EraseUser.
         _ => caller::ADMIN,
     }
 }

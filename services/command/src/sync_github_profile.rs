@@ -5,7 +5,7 @@ use kiroku_domain::{ClaimKind, SyncProfile, User, UserCommand, UserEvent, UserId
 use kiroku_event_store::{Append, AppendError, AppendOutcome, ExpectedVersion, Position, StoredOutcome};
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{Admitted, Call, Commands, claim, github_subject, idempotency_record};
+use crate::commands::{Admitted, Call, Commands, github_subject, idempotency_record, vault_error};
 use crate::error::CommandError;
 use crate::github::Fetched;
 
@@ -39,23 +39,20 @@ impl Commands {
         let subject = github_subject(&subject)?;
         let owner = self
             .store
-            .claim_owner(&claim(ClaimKind::Auth0Subject, subject.to_string()))
+            .claim_owner(&self.claim(ClaimKind::Auth0Subject, &subject.to_string()))
             .await?
             .ok_or(CommandError::UserNotFound)?;
         let user_id = UserId::from_uuid(owner);
-        let recorded = self.store.read_stream(owner, 0, u32::MAX).await?;
-        let events = recorded
-            .iter()
-            .filter_map(|e| UserEvent::decode(&e.event_type, &e.data))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| CommandError::Internal(e.into()))?;
-        let user = User::from_events(user_id, &events).ok_or(CommandError::UserNotFound)?;
+        let (user, recorded) = self.load_user(user_id).await?;
         let latest = recorded.last().map(|e| e.position).unwrap_or(Position::ZERO);
         if expected_version != 0 && expected_version != u64::from(user.version) {
             return Err(CommandError::VersionConflict { expected: expected_version, actual: u64::from(user.version) });
         }
+        // Refused before GitHub is asked: a deactivated user costs no call.
+        User::decide(Some(&user), &UserCommand::SyncProfile(SyncProfile { profile: None, now: call.received_at }))?;
 
-        let fetched = self.github.fetch_user(subject.github_id(), user.github_etag.as_deref()).await?;
+        let etag = user.personal.as_ref().and_then(|p| p.github_etag.as_deref());
+        let fetched = self.github.fetch_user(subject.github_id(), etag).await?;
         let profile = match fetched {
             Fetched::Profile(profile) => Some(profile),
             Fetched::NotModified => None,
@@ -65,12 +62,17 @@ impl Commands {
         if events.is_empty() {
             return Ok(Synced { user_id, version: user.version, position: latest, changed: false });
         }
+        let data_key = self.vault.key_or_create(owner).await.map_err(vault_error)?;
+        let mut events = call.events(&events, UserEvent::encode)?;
+        self.vault.seal(owner, &data_key, &mut events).map_err(vault_error)?;
         let append = Append {
             aggregate_id: owner,
             aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
             expected: ExpectedVersion::Exact(user.version),
-            events: call.events(&events, UserEvent::encode)?,
+            events,
             claims: vec![],
+            new_key: None,
+            erasure: None,
             idempotency: idempotency_record(&key, &Outcome { user_id })?,
         };
         match self.store.append(&append).await {

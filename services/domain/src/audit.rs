@@ -25,15 +25,24 @@ impl RegistrationRefusal {
     }
 }
 
+/// Who attempted a refused registration: the same person as the user who holds the identity, so sealed under
+/// that user's data key and erased with them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptPersonal {
+    pub auth0_id: Auth0Subject,
+    pub github_id: GitHubId,
+}
+
 /// A registration was refused; the attempt is kept for the audit trail.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRegistrationFailed {
-    pub auth0_id: Auth0Subject,
-    pub github_id: GitHubId,
     pub reason: RegistrationRefusal,
     pub attempted_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duplicate_user_id: Option<UserId>,
+    /// `None` once the person's data is erased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub personal: Option<AttemptPersonal>,
 }
 
 crate::events! {
@@ -69,11 +78,10 @@ impl RegistrationAudit {
         match command {
             AuditCommand::RecordRefusal { subject, reason, existing, now } => {
                 vec![AuditEvent::UserRegistrationFailed(UserRegistrationFailed {
-                    auth0_id: subject.clone(),
-                    github_id: subject.github_id(),
                     reason: *reason,
                     attempted_at: *now,
                     duplicate_user_id: *existing,
+                    personal: Some(AttemptPersonal { auth0_id: subject.clone(), github_id: subject.github_id() }),
                 })]
             }
         }
@@ -104,11 +112,10 @@ mod tests {
         assert_eq!(
             data,
             json!({
-                "auth0_id": "github|7",
-                "github_id": "7",
                 "reason": "DUPLICATE_GITHUB_ID",
                 "attempted_at": "2026-11-27T06:00:00Z",
                 "duplicate_user_id": "0191d1b4-7e2c-7cc0-9a4b-3c1d2e3f4a5b",
+                "personal": { "auth0_id": "github|7", "github_id": "7" },
             })
         );
         assert_eq!(AuditEvent::decode(event_type, &data).unwrap().unwrap(), events[0]);

@@ -7,25 +7,31 @@
 
 mod audit;
 mod ids;
+mod upcast;
 mod user;
 
-pub use audit::{AuditCommand, AuditEvent, RegistrationAudit, RegistrationRefusal, UserRegistrationFailed};
+pub use audit::{
+    AttemptPersonal, AuditCommand, AuditEvent, RegistrationAudit, RegistrationRefusal, UserRegistrationFailed,
+};
 pub use ids::{AuditId, Auth0Subject, ClaimKind, GitHubId, IdError, UserId};
+pub use upcast::{ERASED, PERSONAL, redact, upcast};
 pub use user::{
-    GitHubProfile, PersonalProfile, ProfileChanges, RegisterUser, SyncProfile, User, UserCommand, UserError, UserEvent,
-    UserProfileUpdated, UserRegistered,
+    DeactivationReason, GitHubProfile, PersonalProfile, ProfileChanges, RegisterUser, RegisteredPersonal, SyncProfile,
+    User, UserCommand, UserDeactivated, UserErased, UserError, UserEvent, UserProfileUpdated, UserReactivated,
+    UserRegistered, UserStatus,
 };
 
-/// The version of every payload schema written today.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The version of every payload schema written today. 1: personal fields in clear, spread over the payload.
+/// 2: every personal field under `personal`, which the log stores sealed under the person's data key.
+pub const SCHEMA_VERSION: u32 = 2;
 
-/// An event payload that does not match its type's schema.
+/// An event payload that does not match its type's schema. Its message names the type and where the payload
+/// went wrong, never a value (serde's own message may quote one, and payloads hold personal data).
 #[derive(Debug, thiserror::Error)]
-#[error("cannot decode a {event_type} event: {source}")]
+#[error("cannot decode a {event_type} event: {:?} error at line {}, column {}", cause.classify(), cause.line(), cause.column())]
 pub struct DecodeError {
     pub event_type: String,
-    #[source]
-    pub source: serde_json::Error,
+    pub cause: serde_json::Error,
 }
 
 /// An event that cannot be written as JSON (a payload type that serde cannot represent: a bug, never data).
@@ -80,9 +86,9 @@ macro_rules! events {
                     return None;
                 }
                 let tagged = serde_json::json!({ "event_type": event_type, "data": data });
-                Some(serde_json::from_value(tagged).map_err(|source| $crate::DecodeError {
+                Some(serde_json::from_value(tagged).map_err(|cause| $crate::DecodeError {
                     event_type: event_type.to_owned(),
-                    source,
+                    cause,
                 }))
             }
         }

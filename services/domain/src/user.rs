@@ -1,4 +1,5 @@
-//! The `User` aggregate: `UserRegistered`, then any number of `UserProfileUpdated`.
+//! The `User` aggregate: `UserRegistered`, then any number of `UserProfileUpdated`, `UserDeactivated` and
+//! `UserReactivated`, and at most one `UserErased`, after which every command is refused.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -17,8 +18,7 @@ pub struct GitHubProfile {
     pub etag: Option<String>,
 }
 
-/// The personal fields of a user, kept apart in every payload so that a later erasure (GDPR) can remove them
-/// without rewriting the rest of the history.
+/// What kiroku records of a GitHub profile.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersonalProfile {
     pub github_username: String,
@@ -61,15 +61,28 @@ impl PersonalProfile {
     }
 }
 
+/// Everything personal a registration records: identities and profile. Sealed under the person's data key in
+/// the log (schema 2), and absent once they are erased.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisteredPersonal {
+    pub auth0_id: Auth0Subject,
+    pub github_id: GitHubId,
+    pub github_username: String,
+    pub display_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avatar_url: Option<String>,
+    /// The GitHub response's ETag, kept for conditional re-fetches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_etag: Option<String>,
+}
+
 /// A user registered with their GitHub profile.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRegistered {
-    pub auth0_id: Auth0Subject,
-    pub github_id: GitHubId,
-    pub personal: PersonalProfile,
     pub registered_at: DateTime<Utc>,
+    /// `None` once the person's data is erased.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub github_etag: Option<String>,
+    pub personal: Option<RegisteredPersonal>,
 }
 
 /// The personal fields that changed, and only those.
@@ -82,6 +95,8 @@ pub struct ProfileChanges {
     /// `Some(None)` would mean "removed"; GitHub always has an avatar, so a removal is not modelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avatar_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_etag: Option<String>,
 }
 
 impl ProfileChanges {
@@ -93,10 +108,40 @@ impl ProfileChanges {
 /// A registered user's GitHub profile changed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserProfileUpdated {
-    pub personal: ProfileChanges,
     pub updated_at: DateTime<Utc>,
+    /// `None` once the person's data is erased.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub github_etag: Option<String>,
+    pub personal: Option<ProfileChanges>,
+}
+
+/// Why an administrator deactivated a user: free text, so it may name the person, and is personal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeactivationReason {
+    pub reason: String,
+}
+
+/// An administrator deactivated the user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserDeactivated {
+    pub deactivated_at: DateTime<Utc>,
+    /// `None` once the person's data is erased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub personal: Option<DeactivationReason>,
+}
+
+/// An administrator reactivated a deactivated user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserReactivated {
+    pub reactivated_at: DateTime<Utc>,
+}
+
+/// The person's data was erased: their data key destroyed, their identities released. `redacted_positions`
+/// lists the events written before encryption (schema 1) whose personal fields the erasure removed in place.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserErased {
+    pub erased_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redacted_positions: Vec<u64>,
 }
 
 crate::events! {
@@ -104,6 +149,28 @@ crate::events! {
     pub enum UserEvent("User") {
         UserRegistered,
         UserProfileUpdated,
+        UserDeactivated,
+        UserReactivated,
+        UserErased,
+    }
+}
+
+/// Where a user stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UserStatus {
+    Active,
+    Deactivated,
+    Erased,
+}
+
+impl UserStatus {
+    /// As the read model stores it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            UserStatus::Active => "active",
+            UserStatus::Deactivated => "deactivated",
+            UserStatus::Erased => "erased",
+        }
     }
 }
 
@@ -111,10 +178,9 @@ crate::events! {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct User {
     pub id: UserId,
-    pub auth0_id: Auth0Subject,
-    pub github_id: GitHubId,
-    pub personal: PersonalProfile,
-    pub github_etag: Option<String>,
+    pub status: UserStatus,
+    /// `None` once the person's data is erased (and, for a reader after the erasure, at every point of the past).
+    pub personal: Option<RegisteredPersonal>,
     pub registered_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// The number of events applied.
@@ -134,6 +200,14 @@ pub enum UserError {
     NotRegistered,
     #[error("the user is already registered")]
     AlreadyRegistered,
+    #[error("the user is deactivated")]
+    Deactivated,
+    #[error("the user's personal data was erased")]
+    Erased,
+    #[error("the user is {}, so cannot be {action}", status.as_str())]
+    InvalidState { status: UserStatus, action: &'static str },
+    #[error("the user's personal data cannot be read")]
+    PersonalDataUnavailable,
 }
 
 /// Register a user with their verified Auth0 subject and their GitHub profile.
@@ -156,6 +230,10 @@ pub struct SyncProfile {
 pub enum UserCommand {
     Register(RegisterUser),
     SyncProfile(SyncProfile),
+    Deactivate { reason: String, now: DateTime<Utc> },
+    Reactivate { now: DateTime<Utc> },
+    /// `redacted_positions`: the schema-1 events whose personal fields the erasure removes (found by the caller).
+    Erase { redacted_positions: Vec<u64>, now: DateTime<Utc> },
 }
 
 impl User {
@@ -166,53 +244,97 @@ impl User {
 
     /// The state after one more event.
     pub fn evolve(state: Option<User>, id: UserId, event: &UserEvent) -> Option<User> {
-        match (state, event) {
-            (None, UserEvent::UserRegistered(e)) => Some(User {
-                id,
-                auth0_id: e.auth0_id.clone(),
-                github_id: e.github_id,
-                personal: e.personal.clone(),
-                github_etag: e.github_etag.clone(),
-                registered_at: e.registered_at,
-                updated_at: e.registered_at,
-                version: 1,
-            }),
-            (Some(mut user), UserEvent::UserProfileUpdated(e)) => {
-                if let Some(login) = &e.personal.github_username {
-                    user.personal.github_username.clone_from(login);
-                }
-                if let Some(name) = &e.personal.display_name {
-                    user.personal.display_name.clone_from(name);
-                }
-                if let Some(avatar) = &e.personal.avatar_url {
-                    user.personal.avatar_url = Some(avatar.clone());
-                }
-                if e.github_etag.is_some() {
-                    user.github_etag.clone_from(&e.github_etag);
-                }
+        let Some(mut user) = state else {
+            return match event {
+                UserEvent::UserRegistered(e) => Some(User {
+                    id,
+                    status: UserStatus::Active,
+                    personal: e.personal.clone(),
+                    registered_at: e.registered_at,
+                    updated_at: e.registered_at,
+                    version: 1,
+                }),
+                // Nothing but a registration can start a user (expected versions forbid the rest).
+                _ => None,
+            };
+        };
+        user.version += 1;
+        match event {
+            UserEvent::UserRegistered(_) => {}
+            UserEvent::UserProfileUpdated(e) => {
                 user.updated_at = e.updated_at;
-                user.version += 1;
-                Some(user)
+                match (&mut user.personal, &e.personal) {
+                    (Some(personal), Some(changes)) => {
+                        if let Some(login) = &changes.github_username {
+                            personal.github_username.clone_from(login);
+                        }
+                        if let Some(name) = &changes.display_name {
+                            personal.display_name.clone_from(name);
+                        }
+                        if let Some(avatar) = &changes.avatar_url {
+                            personal.avatar_url = Some(avatar.clone());
+                        }
+                        if changes.github_etag.is_some() {
+                            personal.github_etag.clone_from(&changes.github_etag);
+                        }
+                    }
+                    // An update whose fields are gone: what it changed is gone too.
+                    (_, None) => user.personal = None,
+                    (None, Some(_)) => {}
+                }
             }
-            // A second registration or an update before registration cannot be appended (expected versions
-            // forbid it); if it were, the state stays as it was rather than inventing one.
-            (state, _) => state.map(|mut user| {
-                user.version += 1;
-                user
-            }),
+            UserEvent::UserDeactivated(e) => {
+                user.status = UserStatus::Deactivated;
+                user.updated_at = e.deactivated_at;
+            }
+            UserEvent::UserReactivated(e) => {
+                user.status = UserStatus::Active;
+                user.updated_at = e.reactivated_at;
+            }
+            UserEvent::UserErased(e) => {
+                user.status = UserStatus::Erased;
+                user.personal = None;
+                user.updated_at = e.erased_at;
+            }
         }
+        Some(user)
     }
 
     /// Decides which events a command produces, given the user's state (`None`: not registered).
     /// Uniqueness of identities is not decided here: the event store's claims do it (see [`ClaimKind`]).
     pub fn decide(state: Option<&User>, command: &UserCommand) -> Result<Vec<UserEvent>, UserError> {
+        if let UserCommand::Register(command) = command {
+            return register(state, command).map(|event| vec![event]);
+        }
+        let user = state.ok_or(UserError::NotRegistered)?;
+        if user.status == UserStatus::Erased {
+            return Err(UserError::Erased);
+        }
         match command {
-            UserCommand::Register(command) => register(state, command).map(|event| vec![event]),
-            UserCommand::SyncProfile(command) => sync_profile(state, command).map(Vec::from_iter),
+            UserCommand::Register(_) => Err(UserError::AlreadyRegistered),
+            UserCommand::SyncProfile(command) => sync_profile(user, command).map(Vec::from_iter),
+            UserCommand::Deactivate { reason, now } => match user.status {
+                UserStatus::Active => Ok(vec![UserEvent::UserDeactivated(UserDeactivated {
+                    deactivated_at: *now,
+                    personal: Some(DeactivationReason { reason: reason.clone() }),
+                })]),
+                status => Err(UserError::InvalidState { status, action: "deactivated" }),
+            },
+            UserCommand::Reactivate { now } => match user.status {
+                UserStatus::Deactivated => {
+                    Ok(vec![UserEvent::UserReactivated(UserReactivated { reactivated_at: *now })])
+                }
+                status => Err(UserError::InvalidState { status, action: "reactivated" }),
+            },
+            UserCommand::Erase { redacted_positions, now } => Ok(vec![UserEvent::UserErased(UserErased {
+                erased_at: *now,
+                redacted_positions: redacted_positions.clone(),
+            })]),
         }
     }
 
     /// What the user holds exclusively once registered: one user per Auth0 subject and per GitHub account.
+    /// (The store keeps a keyed hash of each value, never the value.)
     pub fn claims(subject: &Auth0Subject) -> [(ClaimKind, String); 2] {
         [(ClaimKind::Auth0Subject, subject.to_string()), (ClaimKind::GitHubId, subject.github_id().to_string())]
     }
@@ -226,40 +348,46 @@ fn register(state: Option<&User>, command: &RegisterUser) -> Result<UserEvent, U
     if profile.id != command.subject.github_id() {
         return Err(UserError::ProfileMismatch { subject: command.subject.github_id(), profile: profile.id });
     }
+    let recorded = PersonalProfile::from_github(profile)?;
     Ok(UserEvent::UserRegistered(UserRegistered {
-        auth0_id: command.subject.clone(),
-        github_id: profile.id,
-        personal: PersonalProfile::from_github(profile)?,
         registered_at: command.now,
-        github_etag: profile.etag.clone(),
+        personal: Some(RegisteredPersonal {
+            auth0_id: command.subject.clone(),
+            github_id: profile.id,
+            github_username: recorded.github_username,
+            display_name: recorded.display_name,
+            avatar_url: recorded.avatar_url,
+            github_etag: profile.etag.clone(),
+        }),
     }))
 }
 
 /// Nothing, or one `UserProfileUpdated` with the changed fields (login, name, avatar).
-fn sync_profile(state: Option<&User>, command: &SyncProfile) -> Result<Option<UserEvent>, UserError> {
-    let user = state.ok_or(UserError::NotRegistered)?;
+fn sync_profile(user: &User, command: &SyncProfile) -> Result<Option<UserEvent>, UserError> {
+    if user.status == UserStatus::Deactivated {
+        return Err(UserError::Deactivated);
+    }
+    let current = user.personal.as_ref().ok_or(UserError::PersonalDataUnavailable)?;
     let Some(profile) = &command.profile else { return Ok(None) };
-    if profile.id != user.github_id {
-        return Err(UserError::ProfileMismatch { subject: user.github_id, profile: profile.id });
+    if profile.id != current.github_id {
+        return Err(UserError::ProfileMismatch { subject: current.github_id, profile: profile.id });
     }
     let fresh = PersonalProfile::from_github(profile)?;
     let changed = |old: &str, new: &str| (old != new).then(|| new.to_owned());
-    let changes = ProfileChanges {
-        github_username: changed(&user.personal.github_username, &fresh.github_username),
-        display_name: changed(&user.personal.display_name, &fresh.display_name),
-        avatar_url: match (&user.personal.avatar_url, &fresh.avatar_url) {
+    let mut changes = ProfileChanges {
+        github_username: changed(&current.github_username, &fresh.github_username),
+        display_name: changed(&current.display_name, &fresh.display_name),
+        avatar_url: match (&current.avatar_url, &fresh.avatar_url) {
             (old, Some(new)) if old.as_ref() != Some(new) => Some(new.clone()),
             _ => None,
         },
+        github_etag: None,
     };
     if changes.is_empty() {
         return Ok(None);
     }
-    Ok(Some(UserEvent::UserProfileUpdated(UserProfileUpdated {
-        personal: changes,
-        updated_at: command.now,
-        github_etag: profile.etag.clone(),
-    })))
+    changes.github_etag.clone_from(&profile.etag);
+    Ok(Some(UserEvent::UserProfileUpdated(UserProfileUpdated { updated_at: command.now, personal: Some(changes) })))
 }
 
 #[cfg(test)]
@@ -341,15 +469,15 @@ mod tests {
         assert_eq!(
             payload(&event),
             json!({
-                "auth0_id": "github|583231",
-                "github_id": "583231",
+                "registered_at": "2026-11-27T06:00:00Z",
                 "personal": {
+                    "auth0_id": "github|583231",
+                    "github_id": "583231",
                     "github_username": "octocat",
                     "display_name": "The Octocat",
                     "avatar_url": "https://avatars.githubusercontent.com/u/583231",
+                    "github_etag": "\"abc\"",
                 },
-                "registered_at": "2026-11-27T06:00:00Z",
-                "github_etag": "\"abc\"",
             })
         );
     }
@@ -358,10 +486,10 @@ mod tests {
     fn the_display_name_falls_back_to_the_login_when_github_has_no_name() {
         let profile = GitHubProfile { name: None, ..octocat() };
         let UserEvent::UserRegistered(event) = given(&[]).when(registering(profile)).event() else { panic!() };
-        assert_eq!(event.personal.display_name, "octocat");
+        assert_eq!(event.personal.unwrap().display_name, "octocat");
         let blank = GitHubProfile { name: Some("  ".to_owned()), ..octocat() };
         let UserEvent::UserRegistered(event) = given(&[]).when(registering(blank)).event() else { panic!() };
-        assert_eq!(event.personal.display_name, "octocat");
+        assert_eq!(event.personal.unwrap().display_name, "octocat");
     }
 
     #[test]
@@ -390,9 +518,10 @@ mod tests {
             ..octocat()
         };
         let UserEvent::UserRegistered(event) = given(&[]).when(registering(messy)).event() else { panic!() };
-        assert_eq!(event.personal.display_name.chars().count(), MAX_DISPLAY_NAME_CHARS);
-        assert!(event.personal.display_name.starts_with("Octo名"), "control characters are dropped");
-        assert_eq!(event.personal.avatar_url, None, "an avatar URL that does not fit is left out");
+        let personal = event.personal.unwrap();
+        assert_eq!(personal.display_name.chars().count(), MAX_DISPLAY_NAME_CHARS);
+        assert!(personal.display_name.starts_with("Octo名"), "control characters are dropped");
+        assert_eq!(personal.avatar_url, None, "an avatar URL that does not fit is left out");
     }
 
     #[test]
@@ -412,12 +541,13 @@ mod tests {
         let event = given(&[registered()]).when(syncing(Some(renamed))).event();
         assert_eq!(
             payload(&event),
-            json!({ "personal": { "github_username": "octodog" }, "updated_at": "2026-11-27T06:00:00Z", "github_etag": "\"def\"" })
+            json!({ "updated_at": "2026-11-27T06:00:00Z", "personal": { "github_username": "octodog", "github_etag": "\"def\"" } })
         );
         let user = User::from_events(UserId::generate(), &[registered(), event]).unwrap();
-        assert_eq!((user.personal.github_username.as_str(), user.version), ("octodog", 2));
-        assert_eq!(user.personal.display_name, "The Octocat");
-        assert_eq!(user.github_etag.as_deref(), Some("\"def\""));
+        let personal = user.personal.unwrap();
+        assert_eq!((personal.github_username.as_str(), user.version), ("octodog", 2));
+        assert_eq!(personal.display_name, "The Octocat");
+        assert_eq!(personal.github_etag.as_deref(), Some("\"def\""));
     }
 
     #[test]
@@ -431,8 +561,11 @@ mod tests {
         let (event_type, data) = event.encode().unwrap();
         assert_eq!(UserEvent::decode(event_type, &data).unwrap().unwrap(), event);
         assert!(UserEvent::decode("SomethingElse", &json!({})).is_none());
-        assert!(UserEvent::decode("UserRegistered", &json!({ "auth0_id": "nope" })).unwrap().is_err());
-        assert_eq!(UserEvent::TYPES, ["UserRegistered", "UserProfileUpdated"]);
+        assert!(UserEvent::decode("UserRegistered", &json!({ "personal": { "auth0_id": "nope" } })).unwrap().is_err());
+        assert_eq!(
+            UserEvent::TYPES,
+            ["UserRegistered", "UserProfileUpdated", "UserDeactivated", "UserReactivated", "UserErased"]
+        );
         assert_eq!(UserEvent::AGGREGATE_TYPE, "User");
     }
 
@@ -442,5 +575,69 @@ mod tests {
             User::claims(&subject()),
             [(ClaimKind::Auth0Subject, "github|583231".to_owned()), (ClaimKind::GitHubId, "583231".to_owned())]
         );
+    }
+
+    fn deactivating() -> UserCommand {
+        UserCommand::Deactivate { reason: "asked by support".to_owned(), now: now() }
+    }
+
+    fn erasing() -> UserCommand {
+        UserCommand::Erase { redacted_positions: vec![], now: now() }
+    }
+
+    fn deactivated() -> UserEvent {
+        given(&[registered()]).when(deactivating()).event()
+    }
+
+    fn erased() -> UserEvent {
+        given(&[registered()]).when(erasing()).event()
+    }
+
+    #[test]
+    fn an_active_user_can_be_deactivated_then_reactivated() {
+        let event = deactivated();
+        assert_eq!(
+            payload(&event),
+            json!({ "deactivated_at": "2026-11-27T06:00:00Z", "personal": { "reason": "asked by support" } })
+        );
+        let user = User::from_events(UserId::generate(), &[registered(), event.clone()]).unwrap();
+        assert_eq!((user.status, user.version), (UserStatus::Deactivated, 2));
+        let reactivated = given(&[registered(), event]).when(UserCommand::Reactivate { now: now() }).event();
+        let user = User::from_events(UserId::generate(), &[registered(), deactivated(), reactivated]).unwrap();
+        assert_eq!((user.status, user.version), (UserStatus::Active, 3));
+    }
+
+    #[test]
+    fn transitions_that_do_not_fit_the_status_are_refused() {
+        given(&[registered(), deactivated()])
+            .when(deactivating())
+            .then_refused(UserError::InvalidState { status: UserStatus::Deactivated, action: "deactivated" });
+        given(&[registered()])
+            .when(UserCommand::Reactivate { now: now() })
+            .then_refused(UserError::InvalidState { status: UserStatus::Active, action: "reactivated" });
+        given(&[registered(), deactivated()]).when(syncing(Some(octocat()))).then_refused(UserError::Deactivated);
+        given(&[]).when(deactivating()).then_refused(UserError::NotRegistered);
+        given(&[]).when(erasing()).then_refused(UserError::NotRegistered);
+    }
+
+    #[test]
+    fn every_command_on_an_erased_user_is_refused() {
+        for command in [deactivating(), UserCommand::Reactivate { now: now() }, erasing(), syncing(Some(octocat()))] {
+            given(&[registered(), erased()]).when(command).then_refused(UserError::Erased);
+        }
+        given(&[registered(), deactivated()]).when(erasing()).event();
+    }
+
+    #[test]
+    fn an_erasure_leaves_a_user_without_personal_data() {
+        let user = User::from_events(UserId::generate(), &[registered(), deactivated(), erased()]).unwrap();
+        assert_eq!((user.status, user.personal, user.version), (UserStatus::Erased, None, 3));
+        // Read after the erasure, the earlier events have no personal part either: the state shows that.
+        let unreadable = UserEvent::UserRegistered(UserRegistered { registered_at: now(), personal: None });
+        let user = User::from_events(UserId::generate(), &[unreadable]).unwrap();
+        assert_eq!((user.status, user.personal), (UserStatus::Active, None));
+        given(&[UserEvent::UserRegistered(UserRegistered { registered_at: now(), personal: None })])
+            .when(syncing(Some(octocat())))
+            .then_refused(UserError::PersonalDataUnavailable);
     }
 }

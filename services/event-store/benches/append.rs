@@ -147,6 +147,8 @@ async fn main() {
                         expected: ExpectedVersion::NoStream,
                         events: (0..events_per_tx).map(|i| event(n * 16 + i)).collect(),
                         claims: vec![],
+                        new_key: None,
+                        erasure: None,
                         idempotency: None,
                     };
                     s.append(&append).await.unwrap();

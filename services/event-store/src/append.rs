@@ -72,6 +72,10 @@ pub struct Append {
     pub events: Vec<NewEvent>,
     pub claims: Vec<Claim>,
     pub idempotency: Option<IdempotencyRecord>,
+    /// The data key of a new owner, stored with the events sealed under it.
+    pub new_key: Option<crate::keys::WrappedKey>,
+    /// An erasure: its writes commit with its event, or neither does.
+    pub erasure: Option<crate::keys::Erasure>,
 }
 
 /// What a committed append wrote.
@@ -175,7 +179,11 @@ impl EventStore {
     async fn append_once(&self, append: &Append) -> Result<AppendOutcome, AppendError> {
         validate(append)?;
         self.ensure_positions_ahead().await?;
-        if append.claims.is_empty() && append.idempotency.is_none() {
+        if append.claims.is_empty()
+            && append.idempotency.is_none()
+            && append.new_key.is_none()
+            && append.erasure.is_none()
+        {
             // One statement is its own transaction: no BEGIN and COMMIT round trips. Its version read and its
             // insert share one snapshot, so "any version" needs no resolving.
             let mut conn = self.pool.acquire().await?;
@@ -327,7 +335,15 @@ pub async fn append_in_transaction(tx: &mut PgConnection, append: &Append) -> Re
     if let Some(refused) = take_claims(tx, append).instrument(tracing::debug_span!("append.claims")).await? {
         return Err(refused);
     }
+    if let Some(key) = &append.new_key {
+        crate::keys::insert_key(tx, key).await?;
+    }
     let appended = insert_events(tx, append).instrument(tracing::debug_span!("append.events")).await?;
+    if let Some(erasure) = &append.erasure {
+        // After the event: a concurrent append that took the version first makes this a conflict, rolled back
+        // with nothing erased.
+        crate::keys::erase(tx, erasure).await?;
+    }
     if let Some(record) = &append.idempotency {
         sqlx::query("UPDATE idempotency_records SET version = $3, position = $4 WHERE caller = $1 AND request_id = $2")
             .bind(&record.key.caller)

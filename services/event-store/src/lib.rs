@@ -16,6 +16,7 @@ mod checkpoint;
 mod error;
 mod event;
 mod follow;
+mod keys;
 mod leader;
 mod migrate;
 mod notify;
@@ -28,6 +29,7 @@ pub use append::{
 pub use error::{AppendError, StoreError, is_transient};
 pub use event::{CallerRef, EventMetadata, NewEvent, Position, RecordedEvent};
 pub use follow::Follower;
+pub use keys::{Erasure, StoredKey, WrappedKey};
 pub use leader::LeaderLock;
 pub use migrate::migrate;
 pub use read::{Batch, LAG_COUNT_LIMIT, Lag, LogFilter};

@@ -10,6 +10,11 @@ use crate::error::StoreError;
 use crate::event::{Position, RecordedEvent};
 
 /// One aggregate's events after a version, in version order.
+/// The audit events whose payload names a user as the holder of the identity (by the partial expression index).
+pub(crate) const READ_REFUSALS_NAMING: &str = "SELECT position, id, aggregate_id, aggregate_type, event_type, \
+    event_version, event_data, metadata, occurred_at, created_at FROM events \
+    WHERE aggregate_type = 'UserRegistrationAudit' AND event_data ->> 'duplicate_user_id' = $1 ORDER BY position";
+
 const READ_STREAM: &str = "SELECT position, id, aggregate_id, aggregate_type, event_type, event_version, \
     event_data, metadata, occurred_at, created_at FROM events WHERE aggregate_id = $1 AND event_version > $2 \
     ORDER BY event_version LIMIT $3";
@@ -304,7 +309,7 @@ impl EventStore {
     }
 }
 
-fn decode(row: &PgRow) -> Result<RecordedEvent, StoreError> {
+pub(crate) fn decode(row: &PgRow) -> Result<RecordedEvent, StoreError> {
     let id: String = row.try_get("id")?;
     let event_id = id
         .parse()

@@ -37,6 +37,8 @@ fn append(aggregate_id: Uuid, expected: ExpectedVersion, n: u64) -> Append {
         expected,
         events: vec![event(n)],
         claims: vec![],
+        new_key: None,
+        erasure: None,
         idempotency: None,
     }
 }
@@ -181,6 +183,8 @@ async fn a_caller_that_gives_up_mid_append_never_leaves_a_transaction_open_on_a_
     for n in 0..240u64 {
         let append = Append {
             claims: vec![Claim { kind: "thing".to_owned(), value: format!("v{n}") }],
+            new_key: None,
+            erasure: None,
             idempotency: key(&format!("r{n}")),
             ..append(Uuid::new_v4(), ExpectedVersion::NoStream, n)
         };

@@ -32,7 +32,16 @@ fn event(event_type: &str, n: u64) -> NewEvent {
 }
 
 fn append_to(aggregate_id: Uuid, expected: ExpectedVersion, events: Vec<NewEvent>) -> Append {
-    Append { aggregate_id, aggregate_type: "Thing".to_owned(), expected, events, claims: vec![], idempotency: None }
+    Append {
+        aggregate_id,
+        aggregate_type: "Thing".to_owned(),
+        expected,
+        events,
+        claims: vec![],
+        idempotency: None,
+        new_key: None,
+        erasure: None,
+    }
 }
 
 fn appended(outcome: AppendOutcome) -> Appended {
@@ -309,6 +318,8 @@ async fn the_same_idempotency_key_twice_writes_one_set_of_events_and_answers_the
     let store = EventStore::new(db.pool.clone());
     let key = IdempotencyKey { caller: "github|42".to_owned(), request_id: "retry-me".to_owned() };
     let command = |answer: &str| Append {
+        new_key: None,
+        erasure: None,
         idempotency: Some(IdempotencyRecord { key: key.clone(), outcome: json!({ "answer": answer }) }),
         ..append_to(Uuid::new_v4(), ExpectedVersion::NoStream, vec![event("Done", 7)])
     };
@@ -327,6 +338,8 @@ async fn the_same_idempotency_key_twice_writes_one_set_of_events_and_answers_the
     let racers = (0..10).map(|n| {
         let (store, barrier) = (store.clone(), barrier.clone());
         let append = Append {
+            new_key: None,
+            erasure: None,
             idempotency: Some(IdempotencyRecord { key: fresh.clone(), outcome: json!({ "answer": n }) }),
             ..append_to(Uuid::new_v4(), ExpectedVersion::NoStream, vec![event("Concurrent", 100)])
         };
@@ -348,6 +361,8 @@ async fn the_same_idempotency_key_twice_writes_one_set_of_events_and_answers_the
 
     // Another caller may use the same request id for its own command.
     let other = Append {
+        new_key: None,
+        erasure: None,
         idempotency: Some(IdempotencyRecord {
             key: IdempotencyKey { caller: "github|43".to_owned(), request_id: "retry-me".to_owned() },
             outcome: json!({ "answer": "other" }),
@@ -373,6 +388,8 @@ async fn a_refused_claim_leaves_no_idempotency_record_behind() {
     let refused = store
         .append(&Append {
             claims: vec![claim],
+            new_key: None,
+            erasure: None,
             idempotency: Some(IdempotencyRecord { key: key.clone(), outcome: json!({}) }),
             ..append_to(Uuid::new_v4(), ExpectedVersion::NoStream, vec![event("Claimed", 2)])
         })

@@ -83,6 +83,18 @@ pub const MIGRATE_DATABASE_URL: Setting = Setting::new(
     "the schema's owner, who migrates (services log in as members of kiroku_command, kiroku_query, \
      kiroku_projector) [default: DATABASE_URL]",
 );
+pub const MASTER_KEY: Setting = Setting::new(
+    "KIROKU_MASTER_KEY",
+    None,
+    "32 random bytes, base64: the master key that wraps the data keys sealing personal data (required; \
+     `kiroku dev` makes one; `openssl rand -base64 32`)",
+);
+pub const PREVIOUS_MASTER_KEYS: Setting = Setting::new(
+    "KIROKU_PREVIOUS_MASTER_KEYS",
+    None,
+    "earlier master keys, comma-separated, still accepted to unwrap data keys while a rotation runs \
+     (`kiroku keys rewrap`) [default: none]",
+);
 pub const AUTH0_ISSUER: Setting =
     Setting::new("KIROKU_AUTH0_ISSUER", None, "the Auth0 tenant, e.g. https://tenant.auth0.com/ (required)");
 pub const AUTH0_JWKS_URL: Setting =

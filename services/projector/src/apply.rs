@@ -2,7 +2,10 @@
 //! skipped on purpose, and an unknown event type of a known aggregate is an error (it goes to the dead letters
 //! rather than being silently dropped).
 
-use kiroku_domain::{AuditEvent, UserEvent, UserProfileUpdated, UserRegistered, UserRegistrationFailed};
+use chrono::{DateTime, Utc};
+use kiroku_domain::{
+    AuditEvent, UserEvent, UserProfileUpdated, UserRegistered, UserRegistrationFailed, UserStatus,
+};
 use kiroku_event_store::RecordedEvent;
 use sqlx::PgConnection;
 
@@ -39,6 +42,13 @@ pub(crate) async fn apply(conn: &mut PgConnection, generation: i32, event: &Reco
         UserEvent::AGGREGATE_TYPE => match UserEvent::decode(&event.event_type, &event.data).ok_or_else(unknown)?? {
             UserEvent::UserRegistered(registered) => user_registered(conn, generation, event, &registered).await,
             UserEvent::UserProfileUpdated(updated) => profile_updated(conn, generation, event, &updated).await,
+            UserEvent::UserDeactivated(e) => {
+                status_changed(conn, generation, event, UserStatus::Deactivated, e.deactivated_at).await
+            }
+            UserEvent::UserReactivated(e) => {
+                status_changed(conn, generation, event, UserStatus::Active, e.reactivated_at).await
+            }
+            UserEvent::UserErased(e) => erased(conn, generation, event, e.erased_at).await,
         },
         AuditEvent::AGGREGATE_TYPE => {
             match AuditEvent::decode(&event.event_type, &event.data).ok_or_else(unknown)?? {
@@ -66,11 +76,13 @@ async fn user_registered(
     )
     .bind(generation)
     .bind(event.aggregate_id)
-    .bind(registered.auth0_id.to_string())
-    .bind(registered.github_id.to_string())
-    .bind(&registered.personal.github_username)
-    .bind(&registered.personal.display_name)
-    .bind(&registered.personal.avatar_url)
+    // Personal columns stay empty for a person erased before this event was applied (a rebuild, a lagging
+    // projector): their data can no longer be opened.
+    .bind(registered.personal.as_ref().map(|p| p.auth0_id.to_string()))
+    .bind(registered.personal.as_ref().map(|p| p.github_id.to_string()))
+    .bind(registered.personal.as_ref().map(|p| p.github_username.clone()))
+    .bind(registered.personal.as_ref().map(|p| p.display_name.clone()))
+    .bind(registered.personal.as_ref().and_then(|p| p.avatar_url.clone()))
     .bind(registered.registered_at)
     .bind(i32::try_from(event.version).unwrap_or(i32::MAX))
     .bind(event.position)
@@ -85,7 +97,7 @@ async fn profile_updated(
     event: &RecordedEvent,
     updated: &UserProfileUpdated,
 ) -> Result<(), ApplyError> {
-    let version = i32::try_from(event.version).unwrap_or(i32::MAX);
+    let changes = updated.personal.clone().unwrap_or_default();
     let changed = sqlx::query(
         "UPDATE users_read_rows SET github_username = coalesce($4, github_username), \
          display_name = coalesce($5, display_name), avatar_url = coalesce($6, avatar_url), \
@@ -94,15 +106,27 @@ async fn profile_updated(
     )
     .bind(generation)
     .bind(event.aggregate_id)
-    .bind(version)
-    .bind(&updated.personal.github_username)
-    .bind(&updated.personal.display_name)
-    .bind(&updated.personal.avatar_url)
+    .bind(i32::try_from(event.version).unwrap_or(i32::MAX))
+    .bind(&changes.github_username)
+    .bind(&changes.display_name)
+    .bind(&changes.avatar_url)
     .bind(updated.updated_at)
     .bind(event.position)
     .execute(&mut *conn)
     .await?
     .rows_affected();
+    next_version_applied(conn, generation, event, changed).await
+}
+
+/// Whether an update that matched `changed` rows is applied: it was (now, or already on a redelivery), or its
+/// predecessor is missing (never in position order).
+async fn next_version_applied(
+    conn: &mut PgConnection,
+    generation: i32,
+    event: &RecordedEvent,
+    changed: u64,
+) -> Result<(), ApplyError> {
+    let version = i32::try_from(event.version).unwrap_or(i32::MAX);
     if changed == 1 {
         return Ok(());
     }
@@ -136,8 +160,8 @@ async fn registration_failed(
     )
     .bind(generation)
     .bind(event.aggregate_id)
-    .bind(failed.auth0_id.to_string())
-    .bind(failed.github_id.to_string())
+    .bind(failed.personal.as_ref().map(|p| p.auth0_id.to_string()))
+    .bind(failed.personal.as_ref().map(|p| p.github_id.to_string()))
     .bind(reason)
     .bind(failed.attempted_at)
     .bind(failed.duplicate_user_id.map(|id| id.as_uuid()))
@@ -145,4 +169,59 @@ async fn registration_failed(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+async fn status_changed(
+    conn: &mut PgConnection,
+    generation: i32,
+    event: &RecordedEvent,
+    status: UserStatus,
+    at: DateTime<Utc>,
+) -> Result<(), ApplyError> {
+    let changed = sqlx::query(
+        "UPDATE users_read_rows SET status = $4, updated_at = $5, version = $3, position = $6 \
+         WHERE generation = $1 AND id = $2 AND version = $3 - 1",
+    )
+    .bind(generation)
+    .bind(event.aggregate_id)
+    .bind(i32::try_from(event.version).unwrap_or(i32::MAX))
+    .bind(status.as_str())
+    .bind(at)
+    .bind(event.position)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    next_version_applied(conn, generation, event, changed).await
+}
+
+/// The person is erased: their row keeps only the id, status and bookkeeping, and their refused attempts lose
+/// their identities, in the read models' every copy (this generation's).
+async fn erased(
+    conn: &mut PgConnection,
+    generation: i32,
+    event: &RecordedEvent,
+    at: DateTime<Utc>,
+) -> Result<(), ApplyError> {
+    let changed = sqlx::query(
+        "UPDATE users_read_rows SET status = 'erased', auth0_id = NULL, github_id = NULL, github_username = NULL, \
+         display_name = NULL, avatar_url = NULL, updated_at = $4, version = $3, position = $5 \
+         WHERE generation = $1 AND id = $2 AND version = $3 - 1",
+    )
+    .bind(generation)
+    .bind(event.aggregate_id)
+    .bind(i32::try_from(event.version).unwrap_or(i32::MAX))
+    .bind(at)
+    .bind(event.position)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    sqlx::query(
+        "UPDATE registration_failures_rows SET auth0_id = NULL, github_id = NULL \
+         WHERE generation = $1 AND duplicate_user_id = $2 AND (auth0_id IS NOT NULL OR github_id IS NOT NULL)",
+    )
+    .bind(generation)
+    .bind(event.aggregate_id)
+    .execute(&mut *conn)
+    .await?;
+    next_version_applied(conn, generation, event, changed).await
 }

@@ -24,6 +24,8 @@ pub struct Settings {
     pub claim_idle_ms: u64,
     /// `GET /metrics`; `None`: off.
     pub metrics_addr: Option<SocketAddr>,
+    /// `KIROKU_MASTER_KEY` (and the previous ones): unwrap the data keys that open personal data.
+    pub master_keys: std::sync::Arc<kiroku_vault::MasterKeys>,
 }
 
 pub const HEALTH_ADDR: Setting = Setting::new(
@@ -50,6 +52,8 @@ pub const SETTINGS: &[Setting] = &[
     config::REDIS_URL,
     config::REDIS_PREFIX,
     HEALTH_ADDR,
+    config::MASTER_KEY,
+    config::PREVIOUS_MASTER_KEYS,
     config::MIGRATE,
     config::MIGRATE_DATABASE_URL,
     config::TLS_CERT,
@@ -83,6 +87,7 @@ impl Settings {
             max_attempts: config::positive(source, &MAX_ATTEMPTS)?,
             claim_idle_ms: config::positive(source, &CLAIM_IDLE_MS)?,
             metrics_addr: config::metrics_addr(source, &METRICS_ADDR)?,
+            master_keys: kiroku_vault::master_keys(source)?,
         })
     }
 }
@@ -93,7 +98,11 @@ mod tests {
 
     #[test]
     fn every_setting_read_is_listed_in_help() {
-        let base = [("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/kiroku"), ("REDIS_URL", "redis://h:6379/0")];
+        let base = [
+            ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/kiroku"),
+            ("REDIS_URL", "redis://h:6379/0"),
+            ("KIROKU_MASTER_KEY", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="),
+        ];
         let read = std::sync::Mutex::new(Vec::new());
         let recording = |name: &str| {
             read.lock().unwrap().push(name.to_owned());

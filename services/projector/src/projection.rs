@@ -18,6 +18,8 @@ use chrono::Utc;
 use kiroku_event_store::{EventStore, Lag, Position, RecordedEvent};
 use kiroku_platform::failpoint;
 use kiroku_relay::stream::Entry;
+use kiroku_vault::{MasterKeys, Vault};
+use std::sync::Arc;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -75,16 +77,24 @@ pub enum Target {
 pub struct Projection {
     pool: PgPool,
     store: EventStore,
+    /// Opens personal fields (while their person's key exists) before events are applied.
+    vault: Vault,
     max_attempts: i32,
 }
 
 impl Projection {
-    pub fn new(pool: PgPool, max_attempts: u32) -> Self {
+    pub fn new(pool: PgPool, max_attempts: u32, master_keys: Arc<MasterKeys>) -> Self {
+        let store = EventStore::new(pool.clone());
         Projection {
-            store: EventStore::new(pool.clone()),
+            vault: Vault::new(store.clone(), master_keys),
+            store,
             pool,
             max_attempts: i32::try_from(max_attempts).unwrap_or(i32::MAX),
         }
+    }
+
+    pub fn vault(&self) -> &Vault {
+        &self.vault
     }
 
     pub fn store(&self) -> &EventStore {
@@ -109,6 +119,9 @@ impl Projection {
             }
         };
         let parked = parked_aggregates(&mut tx, generation).await?;
+        // Applied opened; dead-lettered as stored (sealed), so that no copy of a dead letter holds personal data.
+        let raw = events;
+        let events = self.vault.open(raw.clone()).await?;
 
         let mut step = Step {
             checkpoint,
@@ -132,7 +145,7 @@ impl Projection {
         if let Some(error) = failure {
             tx.rollback().await?;
             tracing::warn!(%error, "a batch failed; applying it event by event");
-            return self.step_one_by_one(target, &events, source).await;
+            return self.step_one_by_one(target, &raw, &events, source).await;
         }
         step.checkpoint = events.last().map(|e| e.position).unwrap_or(checkpoint);
         if let Some(through) = through.filter(|_| !more) {
@@ -180,13 +193,19 @@ impl Projection {
     /// The slow path after a failed batch: each event in a savepoint. The first failing event gets one more
     /// attempt recorded; once it has failed `max_attempts` times it is dead-lettered and skipped, its aggregate
     /// parked, and the rest goes on. Otherwise the step stops before it, to retry later.
-    async fn step_one_by_one(&self, target: Target, events: &[RecordedEvent], source: Source) -> anyhow::Result<Step> {
+    async fn step_one_by_one(
+        &self,
+        target: Target,
+        raw: &[RecordedEvent],
+        events: &[RecordedEvent],
+        source: Source,
+    ) -> anyhow::Result<Step> {
         let mut tx = self.pool.begin().await?;
         let (generation, checkpoint) = lock(&mut tx, target).await?;
         let mut parked = parked_aggregates(&mut tx, generation).await?;
         let mut step = Step { checkpoint, source, ..Step::default() };
         let mut taken = 0;
-        for event in events.iter().filter(|e| e.position > checkpoint) {
+        for (stored, event) in raw.iter().zip(events).filter(|(_, e)| e.position > checkpoint) {
             if parked.contains(&event.aggregate_id) {
                 park(&mut tx, generation, event).await?;
                 step.parked += 1;
@@ -228,7 +247,7 @@ impl Projection {
                     parked.insert(event.aggregate_id);
                     step.checkpoint = event.position;
                     taken += 1;
-                    step.dead_lettered.push(DeadLetter { event: event.clone(), attempts, error: error.to_string() });
+                    step.dead_lettered.push(DeadLetter { event: stored.clone(), attempts, error: error.to_string() });
                 }
             }
         }

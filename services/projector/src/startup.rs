@@ -38,6 +38,10 @@ impl Application {
         let listener = TcpListener::bind(settings.health_addr)
             .await
             .with_context(|| format!("listen on {}", settings.health_addr))?;
+        kiroku_vault::Vault::new(kiroku_event_store::EventStore::new(pool.clone()), settings.master_keys.clone())
+            .check()
+            .await
+            .context("KIROKU_MASTER_KEY does not open the data keys in the database")?;
         Ok(Application { pool, redis, reader, listener, settings, metrics })
     }
 
@@ -56,7 +60,7 @@ impl Application {
             metrics.spawn(shutdown.clone());
             tokio::spawn(sample_pool(pool.clone(), Duration::from_secs(5), shutdown.clone()));
         }
-        let projection = Projection::new(pool.clone(), settings.max_attempts);
+        let projection = Projection::new(pool.clone(), settings.max_attempts, settings.master_keys.clone());
         let consumer = Consumer::new(
             projection.clone(),
             redis.clone(),

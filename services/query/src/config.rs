@@ -26,6 +26,8 @@ pub struct Settings {
     pub api_audience: String,
     /// `GET /metrics`; `None`: off.
     pub metrics_addr: Option<SocketAddr>,
+    /// `KIROKU_MASTER_KEY` (and the previous ones): unwrap the data keys that open personal data.
+    pub master_keys: std::sync::Arc<kiroku_vault::MasterKeys>,
 }
 
 pub const QUERY_ADDR: Setting =
@@ -52,6 +54,8 @@ pub const SETTINGS: &[Setting] = &[
     config::AUTH0_ISSUER,
     config::AUTH0_JWKS_URL,
     config::API_AUDIENCE,
+    config::MASTER_KEY,
+    config::PREVIOUS_MASTER_KEYS,
     config::MIGRATE,
     config::MIGRATE_DATABASE_URL,
     config::TLS_CERT,
@@ -87,6 +91,7 @@ impl Settings {
             limits: config::server_limits(source)?,
             tenant: config::auth0_tenant(source)?,
             api_audience: config::required(source, &config::API_AUDIENCE)?,
+            master_keys: kiroku_vault::master_keys(source)?,
             metrics_addr: config::metrics_addr(source, &METRICS_ADDR)?,
             watch: WatchSettings {
                 client_buffer,
@@ -108,6 +113,7 @@ mod tests {
         ("REDIS_URL", "redis://127.0.0.1:6379/0"),
         ("KIROKU_AUTH0_ISSUER", "https://tenant.auth0.com/"),
         ("KIROKU_API_AUDIENCE", "kiroku-api"),
+        ("KIROKU_MASTER_KEY", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="),
     ];
 
     #[test]

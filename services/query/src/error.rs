@@ -56,6 +56,15 @@ impl From<kiroku_event_store::StoreError> for QueryError {
     }
 }
 
+impl From<kiroku_vault::VaultError> for QueryError {
+    fn from(error: kiroku_vault::VaultError) -> Self {
+        match error {
+            kiroku_vault::VaultError::Store(error) => error.into(),
+            other => QueryError::Internal(other.into()),
+        }
+    }
+}
+
 impl From<QueryError> for Status {
     fn from(error: QueryError) -> Status {
         let info = |reason: &str| ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new());

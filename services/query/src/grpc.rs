@@ -4,12 +4,14 @@ use std::time::Duration;
 
 use kiroku::v1::query_service_server::QueryService;
 use kiroku::v1::{
-    GetUserHistoryRequest, GetUserHistoryResponse, GetUserRequest, GetUserResponse, ListRegistrationFailuresRequest,
-    ListRegistrationFailuresResponse, ListUsersRequest, ListUsersResponse, LookupUserRequest, LookupUserResponse,
-    WatchEventsRequest, lookup_user_request,
+    GetUserAsOfRequest, GetUserAsOfResponse, GetUserHistoryRequest, GetUserHistoryResponse, GetUserRequest,
+    GetUserResponse, ListRegistrationFailuresRequest, ListRegistrationFailuresResponse, ListUsersRequest,
+    ListUsersResponse, LookupUserRequest, LookupUserResponse, User, WatchEventsRequest, get_user_as_of_request,
+    lookup_user_request,
 };
-use kiroku_domain::{Auth0Subject, UserEvent};
-use kiroku_event_store::{EventStore, Position};
+use kiroku_domain::{Auth0Subject, UserEvent, UserId};
+use kiroku_event_store::{EventStore, Position, RecordedEvent};
+use kiroku_vault::Vault;
 use kiroku_platform::caller::Caller;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -30,13 +32,42 @@ const DEADLINE_MARGIN: (Duration, Duration) = (Duration::from_millis(200), Durat
 pub(crate) struct QueryGrpc {
     read_models: ReadModels,
     store: EventStore,
+    vault: Vault,
     watcher: Watcher,
 }
 
 impl QueryGrpc {
-    pub(crate) fn new(read_models: ReadModels, store: EventStore, watcher: Watcher) -> Self {
-        QueryGrpc { read_models, store, watcher }
+    pub(crate) fn new(read_models: ReadModels, store: EventStore, vault: Vault, watcher: Watcher) -> Self {
+        QueryGrpc { read_models, store, vault, watcher }
     }
+}
+
+/// A user as their events (opened and upcast) build it, on the wire; `None` before a registration.
+fn user_from_events(id: Uuid, events: &[RecordedEvent]) -> Result<Option<User>, QueryError> {
+    let decoded = events
+        .iter()
+        .filter_map(|e| UserEvent::decode(&e.event_type, &e.data))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| QueryError::Internal(e.into()))?;
+    let Some(user) = kiroku_domain::User::from_events(UserId::from_uuid(id), &decoded) else { return Ok(None) };
+    // Once the person is erased, no point of their past shows their data (it cannot be opened): say why.
+    let erased = user.personal.is_none()
+        && events.iter().any(|e| e.data.get(kiroku_domain::ERASED).and_then(serde_json::Value::as_bool) == Some(true))
+        || user.status == kiroku_domain::UserStatus::Erased;
+    let personal = user.personal.as_ref();
+    Ok(Some(User {
+        user_id: id.to_string(),
+        auth0_id: personal.map(|p| p.auth0_id.to_string()).unwrap_or_default(),
+        github_id: personal.map(|p| p.github_id.to_string()).unwrap_or_default(),
+        github_username: personal.map(|p| p.github_username.clone()).unwrap_or_default(),
+        display_name: personal.map(|p| p.display_name.clone()).unwrap_or_default(),
+        avatar_url: personal.and_then(|p| p.avatar_url.clone()).unwrap_or_default(),
+        status: crate::read_models::status_of(user.status.as_str()) as i32,
+        created_at: Some(wire::timestamp(user.registered_at)),
+        updated_at: Some(wire::timestamp(user.updated_at)),
+        version: u64::from(user.version),
+        erased,
+    }))
 }
 
 fn user_id(field: &'static str, value: &str) -> Result<Uuid, QueryError> {
@@ -163,7 +194,41 @@ impl QueryService for QueryGrpc {
         } else {
             String::new()
         };
+        let events = self.vault.open(events).await.map_err(QueryError::from)?;
         Ok(Response::new(GetUserHistoryResponse { events: events.iter().map(wire::event).collect(), next_page_token }))
+    }
+
+    async fn get_user_as_of(
+        &self,
+        request: Request<GetUserAsOfRequest>,
+    ) -> Result<Response<GetUserAsOfResponse>, Status> {
+        let message = request.into_inner();
+        let id = user_id("user_id", &message.user_id)?;
+        let keep: Box<dyn Fn(&RecordedEvent) -> bool + Send> = match message.as_of {
+            Some(get_user_as_of_request::AsOf::AsOfPosition(position)) => {
+                let head = log_head(&self.store).await?;
+                if position > head.get() {
+                    return Err(QueryError::PositionOutOfRange { requested: position, head: head.get() }.into());
+                }
+                Box::new(move |e| e.position.get() <= position)
+            }
+            Some(get_user_as_of_request::AsOf::AsOfTime(time)) => {
+                let at = chrono::DateTime::from_timestamp(time.seconds, u32::try_from(time.nanos).unwrap_or(u32::MAX))
+                    .filter(|_| (0..1_000_000_000).contains(&time.nanos))
+                    .ok_or_else(|| QueryError::invalid("as_of_time", "must be a valid timestamp"))?;
+                Box::new(move |e| e.occurred_at <= at)
+            }
+            None => return Err(QueryError::invalid("as_of", "one of as_of_time, as_of_position is required").into()),
+        };
+        let events = self.store.read_stream(id, 0, u32::MAX).await.map_err(QueryError::from)?;
+        if events.first().is_some_and(|e| e.aggregate_type != UserEvent::AGGREGATE_TYPE) {
+            return Err(QueryError::NotFound("user").into());
+        }
+        // The events up to the point asked for, in version order (positions grow with versions).
+        let upto: Vec<RecordedEvent> = events.into_iter().take_while(|e| keep(e)).collect();
+        let opened = self.vault.open(upto).await.map_err(QueryError::from)?;
+        let user = user_from_events(id, &opened)?.ok_or(QueryError::NotFound("user"))?;
+        Ok(Response::new(GetUserAsOfResponse { user: Some(user) }))
     }
 
     async fn list_registration_failures(

@@ -59,7 +59,8 @@ pub(crate) fn decode_token<K: DeserializeOwned>(
 /// A parsed ListUsers filter.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct UserFilter {
-    pub active_only: bool,
+    /// Only users with this status (as the read model stores it).
+    pub status: Option<&'static str>,
     /// An exact login (case-insensitive), or a prefix when the value ended with `*`.
     pub login: Option<LoginMatch>,
 }
@@ -82,7 +83,7 @@ impl UserFilter {
     }
 }
 
-/// Parses `status = "active"` and `github_username = "oct*"`, joined by `AND`.
+/// Parses `status = "active"` (or `deactivated`, `erased`) and `github_username = "oct*"`, joined by `AND`.
 pub(crate) fn parse_user_filter(filter: &str) -> Result<UserFilter, QueryError> {
     let mut parsed = UserFilter::default();
     if filter.trim().is_empty() {
@@ -100,8 +101,15 @@ pub(crate) fn parse_user_filter(filter: &str) -> Result<UserFilter, QueryError> 
             .filter(|v| !v.contains('"'))
             .ok_or_else(|| invalid("values must be double-quoted strings"))?;
         match field.trim() {
-            "status" if value == "active" && !parsed.active_only => parsed.active_only = true,
-            "status" => return Err(invalid("status supports only \"active\", once")),
+            "status" if parsed.status.is_none() => {
+                parsed.status = Some(match value {
+                    "active" => "active",
+                    "deactivated" => "deactivated",
+                    "erased" => "erased",
+                    _ => return Err(invalid("status takes \"active\", \"deactivated\" or \"erased\"")),
+                });
+            }
+            "status" => return Err(invalid("status may appear once")),
             "github_username" if parsed.login.is_none() => {
                 let login = match value.strip_suffix('*') {
                     Some(prefix) => LoginMatch::Prefix(prefix.to_owned()),
@@ -127,7 +135,9 @@ mod tests {
     fn the_supported_filters_parse_and_everything_else_is_refused() {
         assert_eq!(parse_user_filter("").unwrap(), UserFilter::default());
         let both = parse_user_filter(r#"status = "active" AND github_username = "oct*""#).unwrap();
-        assert!(both.active_only);
+        assert_eq!(both.status, Some("active"));
+        assert_eq!(parse_user_filter(r#"status = "erased""#).unwrap().status, Some("erased"));
+        assert_eq!(parse_user_filter(r#"status = "deactivated""#).unwrap().status, Some("deactivated"));
         assert_eq!(both.login, Some(LoginMatch::Prefix("oct".into())));
         assert_eq!(both.login_pattern().as_deref(), Some("oct%"));
         assert_eq!(parse_user_filter(r#"github_username="a_b""#).unwrap().login_pattern().as_deref(), Some("a\\_b"));

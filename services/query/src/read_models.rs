@@ -102,11 +102,11 @@ impl ReadModels {
         limit: i64,
     ) -> Result<Vec<(User, Position)>, QueryError> {
         let rows = sqlx::query(select_users!(
-            "WHERE ($1::bigint IS NULL OR registered_position > $1) AND (NOT $2 OR status = 'active') \
+            "WHERE ($1::bigint IS NULL OR registered_position > $1) AND ($2::text IS NULL OR status = $2) \
              AND ($3::text IS NULL OR lower(github_username) LIKE $3) ORDER BY registered_position LIMIT $4"
         ))
         .bind(after)
-        .bind(filter.active_only)
+        .bind(filter.status)
         .bind(filter.login_pattern())
         .bind(limit)
         .fetch_all(&self.pool)
@@ -133,8 +133,9 @@ impl ReadModels {
             .map(|row| {
                 Ok(RegistrationFailure {
                     audit_id: row.try_get::<Uuid, _>("audit_id")?.to_string(),
-                    auth0_id: row.try_get("auth0_id")?,
-                    github_id: row.try_get("github_id")?,
+                    // The attempts of an erased person keep no identity (NULL).
+                    auth0_id: row.try_get::<Option<String>, _>("auth0_id")?.unwrap_or_default(),
+                    github_id: row.try_get::<Option<String>, _>("github_id")?.unwrap_or_default(),
                     reason: row.try_get("reason")?,
                     attempted_at: Some(timestamp(row.try_get("attempted_at")?)),
                     duplicate_user_id: row
@@ -178,21 +179,30 @@ impl ReadModels {
     }
 }
 
+/// A status as the read model stores it (`UserStatus::as_str`), on the wire.
+pub(crate) fn status_of(stored: &str) -> UserStatus {
+    match stored {
+        "active" => UserStatus::Active,
+        "deactivated" => UserStatus::Deactivated,
+        "erased" => UserStatus::Erased,
+        _ => UserStatus::Unspecified,
+    }
+}
+
 fn user(row: &PgRow) -> Result<User, QueryError> {
     let status: String = row.try_get("status")?;
     let created: DateTime<Utc> = row.try_get("created_at")?;
     let updated: DateTime<Utc> = row.try_get("updated_at")?;
     Ok(User {
         user_id: row.try_get::<Uuid, _>("id")?.to_string(),
-        auth0_id: row.try_get("auth0_id")?,
-        github_id: row.try_get("github_id")?,
-        github_username: row.try_get("github_username")?,
-        display_name: row.try_get("display_name")?,
+        // An erased user's personal columns are empty (NULL).
+        auth0_id: row.try_get::<Option<String>, _>("auth0_id")?.unwrap_or_default(),
+        github_id: row.try_get::<Option<String>, _>("github_id")?.unwrap_or_default(),
+        github_username: row.try_get::<Option<String>, _>("github_username")?.unwrap_or_default(),
+        display_name: row.try_get::<Option<String>, _>("display_name")?.unwrap_or_default(),
         avatar_url: row.try_get::<Option<String>, _>("avatar_url")?.unwrap_or_default(),
-        status: match status.as_str() {
-            "active" => UserStatus::Active as i32,
-            _ => UserStatus::Unspecified as i32,
-        },
+        status: status_of(&status) as i32,
+        erased: status == "erased",
         created_at: Some(timestamp(created)),
         updated_at: Some(timestamp(updated)),
         version: u64::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0),

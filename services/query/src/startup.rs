@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use fred::prelude::*;
 use kiroku::v1::query_service_server::QueryServiceServer;
 use kiroku_event_store::EventStore;
+use kiroku_vault::Vault;
 use kiroku_platform::auth::{Jwks, TokenVerifier, http_client};
 use kiroku_platform::caller::{self, CallerAuth};
 use kiroku_platform::grpc::GrpcServer;
@@ -59,9 +60,11 @@ impl Application {
             tokio::spawn(sample_pool(pool.clone(), Duration::from_secs(5), shutdown.clone()));
         }
         let store = EventStore::new(pool.clone());
-        let watcher = Watcher::start(store.clone(), settings.watch, shutdown.clone()).await?;
+        let vault = Vault::new(store.clone(), settings.master_keys.clone());
+        vault.check().await.context("KIROKU_MASTER_KEY does not open the data keys in the database")?;
+        let watcher = Watcher::start(store.clone(), vault.clone(), settings.watch, shutdown.clone()).await?;
         let read_models = ReadModels::listen(pool.clone(), shutdown.clone()).await;
-        let queries = QueryGrpc::new(read_models, store, watcher);
+        let queries = QueryGrpc::new(read_models, store, vault, watcher);
         let jwks = Jwks::new(settings.tenant.jwks_url.clone(), http_client()?);
         let verifier = TokenVerifier::new(jwks, settings.tenant.issuer.clone(), settings.api_audience.clone());
         tracing::info!(address = %local_addr, "kiroku-query listening");

@@ -23,6 +23,7 @@ use kiroku::v1::{
 };
 use kiroku_domain::{AuditEvent, UserEvent};
 use kiroku_event_store::{EventStore, Follower, LogFilter, Position, RecordedEvent};
+use kiroku_vault::Vault;
 use kiroku_platform::Shutdown;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
@@ -107,6 +108,7 @@ impl Drop for Slot {
 #[derive(Clone)]
 pub(crate) struct Watcher {
     store: EventStore,
+    vault: Vault,
     items: broadcast::Sender<Item>,
     scanned: watch::Receiver<Position>,
     settings: WatchSettings,
@@ -120,6 +122,7 @@ impl Watcher {
     /// Starts the pump at the current head.
     pub(crate) async fn start(
         store: EventStore,
+        vault: Vault,
         settings: WatchSettings,
         shutdown: Shutdown,
     ) -> anyhow::Result<Watcher> {
@@ -127,8 +130,8 @@ impl Watcher {
         let (items, _) = broadcast::channel(settings.broadcast_buffer.max(16));
         let (scanned_tx, scanned) = watch::channel(head);
         let follower = store.follow(head, BATCH, POLL_EVERY).await;
-        tokio::spawn(pump(follower, items.clone(), scanned_tx, shutdown.clone()));
-        Ok(Watcher { store, items, scanned, settings, open: Arc::default(), shutdown })
+        tokio::spawn(pump(follower, vault.clone(), items.clone(), scanned_tx, shutdown.clone()));
+        Ok(Watcher { store, vault, items, scanned, settings, open: Arc::default(), shutdown })
     }
 
     /// Validates the request and starts a subscriber.
@@ -151,6 +154,7 @@ impl Watcher {
         let ending: Arc<Mutex<Option<Status>>> = Arc::default();
         let subscriber = Subscriber {
             store: self.store.clone(),
+            vault: self.vault.clone(),
             items: self.items.subscribe(),
             filter,
             out,
@@ -199,18 +203,42 @@ impl Watcher {
 }
 
 /// Follows the log and broadcasts it; the only reader of the store for live delivery in this process.
+/// Events go out opened (personal fields while their person's key exists), once for every subscriber.
 async fn pump(
     mut follower: Follower,
+    vault: Vault,
     items: broadcast::Sender<Item>,
     scanned: watch::Sender<Position>,
     shutdown: Shutdown,
 ) {
+    let mut pending = None;
     loop {
-        let batch = tokio::select! {
-            () = shutdown.wait() => return,
-            batch = follower.next() => batch,
+        let batch = match pending.take() {
+            Some(batch) => Ok(batch),
+            None => tokio::select! {
+                () = shutdown.wait() => return,
+                batch = follower.next() => batch,
+            },
         };
-        match batch {
+        let opened = match batch {
+            Ok(mut batch) => match vault.open(batch.events.clone()).await {
+                Ok(events) => {
+                    batch.events = events;
+                    Ok(batch)
+                }
+                Err(error) => {
+                    // The follower has moved past this batch: keep it (raw) and open it again.
+                    tracing::warn!(%error, "watch feed cannot open the log's personal data");
+                    pending = Some(batch);
+                    Err(())
+                }
+            },
+            Err(error) => {
+                tracing::warn!(%error, "watch feed cannot read the log");
+                Err(())
+            }
+        };
+        match opened {
             Ok(batch) => {
                 for event in batch.events {
                     // No receivers is fine: nobody is watching.
@@ -221,8 +249,7 @@ async fn pump(
                     let _ = scanned.send(batch.through);
                 }
             }
-            Err(error) => {
-                tracing::warn!(%error, "watch feed cannot read the log");
+            Err(()) => {
                 tokio::select! {
                     () = shutdown.wait() => return,
                     () = tokio::time::sleep(POLL_EVERY) => {}
@@ -259,6 +286,7 @@ fn filter(request: &WatchEventsRequest) -> Result<LogFilter, QueryError> {
 
 struct Subscriber {
     store: EventStore,
+    vault: Vault,
     items: broadcast::Receiver<Item>,
     filter: LogFilter,
     out: mpsc::Sender<Result<WatchEventsResponse, Status>>,
@@ -421,12 +449,13 @@ impl Subscriber {
                 self.store.read_filtered(self.last, BATCH, SCAN, &self.filter).await
             }
             .map_err(|e| End::Failed(e.into()))?;
-            for event in &batch.events {
+            let events = self.vault.open(batch.events).await.map_err(|e| End::Failed(e.into()))?;
+            for event in &events {
                 self.offer(event, Mode::Replay).await?;
             }
             if batch.through > self.last {
                 self.last = batch.through;
-                if batch.full && batch.events.is_empty() {
+                if batch.full && events.is_empty() {
                     let progress = watch_events_response::Kind::Progress(Progress { position: self.last.get() });
                     self.send(progress, Mode::Replay).await?;
                 }

@@ -72,6 +72,8 @@ return {added, before}
 pub struct RelaySettings {
     /// `{prefix}:events`.
     pub stream_key: String,
+    /// `{prefix}:events:dead`: scrubbed, like the stream, of what an erasure redacted.
+    pub dead_letters_key: String,
     /// Approximate `MAXLEN` of the stream.
     pub max_len: u64,
     /// Events read from PostgreSQL per batch; the checkpoint is saved once per batch.
@@ -88,6 +90,7 @@ impl RelaySettings {
     pub fn new(prefix: &str) -> Self {
         RelaySettings {
             stream_key: stream::events_key(prefix),
+            dead_letters_key: stream::dead_letters_key(prefix),
             max_len: 1_000_000,
             batch_size: 500,
             chunk_size: 100,
@@ -187,6 +190,7 @@ impl Relay {
                     metrics::gauge!("kiroku_redis_up").set(0.0);
                     return Err(error.context("publish to Redis"));
                 }
+                self.scrub(&batch.events).await.context("delete redacted entries from Redis")?;
                 metrics::gauge!("kiroku_redis_up").set(1.0);
                 failpoint("relay.before_checkpoint");
                 self.store.save_checkpoint(&checkpoint, last).await.context("save the relay checkpoint")?;
@@ -229,6 +233,40 @@ impl Relay {
             }
             failpoint("relay.after_chunk");
         }
+        Ok(())
+    }
+
+    /// The entries of events whose personal fields an erasure redacted in the log (they predate encryption, so
+    /// they were published in clear): deleted from the stream and the dead letters when the relay publishes the
+    /// `UserErased` that lists them, before its checkpoint moves past it, so Redis keeps no copy (a crash repeats
+    /// it; deleting twice is harmless). A consumer that had not read them yet finds a broken chain and reads the
+    /// redacted events from the log.
+    async fn scrub(&self, batch: &[RecordedEvent]) -> Result<()> {
+        let redacted: std::collections::HashSet<u64> = batch
+            .iter()
+            .filter(|e| e.event_type == "UserErased")
+            .filter_map(|e| match kiroku_domain::UserEvent::decode(&e.event_type, &e.data) {
+                Some(Ok(kiroku_domain::UserEvent::UserErased(erased))) => Some(erased.redacted_positions),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        if redacted.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = redacted.iter().map(|p| format!("{p}-0")).collect();
+        let _: i64 = self.redis.xdel(&self.settings.stream_key, ids).await?;
+        let letters: Vec<(String, std::collections::HashMap<String, String>)> =
+            self.redis.xrange(&self.settings.dead_letters_key, "-", "+", None).await?;
+        let doomed: Vec<String> = letters
+            .into_iter()
+            .filter(|(_, fields)| stream::entry_position(fields).is_some_and(|p| redacted.contains(&p.get())))
+            .map(|(id, _)| id)
+            .collect();
+        if !doomed.is_empty() {
+            let _: i64 = self.redis.xdel(&self.settings.dead_letters_key, doomed).await?;
+        }
+        tracing::info!(entries = redacted.len(), "redacted entries deleted from Redis");
         Ok(())
     }
 

@@ -46,7 +46,12 @@ pub fn acl_rules(prefix: &str) -> AclRules {
         rules
     };
     AclRules {
-        relay: rules(std::slice::from_ref(&events), &["+eval", "+evalsha", "+exists", "+xinfo|stream", "+xadd"], &[]),
+        // XDEL and the dead letters: an erasure's scrub of entries published in clear (see `Relay::scrub`).
+        relay: rules(
+            std::slice::from_ref(&events),
+            &["+eval", "+evalsha", "+exists", "+xinfo|stream", "+xadd", "+xdel"],
+            &[format!("(~{dead} +xrange +xdel)")],
+        ),
         projector: rules(
             &[events],
             &[

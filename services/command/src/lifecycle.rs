@@ -1,0 +1,128 @@
+//! DeactivateUser, ReactivateUser and EraseUser: an administrator's commands on a user (permission
+//! `kiroku:admin`), idempotent by the calling service's request id. The domain decides which transitions are
+//! allowed; an erasure also destroys the person's data key, releases their claims and redacts the events they
+//! have from before encryption, all in the transaction that appends `UserErased`.
+
+use kiroku_domain::{User, UserCommand, UserEvent, UserId, redact};
+use kiroku_event_store::{Append, AppendError, AppendOutcome, Erasure, ExpectedVersion, Position, RecordedEvent};
+use kiroku_vault::schema_version;
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use crate::commands::{Call, Commands, idempotency_record, vault_error};
+use crate::error::CommandError;
+
+/// The user after an administrator's command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Changed {
+    pub version: u32,
+    pub position: Position,
+}
+
+/// What an administrator asks of a user.
+pub(crate) enum Administer {
+    Deactivate { reason: String },
+    Reactivate,
+    Erase,
+}
+
+impl Administer {
+    fn rpc(&self) -> &'static str {
+        match self {
+            Administer::Deactivate { .. } => "DeactivateUser",
+            Administer::Reactivate => "ReactivateUser",
+            Administer::Erase => "EraseUser",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Outcome {
+    user_id: UserId,
+}
+
+impl Commands {
+    /// `expected_version` 0 means "whatever version the user is at".
+    pub(crate) async fn administer(
+        &self,
+        user_id: UserId,
+        what: Administer,
+        expected_version: u64,
+        call: &Call,
+    ) -> Result<Changed, CommandError> {
+        let rpc = what.rpc();
+        // The caller is a service (its verified token's subject), not a person: its name is kept as it is.
+        let caller = call.caller.as_ref().map_or("-", |caller| caller.subject.as_str());
+        let key = call.idempotency_key(rpc, caller);
+        if let Some(stored) = self.stored(&key).await? {
+            return Ok(Changed { version: stored.version, position: stored.position });
+        }
+        let (user, recorded) = self.load_user(user_id).await?;
+        if expected_version != 0 && expected_version != u64::from(user.version) {
+            return Err(CommandError::VersionConflict { expected: expected_version, actual: u64::from(user.version) });
+        }
+        let now = call.received_at;
+        let owner = user_id.as_uuid();
+        let (command, erasure) = match what {
+            Administer::Deactivate { reason } => (UserCommand::Deactivate { reason, now }, None),
+            Administer::Reactivate => (UserCommand::Reactivate { now }, None),
+            Administer::Erase => {
+                // Refused (an erased user) before the log is searched for what to redact.
+                User::decide(Some(&user), &UserCommand::Erase { redacted_positions: vec![], now })?;
+                let redactions = self.redactions(owner, &recorded).instrument(tracing::info_span!("erase.find")).await?;
+                let positions = redactions.iter().map(|(position, _)| position.get()).collect();
+                (UserCommand::Erase { redacted_positions: positions, now }, Some(Erasure { owner, redactions }))
+            }
+        };
+        let decided = User::decide(Some(&user), &command)?;
+        let mut events = call.events(&decided, UserEvent::encode)?;
+        if matches!(command, UserCommand::Deactivate { .. }) {
+            let data_key = self.vault.key_or_create(owner).await.map_err(vault_error)?;
+            self.vault.seal(owner, &data_key, &mut events).map_err(vault_error)?;
+        }
+        let erasing = erasure.is_some();
+        let append = Append {
+            aggregate_id: owner,
+            aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
+            expected: ExpectedVersion::Exact(user.version),
+            events,
+            claims: vec![],
+            idempotency: idempotency_record(&key, &Outcome { user_id })?,
+            new_key: None,
+            erasure,
+        };
+        match self.store.append(&append).instrument(tracing::info_span!("store.append")).await {
+            Ok(AppendOutcome::Appended(appended)) => {
+                if erasing {
+                    tracing::info!(%user_id, position = %appended.last_position(), "user erased");
+                }
+                Ok(Changed { version: appended.version, position: appended.last_position() })
+            }
+            Ok(AppendOutcome::Replayed(stored)) => Ok(Changed { version: stored.version, position: stored.position }),
+            Err(AppendError::Conflict { actual, .. }) => Err(CommandError::VersionConflict {
+                expected: if expected_version != 0 { expected_version } else { u64::from(user.version) },
+                actual: u64::from(actual.unwrap_or(user.version + 1)),
+            }),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The events written before encryption (schema 1) that hold the person's data in clear, with what to store
+    /// instead: their own, and the refused attempts that name them.
+    async fn redactions(
+        &self,
+        owner: uuid::Uuid,
+        own: &[RecordedEvent],
+    ) -> Result<Vec<(Position, serde_json::Value)>, CommandError> {
+        let attempts = self.store.refusals_naming(owner).await?;
+        Ok(own
+            .iter()
+            .chain(&attempts)
+            .filter_map(|event| {
+                let version = schema_version(&event.metadata);
+                (version <= 1).then(|| redact(&event.event_type, version, &event.data)).flatten()
+                    .map(|redacted| (event.position, redacted))
+            })
+            .collect())
+    }
+}

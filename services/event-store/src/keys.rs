@@ -1,0 +1,230 @@
+//! The data keys of the people whose personal fields the log holds sealed, stored wrapped by a master key (the
+//! vault does the cryptography; this is only their storage), and what an erasure does in its transaction.
+
+use std::collections::HashMap;
+
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use crate::error::StoreError;
+use crate::event::Position;
+use crate::{EventStore, RecordedEvent};
+
+/// A data key as stored: wrapped (encrypted) by the master key named `master_key_id`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    pub owner: Uuid,
+    pub master_key_id: String,
+    pub wrapped: Vec<u8>,
+}
+
+impl std::fmt::Debug for WrappedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WrappedKey").field("owner", &self.owner).field("master_key_id", &self.master_key_id).finish()
+    }
+}
+
+/// What the store holds for an owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoredKey {
+    Live(WrappedKey),
+    /// Destroyed by an erasure: whatever was sealed under it can never be opened again.
+    Destroyed,
+}
+
+/// What an erasure does besides appending its event, in the same transaction: destroy the owner's data key
+/// (leaving a tombstone), release every claim the owner holds, and redact events written before encryption.
+#[derive(Clone, Debug)]
+pub struct Erasure {
+    pub owner: Uuid,
+    /// Events (by position) and the payload to store instead (see `kiroku_redact_events`: members may only go).
+    pub redactions: Vec<(Position, serde_json::Value)>,
+}
+
+impl EventStore {
+    /// The keys stored for `owners` (absent: none was ever made).
+    pub async fn keys(&self, owners: &[Uuid]) -> Result<HashMap<Uuid, StoredKey>, StoreError> {
+        if owners.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = sqlx::query("SELECT owner_id, master_key_id, wrapped FROM data_keys WHERE owner_id = ANY($1)")
+            .bind(owners)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let owner: Uuid = row.try_get("owner_id")?;
+                let key = match (row.try_get::<Option<String>, _>("master_key_id")?, row.try_get("wrapped")?) {
+                    (Some(master_key_id), Some(wrapped)) => StoredKey::Live(WrappedKey { owner, master_key_id, wrapped }),
+                    _ => StoredKey::Destroyed,
+                };
+                Ok((owner, key))
+            })
+            .collect()
+    }
+
+    /// Stores `key` unless its owner already has one (or a tombstone), and returns what the owner has now: the
+    /// first of two concurrent callers wins, and both then seal under the winner's key.
+    pub async fn create_key(&self, key: &WrappedKey) -> Result<StoredKey, StoreError> {
+        sqlx::query(
+            "INSERT INTO data_keys (owner_id, master_key_id, wrapped) VALUES ($1, $2, $3) \
+             ON CONFLICT (owner_id) DO NOTHING",
+        )
+        .bind(key.owner)
+        .bind(&key.master_key_id)
+        .bind(&key.wrapped)
+        .execute(&self.pool)
+        .await?;
+        self.keys(&[key.owner]).await?.remove(&key.owner).ok_or_else(|| StoreError::Corrupt {
+            table: "data_keys",
+            detail: "a key vanished right after it was stored".to_owned(),
+        })
+    }
+
+    /// Stores live keys wrapped anew (a master key rotation), each only if it is still live and unchanged.
+    pub async fn rewrap_keys(&self, rewrapped: &[(WrappedKey, WrappedKey)]) -> Result<u64, StoreError> {
+        let mut changed = 0;
+        for (old, new) in rewrapped {
+            changed += sqlx::query(
+                "UPDATE data_keys SET master_key_id = $3, wrapped = $4 \
+                 WHERE owner_id = $1 AND wrapped = $2 AND destroyed_at IS NULL",
+            )
+            .bind(old.owner)
+            .bind(&old.wrapped)
+            .bind(&new.master_key_id)
+            .bind(&new.wrapped)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        Ok(changed)
+    }
+
+    /// Up to `limit` live keys not wrapped by `master_key_id`, for a rotation.
+    pub async fn keys_not_wrapped_by(&self, master_key_id: &str, limit: i64) -> Result<Vec<WrappedKey>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT owner_id, master_key_id, wrapped FROM data_keys \
+             WHERE destroyed_at IS NULL AND master_key_id <> $1 LIMIT $2",
+        )
+        .bind(master_key_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(WrappedKey {
+                    owner: row.try_get("owner_id")?,
+                    master_key_id: row.try_get("master_key_id")?,
+                    wrapped: row.try_get("wrapped")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The refused registrations (audit events) that name `owner` as the user holding the identity.
+    pub async fn refusals_naming(&self, owner: Uuid) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(crate::read::READ_REFUSALS_NAMING).bind(owner.to_string()).fetch_all(&self.pool).await?;
+        rows.iter().map(crate::read::decode).collect()
+    }
+
+    /// Replaces claim values written in clear (before keyed hashes) by `hash(kind, value)`, a thousand per
+    /// statement; hashed values start with `hashed_prefix`. Returns how many changed.
+    pub async fn hash_clear_claims(
+        &self,
+        hashed_prefix: &str,
+        hash: impl Fn(&str, &str) -> String,
+    ) -> Result<u64, StoreError> {
+        let mut changed = 0;
+        loop {
+            let clear: Vec<(String, String)> =
+                sqlx::query_as("SELECT kind, value FROM claims WHERE left(value, length($1)) <> $1 LIMIT 1000")
+                    .bind(hashed_prefix)
+                    .fetch_all(&self.pool)
+                    .await?;
+            if clear.is_empty() {
+                return Ok(changed);
+            }
+            let kinds: Vec<&str> = clear.iter().map(|(k, _)| k.as_str()).collect();
+            let values: Vec<&str> = clear.iter().map(|(_, v)| v.as_str()).collect();
+            let hashed: Vec<String> = clear.iter().map(|(k, v)| hash(k, v)).collect();
+            changed += sqlx::query(
+                "UPDATE claims c SET value = u.hashed \
+                 FROM unnest($1::varchar[], $2::varchar[], $3::varchar[]) AS u(kind, value, hashed) \
+                 WHERE c.kind = u.kind AND c.value = u.value",
+            )
+            .bind(&kinds)
+            .bind(&values)
+            .bind(&hashed)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+    }
+}
+
+impl EventStore {
+    /// Replaces the callers of idempotency records written before keyed hashes (`<rpc>:github|<id>`, a person's
+    /// subject in clear) by `hash(caller)`, a thousand per statement; returns how many changed.
+    pub async fn hash_clear_idempotency_callers(&self, hash: impl Fn(&str) -> String) -> Result<u64, StoreError> {
+        let mut changed = 0;
+        loop {
+            let clear: Vec<(String, String)> = sqlx::query_as(
+                "SELECT caller, request_id FROM idempotency_records WHERE caller LIKE '%:github|%' LIMIT 1000",
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            if clear.is_empty() {
+                return Ok(changed);
+            }
+            let callers: Vec<&str> = clear.iter().map(|(c, _)| c.as_str()).collect();
+            let requests: Vec<&str> = clear.iter().map(|(_, r)| r.as_str()).collect();
+            let hashed: Vec<String> = clear.iter().map(|(c, _)| hash(c)).collect();
+            changed += sqlx::query(
+                "UPDATE idempotency_records i SET caller = u.hashed \
+                 FROM unnest($1::varchar[], $2::varchar[], $3::varchar[]) AS u(caller, request_id, hashed) \
+                 WHERE i.caller = u.caller AND i.request_id = u.request_id",
+            )
+            .bind(&callers)
+            .bind(&requests)
+            .bind(&hashed)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+    }
+}
+
+/// Stores a new owner's key inside an append's transaction.
+pub(crate) async fn insert_key(tx: &mut PgConnection, key: &WrappedKey) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO data_keys (owner_id, master_key_id, wrapped) VALUES ($1, $2, $3)")
+        .bind(key.owner)
+        .bind(&key.master_key_id)
+        .bind(&key.wrapped)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// An erasure's writes, inside its append's transaction.
+pub(crate) async fn erase(tx: &mut PgConnection, erasure: &Erasure) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO data_keys (owner_id, master_key_id, wrapped, destroyed_at) VALUES ($1, NULL, NULL, now()) \
+         ON CONFLICT (owner_id) DO UPDATE SET master_key_id = NULL, wrapped = NULL, \
+         destroyed_at = coalesce(data_keys.destroyed_at, now())",
+    )
+    .bind(erasure.owner)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM claims WHERE owner_id = $1").bind(erasure.owner).execute(&mut *tx).await?;
+    if !erasure.redactions.is_empty() {
+        let positions: Vec<i64> =
+            erasure.redactions.iter().map(|(p, _)| i64::try_from(p.get()).unwrap_or(i64::MAX)).collect();
+        let payloads: Vec<&serde_json::Value> = erasure.redactions.iter().map(|(_, d)| d).collect();
+        sqlx::query("SELECT kiroku_redact_events($1::bigint[], $2::jsonb[])")
+            .bind(&positions)
+            .bind(&payloads)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! Personal data in an immutable log: crypto-shredding.
+//!
+//! Every person has a data key (AES-256-GCM) of their own, stored in the event store wrapped by the master key
+//! (`KIROKU_MASTER_KEY`). The `personal` member of every payload (see `kiroku_domain::upcast`) is stored sealed
+//! under its person's key, as `sealed`; readers open it while the key exists. Erasing a person destroys their key:
+//! every copy of their personal fields (the log, the Redis stream, dead letters) becomes ciphertext nobody can
+//! open, and readers show those events with `personal` absent and `"erased": true`. Identities that must stay
+//! unique (claims) and idempotency keys are stored as keyed hashes ([`BlindIndex`]), never in clear.
+//!
+//! Master keys have ids (a digest of the key), stored with every wrapped key, so a master key can rotate:
+//! `KIROKU_MASTER_KEY` wraps new keys, `KIROKU_PREVIOUS_MASTER_KEYS` still unwrap old ones, and
+//! [`Vault::rewrap`] moves every key to the current master key.
+
+mod crypto;
+mod master;
+
+pub use crypto::{BlindIndex, DataKey};
+pub use master::{MasterKeys, generate_master_key};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kiroku_domain::{ERASED, PERSONAL, upcast};
+use kiroku_event_store::{EventStore, NewEvent, RecordedEvent, StoreError, StoredKey, WrappedKey};
+use kiroku_platform::config::{self, ConfigError, Source};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// The member that holds a sealed `personal` in the log.
+pub const SEALED: &str = "sealed";
+
+/// The owner of the blind index's key in `data_keys` (no user has the nil UUID).
+const INDEX_KEY_OWNER: Uuid = Uuid::nil();
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    /// A key is wrapped by a master key this process was not given: a configuration error, never data loss.
+    #[error("a data key is wrapped by master key {0}, which is neither KIROKU_MASTER_KEY nor a previous one")]
+    UnknownMasterKey(String),
+    /// A sealed member or a wrapped key that does not open with its key: tampering or corruption.
+    #[error("{0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl VaultError {
+    /// See [`StoreError::is_transient`].
+    pub fn is_transient(&self) -> bool {
+        matches!(self, VaultError::Store(error) if error.is_transient())
+    }
+}
+
+/// The key to seal a person's new events with.
+pub enum SealingKey {
+    Live(DataKey),
+    /// The person was erased: nothing personal may be written about them again.
+    Erased,
+}
+
+/// Seals and opens personal data; cheap to clone.
+#[derive(Clone)]
+pub struct Vault {
+    store: EventStore,
+    master: Arc<MasterKeys>,
+}
+
+/// The master keys from `KIROKU_MASTER_KEY` and `KIROKU_PREVIOUS_MASTER_KEYS`; a bad one is a [`ConfigError`]
+/// naming the setting (never its value).
+pub fn master_keys(source: &dyn Source) -> Result<Arc<MasterKeys>, ConfigError> {
+    let current = config::required(source, &config::MASTER_KEY)?;
+    let previous = config::PREVIOUS_MASTER_KEYS.get(source);
+    MasterKeys::parse(&current, previous.as_deref())
+        .map(Arc::new)
+        .map_err(|problem| ConfigError::new(config::MASTER_KEY.name, problem))
+}
+
+impl Vault {
+    pub fn new(store: EventStore, master: Arc<MasterKeys>) -> Self {
+        Vault { store, master }
+    }
+
+    /// Checks that the master keys open the keys already stored (the blind index's key, the first one made):
+    /// a service given the wrong master key stops at start-up instead of failing on every read.
+    pub async fn check(&self) -> Result<(), VaultError> {
+        match self.store.keys(&[INDEX_KEY_OWNER]).await?.remove(&INDEX_KEY_OWNER) {
+            Some(StoredKey::Live(wrapped)) => self.master.unwrap(&wrapped).map(|_| ()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The keyed hash of identities, its key made on first use.
+    pub async fn blind_index(&self) -> Result<BlindIndex, VaultError> {
+        match self.key_or_create(INDEX_KEY_OWNER).await? {
+            SealingKey::Live(key) => Ok(BlindIndex::new(&key)),
+            SealingKey::Erased => Err(VaultError::Corrupt("the blind index's key was destroyed".to_owned())),
+        }
+    }
+
+    /// A fresh data key for a new person, and its wrapped form to store with their first events.
+    pub fn new_key(&self, owner: Uuid) -> Result<(DataKey, WrappedKey), VaultError> {
+        let key = DataKey::generate()?;
+        let wrapped = self.master.wrap(owner, &key)?;
+        Ok((key, wrapped))
+    }
+
+    /// The key to seal `owner`'s new events with: theirs, made now if they have none yet (a person registered
+    /// before encryption), or [`SealingKey::Erased`].
+    pub async fn key_or_create(&self, owner: Uuid) -> Result<SealingKey, VaultError> {
+        let stored = match self.store.keys(&[owner]).await?.remove(&owner) {
+            Some(stored) => stored,
+            None => {
+                let (_, wrapped) = self.new_key(owner)?;
+                self.store.create_key(&wrapped).await?
+            }
+        };
+        match stored {
+            StoredKey::Live(wrapped) => Ok(SealingKey::Live(self.master.unwrap(&wrapped)?)),
+            StoredKey::Destroyed => Ok(SealingKey::Erased),
+        }
+    }
+
+    /// Seals the `personal` member of each event under `owner`'s key (or, for an erased person, drops it).
+    pub fn seal(&self, owner: Uuid, key: &SealingKey, events: &mut [NewEvent]) -> Result<(), VaultError> {
+        for event in events {
+            let Value::Object(payload) = &mut event.data else { continue };
+            let Some(personal) = payload.remove(PERSONAL) else { continue };
+            match key {
+                SealingKey::Live(key) => {
+                    let sealed = key.seal(owner, &event.event_type, &personal)?;
+                    payload.insert(SEALED.to_owned(), sealed);
+                }
+                SealingKey::Erased => {
+                    payload.insert(ERASED.to_owned(), Value::Bool(true));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Events as today's schema reads them: `sealed` opened into `personal` while its key exists (else
+    /// `"erased": true`), then upcast from the schema version that wrote them.
+    pub async fn open(&self, mut events: Vec<RecordedEvent>) -> Result<Vec<RecordedEvent>, VaultError> {
+        let owners: Vec<Uuid> = {
+            let mut owners: Vec<Uuid> = events.iter().filter_map(|e| crypto::sealed_owner(&e.data)).collect();
+            owners.sort_unstable();
+            owners.dedup();
+            owners
+        };
+        let stored = self.store.keys(&owners).await?;
+        let mut keys: HashMap<Uuid, Option<DataKey>> = HashMap::with_capacity(stored.len());
+        for (owner, key) in stored {
+            let key = match key {
+                StoredKey::Live(wrapped) => Some(self.master.unwrap(&wrapped)?),
+                StoredKey::Destroyed => None,
+            };
+            keys.insert(owner, key);
+        }
+        for event in &mut events {
+            let version = schema_version(&event.metadata);
+            let data = std::mem::take(&mut event.data);
+            let opened = open_payload(&keys, &event.event_type, data)?;
+            event.data = upcast(&event.event_type, version, opened);
+        }
+        Ok(events)
+    }
+
+    /// Wraps every live key under the current master key (after a rotation); returns how many moved.
+    pub async fn rewrap(&self) -> Result<u64, VaultError> {
+        let mut moved = 0;
+        loop {
+            let batch = self.store.keys_not_wrapped_by(self.master.current_id(), 500).await?;
+            if batch.is_empty() {
+                return Ok(moved);
+            }
+            let mut pairs = Vec::with_capacity(batch.len());
+            for old in batch {
+                let key = self.master.unwrap(&old)?;
+                let new = self.master.wrap(old.owner, &key)?;
+                pairs.push((old, new));
+            }
+            moved += self.store.rewrap_keys(&pairs).await?;
+        }
+    }
+}
+
+/// The schema version an event was written with (1 when its metadata predates the field).
+pub fn schema_version(metadata: &Value) -> u32 {
+    metadata.get("schema_version").and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok()).unwrap_or(1)
+}
+
+fn open_payload(keys: &HashMap<Uuid, Option<DataKey>>, event_type: &str, data: Value) -> Result<Value, VaultError> {
+    let Value::Object(mut payload) = data else { return Ok(data) };
+    let Some(sealed) = payload.remove(SEALED) else { return Ok(Value::Object(payload)) };
+    let owner = crypto::envelope_owner(&sealed)
+        .ok_or_else(|| VaultError::Corrupt(format!("a {event_type} event's sealed member names no key")))?;
+    match keys.get(&owner) {
+        Some(Some(key)) => {
+            payload.insert(PERSONAL.to_owned(), key.open(owner, event_type, &sealed)?);
+        }
+        // Destroyed (or, which only a hand-edited database can produce, never stored): erased.
+        _ => {
+            payload.insert(ERASED.to_owned(), Value::Bool(true));
+        }
+    }
+    Ok(Value::Object(payload))
+}
