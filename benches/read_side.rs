@@ -102,7 +102,11 @@ async fn main() {
         })
     };
     // The observer polls the projection's checkpoint: an event is visible once the checkpoint passes it.
-    let projection = kiroku_projector::Projection::new(db.pool.clone(), 5, kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap());
+    let projection = kiroku_projector::Projection::new(
+        db.pool.clone(),
+        5,
+        kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap(),
+    );
     let mut lags = Vec::new();
     let total = (rate * seconds) as usize;
     let deadline = Instant::now() + Duration::from_secs(seconds + 60);
@@ -134,9 +138,16 @@ async fn main() {
         futures::future::join_all(appends).await;
     }
     let events_in_store: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&db.pool).await.unwrap();
-    let rebuilt = kiroku_projector::rebuild::rebuild(&db.pool, &kiroku_projector::Projection::new(db.pool.clone(), 5, kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap()))
-        .await
-        .unwrap();
+    let rebuilt = kiroku_projector::rebuild::rebuild(
+        &db.pool,
+        &kiroku_projector::Projection::new(
+            db.pool.clone(),
+            5,
+            kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
 
     println!(
         "{}",

@@ -102,6 +102,7 @@ async fn main() {
         results.push(result);
     }
     drop(telemetry);
+    let erase = erase_phase(&channel, &db.pool).await;
     let first_off = results.iter().find(|r| r["phase"] == "off").cloned();
     let relative = |name: &str| {
         let last = results.iter().rev().find(|r| r["phase"] == name)?;
@@ -118,11 +119,37 @@ async fn main() {
             "stages_ms": receiver.as_ref().map(stages),
             "metrics_on_vs_off": relative("on"),
             "metrics_and_tracing_on_vs_off": relative("traced"),
+            "erase": erase,
         }))
         .unwrap()
     );
     trigger.trigger();
     let _ = server.await;
+}
+
+/// EraseUser of `BENCH_ERASES` (default 300) users registered above, one call at a time: the latency of one
+/// erasure (read the user, look for schema-1 rows, destroy the key, release the claims, append), as JSON.
+async fn erase_phase(channel: &CallerChannel, pool: &sqlx::PgPool) -> serde_json::Value {
+    let count: i64 = std::env::var("BENCH_ERASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let users: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT aggregate_id FROM events WHERE event_type = 'UserRegistered' LIMIT $1")
+            .bind(count)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let mut client = CommandServiceClient::new(channel.clone());
+    let mut latencies = Vec::with_capacity(users.len());
+    for user in users {
+        let t = Instant::now();
+        client
+            .erase_user(kiroku::v1::EraseUserRequest { user_id: user.to_string(), request_id: String::new() })
+            .await
+            .unwrap();
+        latencies.push(t.elapsed());
+    }
+    latencies.sort();
+    let pct = |p: f64| kiroku_testkit::percentile(&latencies, p).as_secs_f64() * 1000.0;
+    json!({ "calls": latencies.len(), "latency_ms": { "p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0) } })
 }
 
 /// Registers one user per token, `callers` at a time; throughput and latency as JSON.

@@ -138,6 +138,7 @@ impl System {
             .env_clear()
             .env("DATABASE_URL", &self.db.url)
             .env("REDIS_URL", &self.redis.url)
+            .env("KIROKU_MASTER_KEY", kiroku_testkit::TEST_MASTER_KEY)
             .output()
             .await
             .unwrap();

@@ -314,7 +314,11 @@ async fn one_rebuild_at_a_time_and_no_generation_is_left_behind() {
     .await
     .unwrap();
 
-    let projection = kiroku_projector::Projection::new(app.db.pool.clone(), 5, kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap());
+    let projection = kiroku_projector::Projection::new(
+        app.db.pool.clone(),
+        5,
+        kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap(),
+    );
     let (first, second) = tokio::join!(
         kiroku_projector::rebuild::rebuild(&app.db.pool, &projection),
         kiroku_projector::rebuild::rebuild(&app.db.pool, &projection)

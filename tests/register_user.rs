@@ -45,14 +45,19 @@ async fn registers_a_user_and_records_the_event_with_its_metadata_and_publishes_
     .unwrap();
     assert_eq!((aggregate_type.as_str(), event_type.as_str(), version), ("User", "UserRegistered", 1));
     assert_eq!(position as u64, response.position);
-    assert_eq!(data["auth0_id"], "github|583231");
-    assert_eq!(data["github_id"], "583231");
+    assert!(data.get("sealed").is_some() && data.get("personal").is_none(), "stored sealed: {data}");
+    let data = common::open_payload(&app.db.pool, "UserRegistered", data).await;
+    assert_eq!(data["personal"]["auth0_id"], "github|583231");
+    assert_eq!(data["personal"]["github_id"], "583231");
     assert_eq!(
         data["personal"],
         json!({
+            "auth0_id": "github|583231",
+            "github_id": "583231",
             "github_username": "octocat",
             "display_name": "The Octocat",
             "avatar_url": "https://avatars.githubusercontent.com/u/583231",
+            "github_etag": "\"octocat-etag\"",
         })
     );
     assert!(data["registered_at"].is_string());
@@ -85,6 +90,7 @@ async fn the_display_name_falls_back_to_the_login() {
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
+    let data = common::open_payload(&app.db.pool, "UserRegistered", data).await;
     assert_eq!(data["personal"]["display_name"], "nameless");
     app.stop().await;
 }
@@ -321,7 +327,8 @@ async fn fifty_concurrent_registrations_of_one_identity_make_one_user_and_forty_
             .await
             .unwrap();
     assert_eq!(failure["duplicate_user_id"], winners[0]);
-    assert_eq!(failure["auth0_id"], "github|583231");
+    let failure = common::open_payload(&app.db.pool, "UserRegistrationFailed", failure).await;
+    assert_eq!(failure["personal"]["auth0_id"], "github|583231");
     assert_eq!(failure["reason"], "DUPLICATE_AUTH0_ID");
     app.stop().await;
 }

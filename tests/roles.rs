@@ -109,7 +109,11 @@ async fn each_service_role_can_do_its_work_and_nothing_else() {
     assert!(refused(&projector, "DELETE FROM claims").await, "the projector cannot touch the command side");
     assert!(refused(&projector, "DELETE FROM idempotency_records").await);
     // It projects: a step applies the log to the read models and moves its checkpoint.
-    let projection = kiroku_projector::Projection::new(projector.pool.clone(), 5, kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap());
+    let projection = kiroku_projector::Projection::new(
+        projector.pool.clone(),
+        5,
+        kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap(),
+    );
     let step = projection.step(kiroku_projector::Target::Active, &[]).await.unwrap();
     assert!(step.checkpoint > kiroku_event_store::Position::ZERO);
 

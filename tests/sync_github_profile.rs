@@ -65,15 +65,18 @@ async fn an_unchanged_profile_writes_nothing_and_a_changed_one_appends_an_update
     assert!(changed.changed);
     assert_eq!(changed.version, 2);
     assert!(changed.position > registered.position);
-    let (event_type, version, data): (String, i32, serde_json::Value) =
-        sqlx::query_as("SELECT event_type, event_version, event_data FROM events WHERE position = $1")
-            .bind(changed.position as i64)
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
-    assert_eq!((event_type.as_str(), version), ("UserProfileUpdated", 2));
-    assert_eq!(data["personal"], json!({ "github_username": "octodog", "avatar_url": "https://example.test/new.png" }));
-    assert_eq!(data["github_etag"], "\"v2\"");
+    // Stored sealed; opened, only the changed fields (and the new ETag).
+    let store = kiroku_event_store::EventStore::new(app.db.pool.clone());
+    let user_id: uuid::Uuid = registered.user_id.parse().unwrap();
+    let stored = store.read_stream(user_id, 1, 10).await.unwrap();
+    assert_eq!((stored.len(), stored[0].event_type.as_str(), stored[0].version), (1, "UserProfileUpdated", 2));
+    assert!(stored[0].data.get("sealed").is_some() && stored[0].data.get("personal").is_none(), "{}", stored[0].data);
+    let master = kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).unwrap();
+    let opened = kiroku_vault::Vault::new(store, std::sync::Arc::new(master)).open(stored).await.unwrap();
+    assert_eq!(
+        opened[0].data["personal"],
+        json!({ "github_username": "octodog", "avatar_url": "https://example.test/new.png", "github_etag": "\"v2\"" })
+    );
 
     // The same profile again: no event.
     let again = sync(&app, 583231, 2).await.unwrap();

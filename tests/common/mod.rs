@@ -318,3 +318,36 @@ impl CommandApp {
 }
 
 pub use kiroku::v1::query_service_client::QueryServiceClient;
+
+/// Stored payloads of `event_type` as readers see them: personal fields opened with the tests' master key (the
+/// log keeps them sealed).
+pub async fn open_payloads(
+    pool: &sqlx::PgPool,
+    event_type: &str,
+    payloads: Vec<serde_json::Value>,
+) -> Vec<serde_json::Value> {
+    let store = kiroku_event_store::EventStore::new(pool.clone());
+    let master = kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).unwrap();
+    let vault = kiroku_vault::Vault::new(store, std::sync::Arc::new(master));
+    let events = payloads
+        .into_iter()
+        .map(|data| kiroku_event_store::RecordedEvent {
+            position: kiroku_event_store::Position::ZERO,
+            event_id: ulid::Ulid::new(),
+            aggregate_id: uuid::Uuid::nil(),
+            aggregate_type: String::new(),
+            event_type: event_type.to_owned(),
+            version: 1,
+            data,
+            metadata: json!({ "schema_version": kiroku_domain::SCHEMA_VERSION }),
+            occurred_at: chrono::Utc::now(),
+            created_at: chrono::Utc::now(),
+        })
+        .collect();
+    vault.open(events).await.unwrap().into_iter().map(|e| e.data).collect()
+}
+
+/// One stored payload, opened (see [`open_payloads`]).
+pub async fn open_payload(pool: &sqlx::PgPool, event_type: &str, data: serde_json::Value) -> serde_json::Value {
+    open_payloads(pool, event_type, vec![data]).await.remove(0)
+}

@@ -6,9 +6,9 @@ use kiroku_event_store::{
     CallerRef, Claim, EventMetadata, EventStore, IdempotencyKey, IdempotencyRecord, NewEvent, RecordedEvent,
     StoredOutcome,
 };
-use kiroku_vault::{BlindIndex, Vault};
 use kiroku_platform::auth::{TokenError, TokenVerifier};
 use kiroku_platform::caller::Caller;
+use kiroku_vault::{BlindIndex, Vault};
 use serde::Serialize;
 use ulid::Ulid;
 

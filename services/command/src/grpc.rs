@@ -58,7 +58,9 @@ fn user_id(value: &str) -> Result<UserId, CommandError> {
     if value.is_empty() {
         return Err(CommandError::InvalidArgument { field: "user_id", description: "is required".to_owned() });
     }
-    value.parse().map_err(|_| CommandError::InvalidArgument { field: "user_id", description: "must be a UUID".to_owned() })
+    value
+        .parse()
+        .map_err(|_| CommandError::InvalidArgument { field: "user_id", description: "must be a UUID".to_owned() })
 }
 
 /// At most [`MAX_REASON_CHARS`], without control characters (it is shown to people and written to logs of

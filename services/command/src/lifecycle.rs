@@ -69,7 +69,8 @@ impl Commands {
             Administer::Erase => {
                 // Refused (an erased user) before the log is searched for what to redact.
                 User::decide(Some(&user), &UserCommand::Erase { redacted_positions: vec![], now })?;
-                let redactions = self.redactions(owner, &recorded).instrument(tracing::info_span!("erase.find")).await?;
+                let redactions =
+                    self.redactions(owner, &recorded).instrument(tracing::info_span!("erase.find")).await?;
                 let positions = redactions.iter().map(|(position, _)| position.get()).collect();
                 (UserCommand::Erase { redacted_positions: positions, now }, Some(Erasure { owner, redactions }))
             }
@@ -120,7 +121,9 @@ impl Commands {
             .chain(&attempts)
             .filter_map(|event| {
                 let version = schema_version(&event.metadata);
-                (version <= 1).then(|| redact(&event.event_type, version, &event.data)).flatten()
+                (version <= 1)
+                    .then(|| redact(&event.event_type, version, &event.data))
+                    .flatten()
                     .map(|redacted| (event.position, redacted))
             })
             .collect())

@@ -40,8 +40,10 @@ pub fn upcast(event_type: &str, schema_version: u32, mut data: Value) -> Value {
 /// Schema 1 → 2: the personal members move under `personal` (which the profile already used).
 fn v1_to_v2(event_type: &str, data: Value) -> Value {
     let Value::Object(mut payload) = data else { return data };
-    let moved: Vec<(String, Value)> =
-        personal_v1(event_type).iter().filter_map(|name| payload.remove(*name).map(|v| ((*name).to_owned(), v))).collect();
+    let moved: Vec<(String, Value)> = personal_v1(event_type)
+        .iter()
+        .filter_map(|name| payload.remove(*name).map(|v| ((*name).to_owned(), v)))
+        .collect();
     if !moved.is_empty() {
         let personal = payload.entry(PERSONAL).or_insert_with(|| Value::Object(Map::new()));
         if let Value::Object(personal) = personal {

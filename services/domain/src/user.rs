@@ -230,10 +230,18 @@ pub struct SyncProfile {
 pub enum UserCommand {
     Register(RegisterUser),
     SyncProfile(SyncProfile),
-    Deactivate { reason: String, now: DateTime<Utc> },
-    Reactivate { now: DateTime<Utc> },
+    Deactivate {
+        reason: String,
+        now: DateTime<Utc>,
+    },
+    Reactivate {
+        now: DateTime<Utc>,
+    },
     /// `redacted_positions`: the schema-1 events whose personal fields the erasure removes (found by the caller).
-    Erase { redacted_positions: Vec<u64>, now: DateTime<Utc> },
+    Erase {
+        redacted_positions: Vec<u64>,
+        now: DateTime<Utc>,
+    },
 }
 
 impl User {

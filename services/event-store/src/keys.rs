@@ -55,7 +55,9 @@ impl EventStore {
             .map(|row| {
                 let owner: Uuid = row.try_get("owner_id")?;
                 let key = match (row.try_get::<Option<String>, _>("master_key_id")?, row.try_get("wrapped")?) {
-                    (Some(master_key_id), Some(wrapped)) => StoredKey::Live(WrappedKey { owner, master_key_id, wrapped }),
+                    (Some(master_key_id), Some(wrapped)) => {
+                        StoredKey::Live(WrappedKey { owner, master_key_id, wrapped })
+                    }
                     _ => StoredKey::Destroyed,
                 };
                 Ok((owner, key))

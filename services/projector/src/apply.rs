@@ -3,9 +3,7 @@
 //! rather than being silently dropped).
 
 use chrono::{DateTime, Utc};
-use kiroku_domain::{
-    AuditEvent, UserEvent, UserProfileUpdated, UserRegistered, UserRegistrationFailed, UserStatus,
-};
+use kiroku_domain::{AuditEvent, UserEvent, UserProfileUpdated, UserRegistered, UserRegistrationFailed, UserStatus};
 use kiroku_event_store::RecordedEvent;
 use sqlx::PgConnection;
 

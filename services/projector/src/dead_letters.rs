@@ -58,6 +58,7 @@ pub async fn replay(pool: &PgPool, projection: &Projection, redis: &Client, dead
                 continue;
             }
             let Some(event) = projection.store().read_event(row.position).await? else { continue };
+            let Some(event) = projection.vault().open(vec![event]).await?.pop() else { continue };
             // Locked like a live step (the generation, then its checkpoint row): a step that read the parked
             // aggregates before this replay finishes first, and one after it sees the aggregate unparked.
             let mut tx = pool.begin().await?;

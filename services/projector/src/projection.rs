@@ -19,8 +19,8 @@ use kiroku_event_store::{EventStore, Lag, Position, RecordedEvent};
 use kiroku_platform::failpoint;
 use kiroku_relay::stream::Entry;
 use kiroku_vault::{MasterKeys, Vault};
-use std::sync::Arc;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::apply::apply;

@@ -11,8 +11,8 @@ use kiroku::v1::{
 };
 use kiroku_domain::{Auth0Subject, UserEvent, UserId};
 use kiroku_event_store::{EventStore, Position, RecordedEvent};
-use kiroku_vault::Vault;
 use kiroku_platform::caller::Caller;
+use kiroku_vault::Vault;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 

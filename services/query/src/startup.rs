@@ -7,13 +7,13 @@ use anyhow::{Context, Result};
 use fred::prelude::*;
 use kiroku::v1::query_service_server::QueryServiceServer;
 use kiroku_event_store::EventStore;
-use kiroku_vault::Vault;
 use kiroku_platform::auth::{Jwks, TokenVerifier, http_client};
 use kiroku_platform::caller::{self, CallerAuth};
 use kiroku_platform::grpc::GrpcServer;
 use kiroku_platform::health::Dependencies;
 use kiroku_platform::metrics::{MetricsEndpoint, sample_pool};
 use kiroku_platform::{Shutdown, connect_redis, open_database};
+use kiroku_vault::Vault;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 

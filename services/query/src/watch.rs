@@ -23,8 +23,8 @@ use kiroku::v1::{
 };
 use kiroku_domain::{AuditEvent, UserEvent};
 use kiroku_event_store::{EventStore, Follower, LogFilter, Position, RecordedEvent};
-use kiroku_vault::Vault;
 use kiroku_platform::Shutdown;
+use kiroku_vault::Vault;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
