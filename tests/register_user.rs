@@ -64,7 +64,7 @@ async fn registers_a_user_and_records_the_event_with_its_metadata_and_publishes_
     assert_eq!(metadata["request_id"], "req-1");
     assert_eq!(metadata["correlation_id"], "req-1");
     assert!(metadata["causation_id"].as_str().unwrap().len() == 26, "the command's ULID");
-    assert_eq!(metadata["schema_version"], 1);
+    assert_eq!(metadata["schema_version"], 2, "personal fields under `personal`, sealed");
 
     // The relay publishes it to the stream under its position.
     let entry: HashMap<String, String> = eventually(Duration::from_secs(20), "the stream entry", || async {
