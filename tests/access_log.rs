@@ -50,11 +50,15 @@ impl Logged {
     }
 
     /// Stops the process (SIGTERM) and returns its access-log lines.
-    async fn stop(mut self) -> Vec<String> {
+    async fn stop(self) -> Vec<String> {
+        self.stop_all().await.into_iter().filter(|line| line.contains("kiroku::access")).collect()
+    }
+
+    /// Stops the process (SIGTERM) and returns every line it logged.
+    async fn stop_all(mut self) -> Vec<String> {
         self.process.terminate(Duration::from_secs(10)).await.unwrap();
         self.reader.await.unwrap();
-        let lines = self.lines.lock().unwrap();
-        lines.iter().filter(|line| line.contains("kiroku::access")).cloned().collect()
+        self.lines.lock().unwrap().clone()
     }
 }
 
@@ -68,15 +72,21 @@ fn lines_of<'a>(lines: &'a [String], method: &str) -> Vec<&'a String> {
 }
 
 fn env(db: &TestDb, redis: &TestRedis, issuer: &str) -> Vec<(&'static str, String)> {
+    logging_env(
+        db,
+        redis,
+        issuer,
+        "warn,kiroku_command=info,kiroku_query=info,kiroku_projector=info,kiroku::access=debug",
+    )
+}
+
+fn logging_env(db: &TestDb, redis: &TestRedis, issuer: &str, log: &str) -> Vec<(&'static str, String)> {
     vec![
         ("DATABASE_URL", db.url.clone()),
         ("REDIS_URL", redis.url.clone()),
         ("KIROKU_REDIS_PREFIX", redis.prefix.clone()),
         ("KIROKU_MIGRATE", "false".to_owned()),
-        (
-            "RUST_LOG",
-            "warn,kiroku_command=info,kiroku_query=info,kiroku_projector=info,kiroku::access=debug".to_owned(),
-        ),
+        ("RUST_LOG", log.to_owned()),
         ("KIROKU_COMMAND_ADDR", "127.0.0.1:0".to_owned()),
         ("KIROKU_QUERY_ADDR", "127.0.0.1:0".to_owned()),
         ("KIROKU_PROJECTOR_HEALTH_ADDR", "127.0.0.1:0".to_owned()),
@@ -163,4 +173,101 @@ async fn every_rpc_of_every_service_logs_one_line_with_its_code_and_latency() {
     let check = lines_of(&projector_lines, "/grpc.health.v1.Health/Check");
     assert_eq!(check.len(), 1, "{projector_lines:#?}");
     assert!(check[0].contains("code=OK"));
+}
+
+/// Logs never hold personal fields, only ids of users and events: the three services run with kiroku's every
+/// debug line on through a user's whole life (registration, a refused duplicate, a profile change, a
+/// deactivation with a reason, an erasure, reads, a watch), and no line names the person in any way.
+#[tokio::test]
+async fn no_log_line_of_any_service_holds_personal_data() {
+    let db = TestDb::create().await.unwrap();
+    let redis = TestRedis::acquire().await.unwrap();
+    let key = kiroku_dev_identity::SigningKey::generate().unwrap();
+    let auth0 = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::path("/.well-known/jwks.json"))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(kiroku_dev_identity::jwks(&[&key])))
+        .mount(&auth0)
+        .await;
+    const GITHUB_ID: u64 = 618_033_988;
+    let github = wiremock::MockServer::start().await;
+    let profile = |login: &str, name: &str, priority: u8| {
+        wiremock::Mock::given(wiremock::matchers::path(format!("/user/{GITHUB_ID}")))
+            .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "id": GITHUB_ID, "login": login, "name": name,
+                "avatar_url": format!("https://avatars.example.test/{login}.png"),
+            })))
+            .with_priority(priority)
+    };
+    profile("qx-logged-login-6180", "Quill Xanthe-Logwatch", 5).mount(&github).await;
+    let issuer = format!("{}/", auth0.uri());
+    let caller = key
+        .mint_caller(&issuer, "kiroku-callers", "tests", &kiroku_platform::caller::ALL, Duration::from_secs(600))
+        .unwrap();
+    let token = key.mint(&issuer, "kiroku-tests", GITHUB_ID, Duration::from_secs(600)).unwrap();
+    let log = "debug,h2=info,hyper=info,hyper_util=info,tower=info,sqlx=info,fred=info,reqwest=info,rustls=info";
+    let mut command_env = logging_env(&db, &redis, &issuer, log);
+    command_env.push(("KIROKU_GITHUB_API_URL", github.uri()));
+    let command = Logged::start("kiroku-command", command_env);
+    let query = Logged::start("kiroku-query", logging_env(&db, &redis, &issuer, log));
+    let projector = Logged::start("kiroku-projector", logging_env(&db, &redis, &issuer, log));
+    let connect = |address: String| {
+        let caller = caller.clone();
+        async move {
+            let channel = tonic::transport::Channel::from_shared(format!("http://{address}")).unwrap();
+            kiroku_testkit::with_caller(channel.connect().await.unwrap(), &caller)
+        }
+    };
+    let mut commands = CommandServiceClient::new(connect(command.address().await).await);
+    let mut queries = QueryServiceClient::new(connect(query.address().await).await);
+
+    let register = || RegisterUserRequest { auth0_token: token.clone(), request_id: "qx-register".to_owned() };
+    let user_id = commands.register_user(register()).await.unwrap().into_inner().user_id;
+    commands.register_user(register()).await.unwrap();
+    let duplicate = RegisterUserRequest { auth0_token: token.clone(), request_id: String::new() };
+    assert_eq!(commands.register_user(duplicate).await.unwrap_err().code(), Code::AlreadyExists);
+    profile("qx-renamed-login-6180", "Quill Xanthe-Renamed", 1).mount(&github).await;
+    let sync = kiroku::v1::SyncGitHubProfileRequest {
+        auth0_token: token.clone(),
+        request_id: String::new(),
+        expected_version: 0,
+    };
+    assert!(commands.sync_git_hub_profile(sync).await.unwrap().into_inner().changed);
+    let deactivate = kiroku::v1::DeactivateUserRequest {
+        user_id: user_id.clone(),
+        reason: "qx-reason-asked-by-Quill".to_owned(),
+        request_id: String::new(),
+        expected_version: 0,
+    };
+    commands.deactivate_user(deactivate).await.unwrap();
+    let history =
+        kiroku::v1::GetUserHistoryRequest { user_id: user_id.clone(), page_size: 0, page_token: String::new() };
+    assert_eq!(queries.get_user_history(history).await.unwrap().into_inner().events.len(), 3);
+    let watch =
+        WatchEventsRequest { start: Some(watch_events_request::Start::FromBeginning(true)), ..Default::default() };
+    let mut stream = queries.watch_events(watch).await.unwrap().into_inner();
+    stream.message().await.unwrap().unwrap();
+    drop(stream);
+    let erase = kiroku::v1::EraseUserRequest { user_id: user_id.clone(), request_id: String::new() };
+    let erased = commands.erase_user(erase).await.unwrap().into_inner();
+    let user = GetUserRequest { user_id: user_id.clone(), min_position: erased.position };
+    assert!(queries.get_user(user).await.unwrap().into_inner().user.unwrap().erased);
+
+    let mut lines = command.stop_all().await;
+    lines.extend(query.stop_all().await);
+    lines.extend(projector.stop_all().await);
+    assert!(lines.iter().any(|line| line.contains(&user_id)), "the logs name users by id");
+    assert!(lines.iter().any(|line| line.contains("user erased")), "the command's lines were read: {lines:#?}");
+    let needles = [
+        "qx-logged-login-6180".to_owned(),
+        "qx-renamed-login-6180".to_owned(),
+        "Xanthe".to_owned(),
+        "avatars.example.test".to_owned(),
+        "qx-reason".to_owned(),
+        format!("github|{GITHUB_ID}"),
+        GITHUB_ID.to_string(),
+    ];
+    for needle in &needles {
+        let found: Vec<&String> = lines.iter().filter(|line| line.contains(needle.as_str())).collect();
+        assert!(found.is_empty(), "a log line holds {needle:?}: {found:#?}");
+    }
 }
