@@ -201,6 +201,17 @@ impl EventStore {
                 version => ExpectedVersion::Exact(version),
             };
         }
+        if append.erasure.is_none() {
+            // One statement (`kiroku_append`): one round trip, its own transaction, nothing left half-way on the
+            // connection if the caller gives up.
+            let mut conn = self.pool.acquire().await?;
+            let outcome =
+                append_in_one_statement(&mut conn, &append).instrument(tracing::debug_span!("append.statement")).await;
+            if let Ok(AppendOutcome::Appended(_)) = &outcome {
+                self.announce_commit();
+            }
+            return outcome;
+        }
         let store = self.clone();
         tokio::spawn(async move { store.append_transaction(&append).await }).await.map_err(|error| {
             StoreError::Corrupt { table: "events", detail: format!("the append task failed: {error}") }
@@ -354,6 +365,98 @@ pub async fn append_in_transaction(tx: &mut PgConnection, append: &Append) -> Re
             .await?;
     }
     Ok(AppendOutcome::Appended(appended))
+}
+
+/// The append as one call of `kiroku_append` (migrations/…_append_function.sql): the same steps in the same order
+/// as [`append_in_transaction`], in one statement. Its refusals are errors that roll it back, told apart by
+/// SQLSTATE: KR409 a taken claim, KR412 a version conflict.
+async fn append_in_one_statement(conn: &mut PgConnection, append: &Append) -> Result<AppendOutcome, AppendError> {
+    let event_ids: Vec<Ulid> = append.events.iter().map(|_| Ulid::new()).collect();
+    let ids: Vec<String> = event_ids.iter().map(Ulid::to_string).collect();
+    let types: Vec<&str> = append.events.iter().map(|e| e.event_type.as_str()).collect();
+    let data: Vec<&serde_json::Value> = append.events.iter().map(|e| &e.data).collect();
+    let metadata: Vec<serde_json::Value> =
+        append.events.iter().map(|e| serde_json::to_value(&e.metadata)).collect::<Result<_, _>>().map_err(|e| {
+            StoreError::Corrupt { table: "events", detail: format!("metadata does not serialize: {e}") }
+        })?;
+    let occurred: Vec<_> = append.events.iter().map(|e| e.occurred_at).collect();
+    let kinds: Vec<&str> = append.claims.iter().map(|c| c.kind.as_str()).collect();
+    let values: Vec<&str> = append.claims.iter().map(|c| c.value.as_str()).collect();
+    let record = append.idempotency.as_ref();
+    let rows = sqlx::query(
+        "SELECT replayed, version, event_position, outcome, aggregate_id \
+         FROM kiroku_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+    )
+    .bind(append.aggregate_id)
+    .bind(&append.aggregate_type)
+    .bind(append.expected.as_sql())
+    .bind(&ids)
+    .bind(&types)
+    .bind(&data)
+    .bind(&metadata)
+    .bind(&occurred)
+    .bind(&kinds)
+    .bind(&values)
+    .bind(record.map(|r| r.key.caller.as_str()))
+    .bind(record.map(|r| r.key.request_id.as_str()))
+    .bind(record.map(|r| &r.outcome))
+    .bind(append.new_key.as_ref().map(|k| k.master_key_id.as_str()))
+    .bind(append.new_key.as_ref().map(|k| k.wrapped.as_slice()))
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|error| refusal(append, error))?;
+    if let Some(first) = rows.first()
+        && first.try_get::<bool, _>("replayed")?
+    {
+        return Ok(AppendOutcome::Replayed(StoredOutcome {
+            outcome: first.try_get("outcome")?,
+            aggregate_id: first.try_get("aggregate_id")?,
+            version: u32::try_from(first.try_get::<i32, _>("version")?).unwrap_or(0),
+            position: first.try_get("event_position")?,
+        }));
+    }
+    let mut positions = Vec::with_capacity(rows.len());
+    let mut version = 0;
+    for row in &rows {
+        positions.push(row.try_get::<Position, _>("event_position")?);
+        version = u32::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0);
+    }
+    if positions.len() != append.events.len() {
+        return Err(StoreError::Corrupt {
+            table: "events",
+            detail: format!("kiroku_append wrote {} of {} events", positions.len(), append.events.len()),
+        }
+        .into());
+    }
+    Ok(AppendOutcome::Appended(Appended { aggregate_id: append.aggregate_id, version, positions, event_ids }))
+}
+
+/// `kiroku_append`'s refusals (and a concurrent append that took the version between its read and its insert),
+/// as the same errors the transaction of separate statements gives.
+fn refusal(append: &Append, error: sqlx::Error) -> AppendError {
+    if is_unique_violation(&error, "events_aggregate_version_key") {
+        return AppendError::Conflict { aggregate_id: append.aggregate_id, expected: append.expected, actual: None };
+    }
+    let detail = error
+        .as_database_error()
+        .and_then(|db| db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>())
+        .map(|db| (db.code().to_owned(), db.detail().unwrap_or_default().to_owned()));
+    match detail {
+        Some((code, detail)) if code == "KR409" => {
+            let mut lines = detail.lines();
+            let (kind, value) = (lines.next().unwrap_or_default(), lines.next().unwrap_or_default());
+            match lines.next().and_then(|owner| owner.parse().ok()) {
+                Some(owner) => AppendError::ClaimRefused { kind: kind.to_owned(), value: value.to_owned(), owner },
+                None => AppendError::from(error),
+            }
+        }
+        Some((code, detail)) if code == "KR412" => AppendError::Conflict {
+            aggregate_id: append.aggregate_id,
+            expected: append.expected,
+            actual: detail.parse().ok(),
+        },
+        _ => AppendError::from(error),
+    }
 }
 
 fn validate(append: &Append) -> Result<(), AppendError> {
