@@ -60,6 +60,156 @@ pub(crate) async fn apply(conn: &mut PgConnection, generation: i32, event: &Reco
     }
 }
 
+/// Whether an event can be applied in a multi-row insert with others of its run: a registration or a refused
+/// attempt, which depend on no earlier row.
+pub(crate) fn batchable(event: &RecordedEvent) -> bool {
+    matches!(
+        (event.aggregate_type.as_str(), event.event_type.as_str()),
+        ("User", "UserRegistered") | ("UserRegistrationAudit", "UserRegistrationFailed")
+    )
+}
+
+/// Applies a run of [`batchable`] events: one insert for the registrations, one for the refused attempts. The same
+/// rows as [`apply`] one by one, and as idempotent (`ON CONFLICT DO NOTHING`).
+pub(crate) async fn apply_batch(
+    conn: &mut PgConnection,
+    generation: i32,
+    events: &[&RecordedEvent],
+) -> Result<(), ApplyError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    if let [event] = events {
+        return apply(conn, generation, event).await;
+    }
+    let mut users = UserRows::default();
+    let mut failures = FailureRows::default();
+    for event in events {
+        let unknown = || ApplyError::UnknownEventType {
+            aggregate_type: event.aggregate_type.clone(),
+            event_type: event.event_type.clone(),
+        };
+        match event.aggregate_type.as_str() {
+            UserEvent::AGGREGATE_TYPE => {
+                match UserEvent::decode(&event.event_type, &event.data).ok_or_else(unknown)?? {
+                    UserEvent::UserRegistered(registered) => users.push(event, &registered),
+                    _ => return Err(unknown()),
+                }
+            }
+            _ => match AuditEvent::decode(&event.event_type, &event.data).ok_or_else(unknown)?? {
+                AuditEvent::UserRegistrationFailed(failed) => failures.push(event, &failed),
+            },
+        }
+    }
+    if !users.ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO users_read_rows (generation, id, auth0_id, github_id, github_username, display_name, \
+             avatar_url, status, created_at, updated_at, version, position, registered_position) \
+             SELECT $1, u.id, u.auth0_id, u.github_id, u.login, u.name, u.avatar, 'active', u.at, u.at, u.version, \
+                    u.position, u.position \
+             FROM unnest($2::uuid[], $3::varchar[], $4::varchar[], $5::varchar[], $6::varchar[], $7::varchar[], \
+                         $8::timestamptz[], $9::integer[], $10::bigint[]) \
+                  AS u(id, auth0_id, github_id, login, name, avatar, at, version, position) \
+             ON CONFLICT (generation, id) DO NOTHING",
+        )
+        .bind(generation)
+        .bind(&users.ids)
+        .bind(&users.auth0_ids)
+        .bind(&users.github_ids)
+        .bind(&users.logins)
+        .bind(&users.names)
+        .bind(&users.avatars)
+        .bind(&users.at)
+        .bind(&users.versions)
+        .bind(&users.positions)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !failures.ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO registration_failures_rows (generation, audit_id, auth0_id, github_id, reason, attempted_at, \
+             duplicate_user_id, position) \
+             SELECT $1, f.id, f.auth0_id, f.github_id, f.reason, f.at, f.duplicate, f.position \
+             FROM unnest($2::uuid[], $3::varchar[], $4::varchar[], $5::varchar[], $6::timestamptz[], $7::uuid[], \
+                         $8::bigint[]) AS f(id, auth0_id, github_id, reason, at, duplicate, position) \
+             ON CONFLICT (generation, audit_id) DO NOTHING",
+        )
+        .bind(generation)
+        .bind(&failures.ids)
+        .bind(&failures.auth0_ids)
+        .bind(&failures.github_ids)
+        .bind(&failures.reasons)
+        .bind(&failures.at)
+        .bind(&failures.duplicates)
+        .bind(&failures.positions)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The columns of a run of registrations, as arrays for `unnest`.
+#[derive(Default)]
+struct UserRows {
+    ids: Vec<uuid::Uuid>,
+    auth0_ids: Vec<Option<String>>,
+    github_ids: Vec<Option<String>>,
+    logins: Vec<Option<String>>,
+    names: Vec<Option<String>>,
+    avatars: Vec<Option<String>>,
+    at: Vec<DateTime<Utc>>,
+    versions: Vec<i32>,
+    positions: Vec<i64>,
+}
+
+impl UserRows {
+    fn push(&mut self, event: &RecordedEvent, registered: &UserRegistered) {
+        let personal = registered.personal.as_ref();
+        self.ids.push(event.aggregate_id);
+        self.auth0_ids.push(personal.map(|p| p.auth0_id.to_string()));
+        self.github_ids.push(personal.map(|p| p.github_id.to_string()));
+        self.logins.push(personal.map(|p| p.github_username.clone()));
+        self.names.push(personal.map(|p| p.display_name.clone()));
+        self.avatars.push(personal.and_then(|p| p.avatar_url.clone()));
+        self.at.push(registered.registered_at);
+        self.versions.push(i32::try_from(event.version).unwrap_or(i32::MAX));
+        self.positions.push(i64::try_from(event.position.get()).unwrap_or(i64::MAX));
+    }
+}
+
+/// The columns of a run of refused attempts, as arrays for `unnest`.
+#[derive(Default)]
+struct FailureRows {
+    ids: Vec<uuid::Uuid>,
+    auth0_ids: Vec<Option<String>>,
+    github_ids: Vec<Option<String>>,
+    reasons: Vec<String>,
+    at: Vec<DateTime<Utc>>,
+    duplicates: Vec<Option<uuid::Uuid>>,
+    positions: Vec<i64>,
+}
+
+impl FailureRows {
+    fn push(&mut self, event: &RecordedEvent, failed: &UserRegistrationFailed) {
+        let personal = failed.personal.as_ref();
+        self.ids.push(event.aggregate_id);
+        self.auth0_ids.push(personal.map(|p| p.auth0_id.to_string()));
+        self.github_ids.push(personal.map(|p| p.github_id.to_string()));
+        self.reasons.push(refusal_name(failed));
+        self.at.push(failed.attempted_at);
+        self.duplicates.push(failed.duplicate_user_id.map(|id| id.as_uuid()));
+        self.positions.push(i64::try_from(event.position.get()).unwrap_or(i64::MAX));
+    }
+}
+
+/// The refusal's name as the read model stores it (`DUPLICATE_AUTH0_ID`).
+fn refusal_name(failed: &UserRegistrationFailed) -> String {
+    serde_json::to_value(failed.reason)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{:?}", failed.reason))
+}
+
 async fn user_registered(
     conn: &mut PgConnection,
     generation: i32,
@@ -147,10 +297,7 @@ async fn registration_failed(
     event: &RecordedEvent,
     failed: &UserRegistrationFailed,
 ) -> Result<(), ApplyError> {
-    let reason = serde_json::to_value(failed.reason)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| format!("{:?}", failed.reason));
+    let reason = refusal_name(failed);
     sqlx::query(
         "INSERT INTO registration_failures_rows (generation, audit_id, auth0_id, github_id, reason, attempted_at, \
          duplicate_user_id, position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \

@@ -23,7 +23,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use std::sync::Arc;
 use uuid::Uuid;
 
-use crate::apply::apply;
+use crate::apply::{apply, apply_batch, batchable};
 
 /// The projection's name in `projections`, `projection_checkpoints` and the consumer group.
 pub const PROJECTION: &str = "users";
@@ -129,9 +129,23 @@ impl Projection {
             source: if events.is_empty() { Source::Nothing } else { source },
             ..Step::default()
         };
+        // Runs of registrations and refused attempts (most of a rebuild, and of a busy log) go in as one multi-row
+        // insert each; any other event first applies the run before it, so every user's events stay in order.
         let mut failure = None;
+        let mut run: Vec<&RecordedEvent> = Vec::new();
         for event in &events {
-            if parked.contains(&event.aggregate_id) {
+            let parked_event = parked.contains(&event.aggregate_id);
+            if !parked_event && batchable(event) {
+                run.push(event);
+                continue;
+            }
+            if let Err(error) = apply_batch(&mut tx, generation, &run).await {
+                failure = Some(error);
+                break;
+            }
+            step.applied += run.len();
+            run.clear();
+            if parked_event {
                 park(&mut tx, generation, event).await?;
                 step.parked += 1;
                 continue;
@@ -141,6 +155,12 @@ impl Projection {
                 break;
             }
             step.applied += 1;
+        }
+        if failure.is_none() {
+            match apply_batch(&mut tx, generation, &run).await {
+                Ok(()) => step.applied += run.len(),
+                Err(error) => failure = Some(error),
+            }
         }
         if let Some(error) = failure {
             tx.rollback().await?;
