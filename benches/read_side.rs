@@ -75,6 +75,7 @@ async fn main() {
         ("KIROKU_PROJECTOR_HEALTH_ADDR", "127.0.0.1:0".to_owned()),
         ("KIROKU_MIGRATE", "false".to_owned()),
         ("KIROKU_METRICS_ADDR", "off".to_owned()),
+        ("KIROKU_MASTER_KEY", kiroku_testkit::TEST_MASTER_KEY.to_owned()),
     ];
     let source = move |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
     let projector =
