@@ -4,7 +4,8 @@
 //! append with the registration's claims (what RegisterUser commits), the relay and the projector run
 //! in-process, over real PostgreSQL and Redis.
 //! `BENCH_RATE` registrations per second (default 200), `BENCH_SECONDS` (default 10),
-//! `BENCH_REBUILD_EVENTS` extra events before the rebuild (default 20000).
+//! `BENCH_REBUILD_EVENTS` extra events before the rebuild (default 20000). Events are sealed as RegisterUser seals
+//! them. The rebuild's baseline, in the same run: the same rows inserted raw through the same client.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -16,36 +17,42 @@ use kiroku_domain::{Auth0Subject, GitHubId, GitHubProfile, RegisterUser, User, U
 use kiroku_event_store::{Append, AppendOutcome, Claim, EventMetadata, EventStore, ExpectedVersion, NewEvent};
 use kiroku_platform::Shutdown;
 use kiroku_testkit::{TestDb, TestRedis, percentile};
+use kiroku_vault::{MasterKeys, SealingKey, Vault};
 use serde_json::json;
 
-fn registration(n: u64) -> Append {
+/// What RegisterUser commits for GitHub account `n`: the event sealed under the person's new key, stored with it.
+fn registration(vault: &Vault, n: u64) -> Append {
     let subject: Auth0Subject = format!("github|{n}").parse().unwrap();
     let profile =
         GitHubProfile { id: GitHubId::new(n), login: format!("user{n}"), name: None, avatar_url: None, etag: None };
     let command = UserCommand::Register(RegisterUser { subject: subject.clone(), profile, now: Utc::now() });
     let (event_type, data) = User::decide(None, &command).unwrap()[0].encode().unwrap();
+    let user = UserId::generate().as_uuid();
+    let (key, wrapped) = vault.new_key(user).unwrap();
+    let mut events = vec![NewEvent {
+        event_type: event_type.to_owned(),
+        data,
+        metadata: EventMetadata {
+            request_id: None,
+            correlation_id: n.to_string(),
+            causation_id: n.to_string(),
+            schema_version: kiroku_domain::SCHEMA_VERSION,
+            caller: None,
+            traceparent: None,
+        },
+        occurred_at: Utc::now(),
+    }];
+    vault.seal(user, &SealingKey::Live(key), &mut events).unwrap();
     Append {
-        aggregate_id: UserId::generate().as_uuid(),
+        aggregate_id: user,
         aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
         expected: ExpectedVersion::NoStream,
-        events: vec![NewEvent {
-            event_type: event_type.to_owned(),
-            data,
-            metadata: EventMetadata {
-                request_id: None,
-                correlation_id: n.to_string(),
-                causation_id: n.to_string(),
-                schema_version: 1,
-                caller: None,
-                traceparent: None,
-            },
-            occurred_at: Utc::now(),
-        }],
+        events,
         claims: User::claims(&subject)
             .into_iter()
             .map(|(kind, value)| Claim { kind: kind.as_str().to_owned(), value })
             .collect(),
-        new_key: None,
+        new_key: Some(wrapped),
         erasure: None,
         idempotency: None,
     }
@@ -63,6 +70,8 @@ async fn main() {
     let db = TestDb::create().await.unwrap();
     let redis = TestRedis::acquire().await.unwrap();
     let store = EventStore::new(db.pool.clone());
+    let master = Arc::new(MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).unwrap());
+    let vault = Vault::new(store.clone(), master.clone());
     let (trigger, shutdown) = Shutdown::new();
 
     let relay_redis = kiroku_platform::connect_redis(&redis.url).await.unwrap();
@@ -87,15 +96,15 @@ async fn main() {
     // Steady load: one registration every 1/rate s; the commit time of each position is noted.
     let committed: Arc<Mutex<BTreeMap<u64, Instant>>> = Arc::default();
     let writer = {
-        let (store, committed) = (store.clone(), committed.clone());
+        let (store, committed, vault) = (store.clone(), committed.clone(), vault.clone());
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
             for n in 0..rate * seconds {
                 ticker.tick().await;
-                let store = store.clone();
-                let committed = committed.clone();
+                let (store, committed) = (store.clone(), committed.clone());
+                let append = registration(&vault, 1_000_000 + n);
                 tokio::spawn(async move {
-                    if let AppendOutcome::Appended(a) = store.append(&registration(1_000_000 + n)).await.unwrap() {
+                    if let AppendOutcome::Appended(a) = store.append(&append).await.unwrap() {
                         committed.lock().unwrap().insert(a.last_position().get(), Instant::now());
                     }
                 });
@@ -103,11 +112,7 @@ async fn main() {
         })
     };
     // The observer polls the projection's checkpoint: an event is visible once the checkpoint passes it.
-    let projection = kiroku_projector::Projection::new(
-        db.pool.clone(),
-        5,
-        kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap(),
-    );
+    let projection = kiroku_projector::Projection::new(db.pool.clone(), 5, master.clone());
     let mut lags = Vec::new();
     let total = (rate * seconds) as usize;
     let deadline = Instant::now() + Duration::from_secs(seconds + 60);
@@ -131,9 +136,9 @@ async fn main() {
     // Rebuild: more history, then a full rebuild into a new generation.
     for chunk in 0..rebuild_events / 100 {
         let appends = (0..100).map(|i| {
-            let store = store.clone();
+            let (store, append) = (store.clone(), registration(&vault, 5_000_000 + chunk * 100 + i));
             async move {
-                store.append(&registration(5_000_000 + chunk * 100 + i)).await.unwrap();
+                store.append(&append).await.unwrap();
             }
         });
         futures::future::join_all(appends).await;
@@ -141,19 +146,19 @@ async fn main() {
     let events_in_store: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&db.pool).await.unwrap();
     let rebuilt = kiroku_projector::rebuild::rebuild(
         &db.pool,
-        &kiroku_projector::Projection::new(
-            db.pool.clone(),
-            5,
-            kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap(),
-        ),
+        &kiroku_projector::Projection::new(db.pool.clone(), 5, master.clone()),
     )
     .await
     .unwrap();
+
+    let raw = raw_insert(&db.pool).await;
+    let rebuild_per_sec = (rebuilt.events as f64 / rebuilt.seconds).round();
 
     println!(
         "{}",
         serde_json::to_string_pretty(&json!({
             "benchmark": "read_side",
+            "note": "client and server share this machine's cores",
             "projection_lag": {
                 "registrations_per_sec": rate,
                 "seconds": seconds,
@@ -164,11 +169,49 @@ async fn main() {
                 "events_in_store": events_in_store,
                 "events_applied": rebuilt.events,
                 "seconds": rebuilt.seconds,
-                "events_per_sec": (rebuilt.events as f64 / rebuilt.seconds).round(),
+                "events_per_sec": rebuild_per_sec,
+                "baseline_raw_insert": raw,
+                "vs_raw": rebuild_per_sec / raw["rows_per_sec"].as_f64().unwrap_or(f64::NAN),
             },
         }))
         .unwrap()
     );
     trigger.trigger();
     let _ = projector.await;
+}
+
+/// The baseline of the rebuild, in the same run: the rows the rebuild wrote, read back to this client and inserted
+/// raw into a twin of `users_read_rows` (same columns and indexes), 2,000 per statement, each its own transaction.
+async fn raw_insert(pool: &sqlx::PgPool) -> serde_json::Value {
+    type Row = (uuid::Uuid, Option<String>, Option<String>, Option<String>, Option<String>, chrono::DateTime<Utc>, i64);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, auth0_id, github_id, github_username, display_name, created_at, position FROM users_read",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    sqlx::query("CREATE TABLE bench_raw_users (LIKE users_read_rows INCLUDING ALL)").execute(pool).await.unwrap();
+    let started = Instant::now();
+    for chunk in rows.chunks(2000) {
+        let column = |f: fn(&Row) -> Option<String>| chunk.iter().map(f).collect::<Vec<_>>();
+        sqlx::query(
+            "INSERT INTO bench_raw_users (generation, id, auth0_id, github_id, github_username, display_name, \
+             status, created_at, updated_at, version, position, registered_position) \
+             SELECT 1, r.id, r.a, r.g, r.l, r.d, 'active', r.at, r.at, 1, r.p, r.p \
+             FROM unnest($1::uuid[], $2::varchar[], $3::varchar[], $4::varchar[], $5::varchar[], \
+                         $6::timestamptz[], $7::bigint[]) AS r(id, a, g, l, d, at, p)",
+        )
+        .bind(chunk.iter().map(|r| r.0).collect::<Vec<_>>())
+        .bind(column(|r| r.1.clone()))
+        .bind(column(|r| r.2.clone()))
+        .bind(column(|r| r.3.clone()))
+        .bind(column(|r| r.4.clone()))
+        .bind(chunk.iter().map(|r| r.5).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.6).collect::<Vec<_>>())
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    json!({ "rows": rows.len(), "seconds": seconds, "rows_per_sec": (rows.len() as f64 / seconds).round() })
 }

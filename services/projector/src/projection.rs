@@ -30,6 +30,9 @@ pub const PROJECTION: &str = "users";
 
 /// Events applied per transaction.
 const BATCH: u32 = 500;
+/// Events a rebuild applies per transaction: more per step (fewer checkpoint writes and commits), still a short
+/// transaction (tens of milliseconds), so that a rebuild never holds the log's horizon back for long.
+const REBUILD_BATCH: u32 = 2000;
 
 /// An event that failed too often and was skipped.
 #[derive(Clone, Debug)]
@@ -114,7 +117,8 @@ impl Projection {
         let (events, through, more, source) = match self.authentic(&fresh, checkpoint).await? {
             Some(events) => (events, None, false, Source::Stream),
             None => {
-                let batch = self.store.read_batch(checkpoint, BATCH).await?;
+                let limit = if matches!(target, Target::Active) { BATCH } else { REBUILD_BATCH };
+                let batch = self.store.read_batch(checkpoint, limit).await?;
                 (batch.events, Some(batch.through), batch.full, Source::Store)
             }
         };
