@@ -614,3 +614,30 @@ async fn schema_1_rows_upcast_and_an_erasure_redacts_them_in_the_log_and_redis()
     command.stop().await;
     app.stop().await;
 }
+
+/// The contract's settings alone still run kiroku on loopback: without `KIROKU_MASTER_KEY`, the services share a
+/// master key kept in the database, so what the command service seals, the query service and the projector open.
+#[tokio::test]
+async fn without_a_master_key_services_on_loopback_share_one_kept_in_the_database() {
+    let app = CommandApp::spawn_with(&[("KIROKU_MASTER_KEY", "")]).await;
+    app.github_knows(515_151_515, "kept-key-login", Some("Kept Key")).await;
+    let registered = app.register(515_151_515, "").await.unwrap();
+    let (query, client) = app.start_query(&[("KIROKU_MASTER_KEY", "")]).await;
+    let projector = app.start_projector(&[("KIROKU_MASTER_KEY", "")]).await;
+    let events = history(&client, &registered.user_id).await;
+    let Some(Kind::StructValue(personal)) = field(events[0].data.as_ref().unwrap(), "personal") else {
+        panic!("{:?}", events[0])
+    };
+    assert_eq!(field(personal, "github_username"), Some(&Kind::StringValue("kept-key-login".to_owned())));
+    let user = get_user(&client, &registered.user_id, registered.position).await;
+    assert_eq!(user.display_name, "Kept Key");
+    let stored: serde_json::Value =
+        sqlx::query_scalar("SELECT event_data FROM events WHERE event_type = 'UserRegistered'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert!(stored.get("sealed").is_some() && !stored.to_string().contains("kept-key-login"), "{stored}");
+    projector.stop().await;
+    query.stop().await;
+    app.stop().await;
+}

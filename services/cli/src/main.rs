@@ -135,6 +135,7 @@ async fn rewrap() -> anyhow::Result<()> {
     let master = kiroku_vault::master_keys(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku keys", &e));
     let pool = kiroku_platform::connect_postgres(&url, 2).await?;
     let vault = kiroku_vault::Vault::new(kiroku_event_store::EventStore::new(pool), master);
+    vault.check().await.context("KIROKU_MASTER_KEY does not open the data keys in the database")?;
     let moved = vault.rewrap().await.context("re-wrap the data keys")?;
     println!("{moved} data keys re-wrapped under the current master key");
     Ok(())

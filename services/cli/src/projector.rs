@@ -1,5 +1,6 @@
 //! `kiroku projector …`: rebuild, status and dead letters, against DATABASE_URL (and REDIS_URL for replays).
 
+use anyhow::Context;
 use anyhow::Result;
 use kiroku_platform::config::{self, Environment, exit_on_config_error};
 use kiroku_projector::{Projection, dead_letters, rebuild};
@@ -17,6 +18,7 @@ pub(crate) async fn run(action: ProjectorAction) -> Result<()> {
     let master_keys =
         kiroku_vault::master_keys(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
     let projection = Projection::new(pool.clone(), max_attempts, master_keys);
+    projection.vault().check().await.context("KIROKU_MASTER_KEY does not open the data keys in the database")?;
     match action {
         ProjectorAction::Rebuild => {
             let rebuilt = rebuild::rebuild(&pool, &projection).await?;

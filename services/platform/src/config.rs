@@ -86,8 +86,8 @@ pub const MIGRATE_DATABASE_URL: Setting = Setting::new(
 pub const MASTER_KEY: Setting = Setting::new(
     "KIROKU_MASTER_KEY",
     None,
-    "32 random bytes, base64: the master key that wraps the data keys sealing personal data (required; \
-     `kiroku dev` makes one; `openssl rand -base64 32`)",
+    "32 random bytes, base64: the master key that wraps the data keys sealing personal data (`kiroku keys new`; \
+     required unless DATABASE_URL is on loopback, where the services then share a key kept in the database)",
 );
 pub const PREVIOUS_MASTER_KEYS: Setting = Setting::new(
     "KIROKU_PREVIOUS_MASTER_KEYS",
@@ -276,10 +276,18 @@ pub fn redis_prefix(source: &dyn Source) -> Result<String, ConfigError> {
     Ok(prefix)
 }
 
-/// True for 127.0.0.0/8, ::1 and localhost.
+/// True for 127.0.0.0/8, ::1 and localhost. (A URL of a scheme the URL standard does not know, such as
+/// `postgres://`, keeps its host as text, so an address there is parsed here.)
 pub fn is_loopback_host(url: &Url) -> bool {
     match url.host() {
-        Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Domain(domain)) => {
+            domain.eq_ignore_ascii_case("localhost")
+                || domain
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
         Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
         Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
         None => false,

@@ -67,8 +67,23 @@ pub struct Vault {
 
 /// The master keys from `KIROKU_MASTER_KEY` and `KIROKU_PREVIOUS_MASTER_KEYS`; a bad one is a [`ConfigError`]
 /// naming the setting (never its value).
+///
+/// Without `KIROKU_MASTER_KEY`, a database on loopback (development, tests) lets the services share a key kept in
+/// the database ([`MasterKeys::in_database`]); any other database requires the setting.
 pub fn master_keys(source: &dyn Source) -> Result<Arc<MasterKeys>, ConfigError> {
-    let current = config::required(source, &config::MASTER_KEY)?;
+    let Some(current) = config::MASTER_KEY.get(source) else {
+        let loopback = config::DATABASE_URL
+            .get(source)
+            .and_then(|url| url::Url::parse(&url).ok())
+            .is_some_and(|url| config::is_loopback_host(&url));
+        if loopback {
+            return Ok(Arc::new(MasterKeys::in_database()));
+        }
+        return Err(ConfigError::new(
+            config::MASTER_KEY.name,
+            "is required when the database is not on this machine (loopback)",
+        ));
+    };
     let previous = config::PREVIOUS_MASTER_KEYS.get(source);
     MasterKeys::parse(&current, previous.as_deref())
         .map(Arc::new)
@@ -82,7 +97,18 @@ impl Vault {
 
     /// Checks that the master keys open the keys already stored (the blind index's key, the first one made):
     /// a service given the wrong master key stops at start-up instead of failing on every read.
+    /// Without `KIROKU_MASTER_KEY`, it first loads (or, the first to start, makes) the key kept in the database.
     pub async fn check(&self) -> Result<(), VaultError> {
+        if self.master.needs_loading() {
+            let candidate = DataKey::generate()?;
+            let key = self.store.database_master_key(candidate.bytes()).await?;
+            self.master.load(&key)?;
+            tracing::warn!(
+                "KIROKU_MASTER_KEY is not set: personal data is sealed under a master key kept in the (loopback) \
+                 database, readable by whoever can read the database; erasure still destroys what it erases. \
+                 Set KIROKU_MASTER_KEY (`kiroku keys new`) outside development"
+            );
+        }
         match self.store.keys(&[INDEX_KEY_OWNER]).await?.remove(&INDEX_KEY_OWNER) {
             Some(StoredKey::Live(wrapped)) => self.master.unwrap(&wrapped).map(|_| ()),
             _ => Ok(()),
@@ -169,7 +195,7 @@ impl Vault {
     pub async fn rewrap(&self) -> Result<u64, VaultError> {
         let mut moved = 0;
         loop {
-            let batch = self.store.keys_not_wrapped_by(self.master.current_id(), 500).await?;
+            let batch = self.store.keys_not_wrapped_by(self.master.current_id()?, 500).await?;
             if batch.is_empty() {
                 return Ok(moved);
             }

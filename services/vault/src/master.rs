@@ -1,5 +1,7 @@
 //! Master keys: `KIROKU_MASTER_KEY` (32 bytes, base64) wraps data keys; `KIROKU_PREVIOUS_MASTER_KEYS` (the same,
 //! comma-separated) only unwraps, during a rotation. A key's id is a digest of the key, stored with what it wraps.
+//! Without `KIROKU_MASTER_KEY`, a service whose database is on loopback uses a key kept in the database, loaded by
+//! [`crate::Vault::check`] at start-up (see the migration that makes its table).
 
 use aws_lc_rs::digest;
 use base64::Engine;
@@ -17,14 +19,24 @@ struct MasterKey {
 
 /// The current master key and the previous ones.
 pub struct MasterKeys {
+    /// Set when configured; for a key kept in the database, once loaded.
+    keys: std::sync::OnceLock<Loaded>,
+    in_database: bool,
+}
+
+struct Loaded {
     current: MasterKey,
     previous: Vec<MasterKey>,
 }
 
 impl std::fmt::Debug for MasterKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let previous: Vec<&str> = self.previous.iter().map(|k| k.id.as_str()).collect();
-        f.debug_struct("MasterKeys").field("current", &self.current.id).field("previous", &previous).finish()
+        let mut debug = f.debug_struct("MasterKeys");
+        if let Some(loaded) = self.keys.get() {
+            let previous: Vec<&str> = loaded.previous.iter().map(|k| k.id.as_str()).collect();
+            debug.field("current", &loaded.current.id).field("previous", &previous);
+        }
+        debug.field("in_database", &self.in_database).finish()
     }
 }
 
@@ -36,9 +48,13 @@ pub fn generate_master_key() -> Result<String, VaultError> {
 fn parse_key(text: &str) -> Result<MasterKey, String> {
     let bytes = STANDARD.decode(text.trim()).map_err(|_| "must be base64".to_owned())?;
     let key = DataKey::from_bytes(&bytes).ok_or_else(|| format!("must be 32 bytes, not {}", bytes.len()))?;
+    Ok(MasterKey { id: key_id(&key), key })
+}
+
+/// A master key's id: a digest of it (stored with what it wraps; reveals nothing of a random 256-bit key).
+fn key_id(key: &DataKey) -> String {
     let digest = digest::digest(&digest::SHA256, &[b"kiroku master key id\0".as_slice(), key.bytes()].concat());
-    let id: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
-    Ok(MasterKey { id, key })
+    digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl MasterKeys {
@@ -51,22 +67,49 @@ impl MasterKeys {
             .filter(|k| !k.trim().is_empty())
             .map(|k| parse_key(k).map_err(|e| format!("a previous key {e}")))
             .collect::<Result<_, _>>()?;
-        Ok(MasterKeys { current, previous })
+        Ok(MasterKeys { keys: Loaded { current, previous }.into(), in_database: false })
+    }
+
+    /// A master key kept in the database, to be loaded (or made) by [`crate::Vault::check`].
+    pub fn in_database() -> MasterKeys {
+        MasterKeys { keys: std::sync::OnceLock::new(), in_database: true }
+    }
+
+    /// Whether the key is the one kept in the database, and not loaded yet.
+    pub(crate) fn needs_loading(&self) -> bool {
+        self.in_database && self.keys.get().is_none()
+    }
+
+    /// Sets the key kept in the database (the first caller's wins; later ones are the same key).
+    pub(crate) fn load(&self, key: &[u8]) -> Result<(), VaultError> {
+        let current = DataKey::from_bytes(key)
+            .map(|key| MasterKey { id: key_id(&key), key })
+            .ok_or_else(|| VaultError::Corrupt("the master key kept in the database is not 32 bytes".to_owned()))?;
+        let _ = self.keys.set(Loaded { current, previous: Vec::new() });
+        Ok(())
+    }
+
+    fn loaded(&self) -> Result<&Loaded, VaultError> {
+        self.keys.get().ok_or_else(|| {
+            VaultError::Corrupt("the master key kept in the database was not loaded (Vault::check)".to_owned())
+        })
     }
 
     /// The id of the key that wraps new data keys.
-    pub fn current_id(&self) -> &str {
-        &self.current.id
+    pub fn current_id(&self) -> Result<&str, VaultError> {
+        Ok(&self.loaded()?.current.id)
     }
 
     pub(crate) fn wrap(&self, owner: Uuid, key: &DataKey) -> Result<WrappedKey, VaultError> {
-        let wrapped = encrypt(self.current.key.bytes(), &key_aad(owner), key.bytes().to_vec())?;
-        Ok(WrappedKey { owner, master_key_id: self.current.id.clone(), wrapped })
+        let current = &self.loaded()?.current;
+        let wrapped = encrypt(current.key.bytes(), &key_aad(owner), key.bytes().to_vec())?;
+        Ok(WrappedKey { owner, master_key_id: current.id.clone(), wrapped })
     }
 
     pub(crate) fn unwrap(&self, wrapped: &WrappedKey) -> Result<DataKey, VaultError> {
-        let master = std::iter::once(&self.current)
-            .chain(&self.previous)
+        let loaded = self.loaded()?;
+        let master = std::iter::once(&loaded.current)
+            .chain(&loaded.previous)
             .find(|k| k.id == wrapped.master_key_id)
             .ok_or_else(|| VaultError::UnknownMasterKey(wrapped.master_key_id.clone()))?;
         decrypt(master.key.bytes(), &key_aad(wrapped.owner), wrapped.wrapped.clone())
@@ -92,6 +135,7 @@ mod tests {
         let rotated = MasterKeys::parse(&new, Some(&old)).unwrap();
         assert_eq!(rotated.unwrap(&wrapped).unwrap().bytes(), key.bytes());
         assert_ne!(rotated.wrap(owner, &key).unwrap().master_key_id, wrapped.master_key_id);
+        assert!(MasterKeys::in_database().wrap(owner, &key).is_err(), "a key kept in the database must be loaded");
         let without = MasterKeys::parse(&new, None).unwrap();
         assert!(matches!(without.unwrap(&wrapped), Err(VaultError::UnknownMasterKey(_))));
         let moved = WrappedKey { owner: Uuid::now_v7(), ..wrapped };

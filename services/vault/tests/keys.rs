@@ -113,3 +113,30 @@ async fn an_erased_owner_opens_as_erased_and_gets_no_new_key() {
     vault.seal(gone, &vault.key_or_create(gone).await.unwrap(), &mut late).unwrap();
     assert_eq!(late[0].data, json!({ "registered_at": "2026-11-27T06:00:00Z", "erased": true }));
 }
+
+#[tokio::test]
+async fn without_a_configured_master_key_services_share_the_one_kept_in_the_database() {
+    let db = TestDb::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    let first = Vault::new(store.clone(), Arc::new(MasterKeys::in_database()));
+    assert!(first.new_key(Uuid::now_v7()).is_err(), "nothing is sealed before the key is loaded");
+    first.check().await.unwrap();
+    let owner = Uuid::now_v7();
+    register(&store, &first, owner, json!({ "github_username": "kept-in-db" })).await;
+    // Another service (its own process, its own MasterKeys) loads the same key and opens what the first sealed.
+    let second = Vault::new(store.clone(), Arc::new(MasterKeys::in_database()));
+    second.check().await.unwrap();
+    let opened = second.open(stored(&store, &[owner]).await).await.unwrap();
+    assert_eq!(opened[0].data["personal"]["github_username"], "kept-in-db");
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM database_master_key").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(kept, 1);
+}
+
+#[test]
+fn a_master_key_is_required_unless_the_database_is_on_loopback() {
+    let source = |url: &'static str| move |name: &str| (name == "DATABASE_URL").then(|| url.to_owned());
+    assert!(kiroku_vault::master_keys(&source("postgres://postgres@127.0.0.1:5432/kiroku")).is_ok());
+    assert!(kiroku_vault::master_keys(&source("postgres://postgres@localhost/kiroku")).is_ok());
+    let error = kiroku_vault::master_keys(&source("postgres://kiroku@db.internal:5432/kiroku")).unwrap_err();
+    assert_eq!(error.name, "KIROKU_MASTER_KEY");
+}
