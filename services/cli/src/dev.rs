@@ -21,8 +21,6 @@ const IDENTITY_ADDR: &str = "KIROKU_DEV_IDENTITY_ADDR";
 /// The environment, with `kiroku dev`'s defaults and its own identity provider in place of Auth0 and GitHub.
 struct DevSource {
     issuer: String,
-    /// `KIROKU_MASTER_KEY`, or the one `kiroku dev` keeps (see [`dev_master_key`]).
-    master_key: String,
     github_api_url: String,
     /// This service's own Redis user, when `kiroku dev` could make one (see [`redis_users`]).
     redis_url: Option<String>,
@@ -38,7 +36,6 @@ impl Source for DevSource {
             "KIROKU_AUTH0_JWKS_URL" => None,
             "KIROKU_GITHUB_API_URL" => Some(self.github_api_url.clone()),
             "KIROKU_GITHUB_TOKEN" => None,
-            "KIROKU_MASTER_KEY" => Some(self.master_key.clone()),
             "DATABASE_URL" => Some(Environment.get(name).unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned())),
             "REDIS_URL" => self.redis_url.clone().or_else(|| Some(redis_url())),
             _ => Environment.get(name),
@@ -50,14 +47,12 @@ pub(crate) async fn run() -> Result<()> {
     let database_url = Environment.get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
     create_database_if_missing(&database_url).await?;
 
-    let master_key = dev_master_key()?;
     let identity = DevIdentityProvider::start(identity_addr()?).await?;
     let users = redis_users().await;
     let user_names: Vec<String> =
         users.iter().flatten().filter_map(|url| url::Url::parse(url).ok().map(|u| u.username().to_owned())).collect();
     let source = |redis_url: Option<String>| DevSource {
         issuer: identity.issuer().to_owned(),
-        master_key: master_key.clone(),
         github_api_url: identity.github_api_url(),
         redis_url,
     };
@@ -123,29 +118,6 @@ pub(crate) async fn run() -> Result<()> {
         let _ = admin.quit().await;
     }
     Ok(())
-}
-
-/// `KIROKU_MASTER_KEY` when set; otherwise the development master key in `~/.kiroku/dev-master-key`, made on
-/// first use: the dev database outlives a run, and its personal data must open on the next one.
-fn dev_master_key() -> Result<String> {
-    if let Some(key) = Environment.get("KIROKU_MASTER_KEY") {
-        return Ok(key);
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| std::path::PathBuf::from("."), std::path::PathBuf::from);
-    let path = home.join(".kiroku").join("dev-master-key");
-    if let Ok(key) = std::fs::read_to_string(&path) {
-        return Ok(key.trim().to_owned());
-    }
-    let key = kiroku_vault::generate_master_key()?;
-    std::fs::create_dir_all(path.parent().unwrap_or(&home))?;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    std::io::Write::write_all(&mut options.open(&path)?, key.as_bytes())
-        .with_context(|| format!("write {}", path.display()))?;
-    eprintln!("  kiroku dev: made a development master key in {}", path.display());
-    Ok(key)
 }
 
 async fn futures_join(tasks: [tokio::task::JoinHandle<Result<()>>; 3]) {
