@@ -10,12 +10,9 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE};
-use common::{CommandApp, Queries};
+use common::{CommandApp, field, get_user, history};
 use fred::prelude::*;
-use kiroku::v1::{
-    DeactivateUserRequest, EraseUserRequest, Event, GetUserHistoryRequest, GetUserRequest, SyncGitHubProfileRequest,
-    User, UserStatus,
-};
+use kiroku::v1::{DeactivateUserRequest, EraseUserRequest, GetUserRequest, SyncGitHubProfileRequest, UserStatus};
 use kiroku_testkit::eventually;
 use prost_types::value::Kind;
 use serde_json::json;
@@ -57,35 +54,6 @@ async fn github_answers(
         .named(format!("github user {github_id}, priority {priority}"))
         .mount(&app.github)
         .await;
-}
-
-async fn get_user(client: &Queries, user_id: &str, min_position: u64) -> User {
-    client
-        .clone()
-        .get_user(GetUserRequest { user_id: user_id.to_owned(), min_position })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
-}
-
-async fn history(client: &Queries, user_id: &str) -> Vec<Event> {
-    client
-        .clone()
-        .get_user_history(GetUserHistoryRequest {
-            user_id: user_id.to_owned(),
-            page_size: 1000,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events
-}
-
-fn field<'a>(s: &'a prost_types::Struct, name: &str) -> Option<&'a Kind> {
-    s.fields.get(name).and_then(|value| value.kind.as_ref())
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -7,13 +7,13 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
-use common::{CommandApp, Commands, Queries, reason};
+use common::{CommandApp, Commands, Queries, field, get_user, history, reason};
 use kiroku::v1::command_service_client::CommandServiceClient;
 use kiroku::v1::{
     DeactivateUserRequest, DeactivateUserResponse, EraseUserRequest, EraseUserResponse, Event, GetUserAsOfRequest,
-    GetUserHistoryRequest, GetUserRequest, ListUsersRequest, LookupUserRequest, ReactivateUserRequest,
-    ReactivateUserResponse, SyncGitHubProfileRequest, SyncGitHubProfileResponse, User, UserStatus, WatchEventsRequest,
-    get_user_as_of_request, lookup_user_request, watch_events_request, watch_events_response,
+    ListUsersRequest, LookupUserRequest, ReactivateUserRequest, ReactivateUserResponse, SyncGitHubProfileRequest,
+    SyncGitHubProfileResponse, User, UserStatus, WatchEventsRequest, get_user_as_of_request, lookup_user_request,
+    watch_events_request, watch_events_response,
 };
 use kiroku_platform::caller::{ADMIN, READ, REGISTER, WATCH};
 use kiroku_testkit::{binary_path, eventually};
@@ -83,34 +83,6 @@ async fn sync(app: &CommandApp, github_id: u64) -> Result<SyncGitHubProfileRespo
         })
         .await
         .map(tonic::Response::into_inner)
-}
-
-/// GetUser, once the read model has reached `min_position`.
-async fn get_user(client: &Queries, user_id: &str, min_position: u64) -> User {
-    client
-        .clone()
-        .get_user(GetUserRequest { user_id: user_id.to_owned(), min_position })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
-}
-
-/// Every event of a user (one page is enough for the few events of these tests).
-async fn history(client: &Queries, user_id: &str) -> Vec<Event> {
-    let page = client
-        .clone()
-        .get_user_history(GetUserHistoryRequest {
-            user_id: user_id.to_owned(),
-            page_size: 1000,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(page.next_page_token.is_empty(), "one page holds the whole history");
-    page.events
 }
 
 async fn as_of(client: &Queries, user_id: &str, point: Option<get_user_as_of_request::AsOf>) -> Result<User, Status> {
@@ -192,10 +164,6 @@ fn assert_no_personal_data(user: &User) {
         ("", "", "", "", ""),
         "no personal field: {user:?}"
     );
-}
-
-fn field<'a>(s: &'a prost_types::Struct, name: &str) -> Option<&'a Kind> {
-    s.fields.get(name).and_then(|value| value.kind.as_ref())
 }
 
 fn string_field<'a>(s: &'a prost_types::Struct, name: &str) -> Option<&'a str> {

@@ -351,3 +351,36 @@ pub async fn open_payloads(
 pub async fn open_payload(pool: &sqlx::PgPool, event_type: &str, data: serde_json::Value) -> serde_json::Value {
     open_payloads(pool, event_type, vec![data]).await.remove(0)
 }
+
+/// GetUser, once the read model has reached `min_position`.
+pub async fn get_user(client: &Queries, user_id: &str, min_position: u64) -> kiroku::v1::User {
+    client
+        .clone()
+        .get_user(kiroku::v1::GetUserRequest { user_id: user_id.to_owned(), min_position })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+}
+
+/// Every event of a user (one page is enough for the few events of these tests).
+pub async fn history(client: &Queries, user_id: &str) -> Vec<kiroku::v1::Event> {
+    let page = client
+        .clone()
+        .get_user_history(kiroku::v1::GetUserHistoryRequest {
+            user_id: user_id.to_owned(),
+            page_size: 1000,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(page.next_page_token.is_empty(), "one page holds the whole history");
+    page.events
+}
+
+/// A field of an event's `data` (or any Struct).
+pub fn field<'a>(s: &'a prost_types::Struct, name: &str) -> Option<&'a prost_types::value::Kind> {
+    s.fields.get(name).and_then(|value| value.kind.as_ref())
+}

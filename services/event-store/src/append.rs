@@ -371,15 +371,7 @@ pub async fn append_in_transaction(tx: &mut PgConnection, append: &Append) -> Re
 /// as [`append_in_transaction`], in one statement. Its refusals are errors that roll it back, told apart by
 /// SQLSTATE: KR409 a taken claim, KR412 a version conflict.
 async fn append_in_one_statement(conn: &mut PgConnection, append: &Append) -> Result<AppendOutcome, AppendError> {
-    let event_ids: Vec<Ulid> = append.events.iter().map(|_| Ulid::new()).collect();
-    let ids: Vec<String> = event_ids.iter().map(Ulid::to_string).collect();
-    let types: Vec<&str> = append.events.iter().map(|e| e.event_type.as_str()).collect();
-    let data: Vec<&serde_json::Value> = append.events.iter().map(|e| &e.data).collect();
-    let metadata: Vec<serde_json::Value> =
-        append.events.iter().map(|e| serde_json::to_value(&e.metadata)).collect::<Result<_, _>>().map_err(|e| {
-            StoreError::Corrupt { table: "events", detail: format!("metadata does not serialize: {e}") }
-        })?;
-    let occurred: Vec<_> = append.events.iter().map(|e| e.occurred_at).collect();
+    let columns = EventColumns::of(append)?;
     let kinds: Vec<&str> = append.claims.iter().map(|c| c.kind.as_str()).collect();
     let values: Vec<&str> = append.claims.iter().map(|c| c.value.as_str()).collect();
     let record = append.idempotency.as_ref();
@@ -390,11 +382,11 @@ async fn append_in_one_statement(conn: &mut PgConnection, append: &Append) -> Re
     .bind(append.aggregate_id)
     .bind(&append.aggregate_type)
     .bind(append.expected.as_sql())
-    .bind(&ids)
-    .bind(&types)
-    .bind(&data)
-    .bind(&metadata)
-    .bind(&occurred)
+    .bind(&columns.ids)
+    .bind(&columns.types)
+    .bind(&columns.data)
+    .bind(&columns.metadata)
+    .bind(&columns.occurred)
     .bind(&kinds)
     .bind(&values)
     .bind(record.map(|r| r.key.caller.as_str()))
@@ -428,7 +420,12 @@ async fn append_in_one_statement(conn: &mut PgConnection, append: &Append) -> Re
         }
         .into());
     }
-    Ok(AppendOutcome::Appended(Appended { aggregate_id: append.aggregate_id, version, positions, event_ids }))
+    Ok(AppendOutcome::Appended(Appended {
+        aggregate_id: append.aggregate_id,
+        version,
+        positions,
+        event_ids: columns.event_ids,
+    }))
 }
 
 /// `kiroku_append`'s refusals (and a concurrent append that took the version between its read and its insert),
@@ -549,26 +546,46 @@ async fn take_claims(tx: &mut PgConnection, append: &Append) -> Result<Option<Ap
     Ok(None)
 }
 
+/// An append's events as the columns both inserts bind (arrays for `unnest`), with the ids given to them.
+struct EventColumns<'a> {
+    event_ids: Vec<Ulid>,
+    ids: Vec<String>,
+    types: Vec<&'a str>,
+    data: Vec<&'a serde_json::Value>,
+    metadata: Vec<serde_json::Value>,
+    occurred: Vec<chrono::DateTime<chrono::Utc>>,
+}
+
+impl<'a> EventColumns<'a> {
+    fn of(append: &'a Append) -> Result<Self, StoreError> {
+        let event_ids: Vec<Ulid> = append.events.iter().map(|_| Ulid::new()).collect();
+        let metadata =
+            append.events.iter().map(|e| serde_json::to_value(&e.metadata)).collect::<Result<_, _>>().map_err(|e| {
+                StoreError::Corrupt { table: "events", detail: format!("metadata does not serialize: {e}") }
+            })?;
+        Ok(EventColumns {
+            ids: event_ids.iter().map(Ulid::to_string).collect(),
+            event_ids,
+            types: append.events.iter().map(|e| e.event_type.as_str()).collect(),
+            data: append.events.iter().map(|e| &e.data).collect(),
+            metadata,
+            occurred: append.events.iter().map(|e| e.occurred_at).collect(),
+        })
+    }
+}
+
 async fn insert_events(tx: &mut PgConnection, append: &Append) -> Result<Appended, AppendError> {
-    let event_ids: Vec<Ulid> = append.events.iter().map(|_| Ulid::new()).collect();
-    let ids: Vec<String> = event_ids.iter().map(Ulid::to_string).collect();
-    let types: Vec<&str> = append.events.iter().map(|e| e.event_type.as_str()).collect();
-    let data: Vec<&serde_json::Value> = append.events.iter().map(|e| &e.data).collect();
-    let metadata: Vec<serde_json::Value> =
-        append.events.iter().map(|e| serde_json::to_value(&e.metadata)).collect::<Result<_, _>>().map_err(|e| {
-            StoreError::Corrupt { table: "events", detail: format!("metadata does not serialize: {e}") }
-        })?;
-    let occurred: Vec<_> = append.events.iter().map(|e| e.occurred_at).collect();
+    let columns = EventColumns::of(append)?;
 
     let rows = sqlx::query(INSERT_EVENTS)
         .bind(append.aggregate_id)
         .bind(&append.aggregate_type)
         .bind(append.expected.as_sql())
-        .bind(&ids)
-        .bind(&types)
-        .bind(&data)
-        .bind(&metadata)
-        .bind(&occurred)
+        .bind(&columns.ids)
+        .bind(&columns.types)
+        .bind(&columns.data)
+        .bind(&columns.metadata)
+        .bind(&columns.occurred)
         .fetch_all(&mut *tx)
         .await
         .map_err(|error| {
@@ -598,7 +615,7 @@ async fn insert_events(tx: &mut PgConnection, append: &Append) -> Result<Appende
             actual: u32::try_from(current).ok(),
         });
     }
-    Ok(Appended { aggregate_id: append.aggregate_id, version, positions, event_ids })
+    Ok(Appended { aggregate_id: append.aggregate_id, version, positions, event_ids: columns.event_ids })
 }
 
 #[cfg(test)]

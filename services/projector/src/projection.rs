@@ -123,9 +123,8 @@ impl Projection {
             }
         };
         let parked = parked_aggregates(&mut tx, generation).await?;
-        // Applied opened; dead-lettered as stored (sealed), so that no copy of a dead letter holds personal data.
-        let raw = events;
-        let events = self.vault.open(raw.clone()).await?;
+        let mut events = events;
+        self.vault.open_in_place(&mut events).await?;
 
         let mut step = Step {
             checkpoint,
@@ -169,7 +168,7 @@ impl Projection {
         if let Some(error) = failure {
             tx.rollback().await?;
             tracing::warn!(%error, "a batch failed; applying it event by event");
-            return self.step_one_by_one(target, &raw, &events, source).await;
+            return self.step_one_by_one(target, &events, source).await;
         }
         step.checkpoint = events.last().map(|e| e.position).unwrap_or(checkpoint);
         if let Some(through) = through.filter(|_| !more) {
@@ -217,19 +216,13 @@ impl Projection {
     /// The slow path after a failed batch: each event in a savepoint. The first failing event gets one more
     /// attempt recorded; once it has failed `max_attempts` times it is dead-lettered and skipped, its aggregate
     /// parked, and the rest goes on. Otherwise the step stops before it, to retry later.
-    async fn step_one_by_one(
-        &self,
-        target: Target,
-        raw: &[RecordedEvent],
-        events: &[RecordedEvent],
-        source: Source,
-    ) -> anyhow::Result<Step> {
+    async fn step_one_by_one(&self, target: Target, events: &[RecordedEvent], source: Source) -> anyhow::Result<Step> {
         let mut tx = self.pool.begin().await?;
         let (generation, checkpoint) = lock(&mut tx, target).await?;
         let mut parked = parked_aggregates(&mut tx, generation).await?;
         let mut step = Step { checkpoint, source, ..Step::default() };
         let mut taken = 0;
-        for (stored, event) in raw.iter().zip(events).filter(|(_, e)| e.position > checkpoint) {
+        for event in events.iter().filter(|e| e.position > checkpoint) {
             if parked.contains(&event.aggregate_id) {
                 park(&mut tx, generation, event).await?;
                 step.parked += 1;
@@ -271,7 +264,13 @@ impl Projection {
                     parked.insert(event.aggregate_id);
                     step.checkpoint = event.position;
                     taken += 1;
-                    step.dead_lettered.push(DeadLetter { event: stored.clone(), attempts, error: error.to_string() });
+                    // Published as stored (sealed), never opened, so that no copy of a dead letter holds personal
+                    // data: read again, which a dead letter (rare) can afford and a step (every batch) could not.
+                    let stored =
+                        self.store.read_event(event.position).await?.ok_or_else(|| {
+                            anyhow::anyhow!("dead-lettered event {} is not in the log", event.position)
+                        })?;
+                    step.dead_lettered.push(DeadLetter { event: stored, attempts, error: error.to_string() });
                 }
             }
         }

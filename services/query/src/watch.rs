@@ -221,13 +221,11 @@ async fn pump(
             },
         };
         let opened = match batch {
-            Ok(mut batch) => match vault.open(batch.events.clone()).await {
-                Ok(events) => {
-                    batch.events = events;
-                    Ok(batch)
-                }
+            Ok(mut batch) => match vault.open_in_place(&mut batch.events).await {
+                Ok(()) => Ok(batch),
                 Err(error) => {
-                    // The follower has moved past this batch: keep it (raw) and open it again.
+                    // The follower has moved past this batch: keep it (unchanged: opening is all or nothing) and
+                    // open it again.
                     tracing::warn!(%error, "watch feed cannot open the log's personal data");
                     pending = Some(batch);
                     Err(())

@@ -167,6 +167,13 @@ impl Vault {
     /// Events as today's schema reads them: `sealed` opened into `personal` while its key exists (else
     /// `"erased": true`), then upcast from the schema version that wrote them.
     pub async fn open(&self, mut events: Vec<RecordedEvent>) -> Result<Vec<RecordedEvent>, VaultError> {
+        self.open_in_place(&mut events).await?;
+        Ok(events)
+    }
+
+    /// [`Vault::open`] in place, all or nothing: on an error no event has changed, so a reader can keep the batch
+    /// and try again without having copied it first.
+    pub async fn open_in_place(&self, events: &mut [RecordedEvent]) -> Result<(), VaultError> {
         let owners: Vec<Uuid> = {
             let mut owners: Vec<Uuid> = events.iter().filter_map(|e| crypto::sealed_owner(&e.data)).collect();
             owners.sort_unstable();
@@ -182,13 +189,22 @@ impl Vault {
             };
             keys.insert(owner, key);
         }
-        for event in &mut events {
+        // Everything that can fail first (decryption), then the changes, which cannot.
+        let personal: Vec<Option<Value>> =
+            events.iter().map(|e| open_personal(&keys, &e.event_type, &e.data)).collect::<Result<_, _>>()?;
+        for (event, personal) in events.iter_mut().zip(personal) {
+            if let Value::Object(payload) = &mut event.data
+                && payload.remove(SEALED).is_some()
+            {
+                match personal {
+                    Some(personal) => payload.insert(PERSONAL.to_owned(), personal),
+                    None => payload.insert(ERASED.to_owned(), Value::Bool(true)),
+                };
+            }
             let version = schema_version(&event.metadata);
-            let data = std::mem::take(&mut event.data);
-            let opened = open_payload(&keys, &event.event_type, data)?;
-            event.data = upcast(&event.event_type, version, opened);
+            event.data = upcast(&event.event_type, version, std::mem::take(&mut event.data));
         }
-        Ok(events)
+        Ok(())
     }
 
     /// Wraps every live key under the current master key (after a rotation); returns how many moved.
@@ -215,19 +231,18 @@ pub fn schema_version(metadata: &Value) -> u32 {
     metadata.get("schema_version").and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok()).unwrap_or(1)
 }
 
-fn open_payload(keys: &HashMap<Uuid, Option<DataKey>>, event_type: &str, data: Value) -> Result<Value, VaultError> {
-    let Value::Object(mut payload) = data else { return Ok(data) };
-    let Some(sealed) = payload.remove(SEALED) else { return Ok(Value::Object(payload)) };
-    let owner = crypto::envelope_owner(&sealed)
+/// The opened `personal` of a payload's sealed member: `None` when its key is destroyed (or, which only a
+/// hand-edited database can produce, was never stored) and when there is no sealed member.
+fn open_personal(
+    keys: &HashMap<Uuid, Option<DataKey>>,
+    event_type: &str,
+    data: &Value,
+) -> Result<Option<Value>, VaultError> {
+    let Some(sealed) = data.get(SEALED) else { return Ok(None) };
+    let owner = crypto::envelope_owner(sealed)
         .ok_or_else(|| VaultError::Corrupt(format!("a {event_type} event's sealed member names no key")))?;
     match keys.get(&owner) {
-        Some(Some(key)) => {
-            payload.insert(PERSONAL.to_owned(), key.open(owner, event_type, &sealed)?);
-        }
-        // Destroyed (or, which only a hand-edited database can produce, never stored): erased.
-        _ => {
-            payload.insert(ERASED.to_owned(), Value::Bool(true));
-        }
+        Some(Some(key)) => key.open(owner, event_type, sealed).map(Some),
+        _ => Ok(None),
     }
-    Ok(Value::Object(payload))
 }
