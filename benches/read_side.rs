@@ -8,55 +8,18 @@
 //! them. The rebuild's baseline, in the same run: the same rows inserted raw through the same client.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use kiroku_domain::{Auth0Subject, GitHubId, GitHubProfile, RegisterUser, User, UserCommand, UserEvent, UserId};
-use kiroku_event_store::{Append, AppendOutcome, Claim, EventMetadata, EventStore, ExpectedVersion, NewEvent};
+use kiroku_event_store::{AppendOutcome, EventStore};
 use kiroku_platform::Shutdown;
 use kiroku_testkit::{TestDb, TestRedis, percentile};
-use kiroku_vault::{MasterKeys, SealingKey, Vault};
+use kiroku_vault::{MasterKeys, Vault};
 use serde_json::json;
-
-/// What RegisterUser commits for GitHub account `n`: the event sealed under the person's new key, stored with it.
-fn registration(vault: &Vault, n: u64) -> Append {
-    let subject: Auth0Subject = format!("github|{n}").parse().unwrap();
-    let profile =
-        GitHubProfile { id: GitHubId::new(n), login: format!("user{n}"), name: None, avatar_url: None, etag: None };
-    let command = UserCommand::Register(RegisterUser { subject: subject.clone(), profile, now: Utc::now() });
-    let (event_type, data) = User::decide(None, &command).unwrap()[0].encode().unwrap();
-    let user = UserId::generate().as_uuid();
-    let (key, wrapped) = vault.new_key(user).unwrap();
-    let mut events = vec![NewEvent {
-        event_type: event_type.to_owned(),
-        data,
-        metadata: EventMetadata {
-            request_id: None,
-            correlation_id: n.to_string(),
-            causation_id: n.to_string(),
-            schema_version: kiroku_domain::SCHEMA_VERSION,
-            caller: None,
-            traceparent: None,
-        },
-        occurred_at: Utc::now(),
-    }];
-    vault.seal(user, &SealingKey::Live(key), &mut events).unwrap();
-    Append {
-        aggregate_id: user,
-        aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
-        expected: ExpectedVersion::NoStream,
-        events,
-        claims: User::claims(&subject)
-            .into_iter()
-            .map(|(kind, value)| Claim { kind: kind.as_str().to_owned(), value })
-            .collect(),
-        new_key: Some(wrapped),
-        erasure: None,
-        idempotency: None,
-    }
-}
 
 #[tokio::main]
 async fn main() {
@@ -102,7 +65,7 @@ async fn main() {
             for n in 0..rate * seconds {
                 ticker.tick().await;
                 let (store, committed) = (store.clone(), committed.clone());
-                let append = registration(&vault, 1_000_000 + n);
+                let append = common::registration(&vault, 1_000_000 + n);
                 tokio::spawn(async move {
                     if let AppendOutcome::Appended(a) = store.append(&append).await.unwrap() {
                         committed.lock().unwrap().insert(a.last_position().get(), Instant::now());
@@ -136,7 +99,7 @@ async fn main() {
     // Rebuild: more history, then a full rebuild into a new generation.
     for chunk in 0..rebuild_events / 100 {
         let appends = (0..100).map(|i| {
-            let (store, append) = (store.clone(), registration(&vault, 5_000_000 + chunk * 100 + i));
+            let (store, append) = (store.clone(), common::registration(&vault, 5_000_000 + chunk * 100 + i));
             async move {
                 store.append(&append).await.unwrap();
             }

@@ -4,48 +4,24 @@
 //! `cargo build --release --workspace --bins && cargo bench --bench watch`. The query server runs as its own process
 //! (`target/release/kiroku-query`) so that its memory can be read from /proc. Prints one JSON document.
 //! `BENCH_SUBSCRIBERS` (default 100), `BENCH_RATE` events/s (default 200), `BENCH_SECONDS` (default 10),
-//! `BENCH_IDLE_SUBSCRIBERS` (default 1000).
+//! `BENCH_IDLE_SUBSCRIBERS` (default 1000), `BENCH_HISTORY` events added before the catch-up (default 20000).
+//! Events are sealed as RegisterUser seals them, so delivering one opens it.
 #![allow(clippy::unwrap_used)]
+
+mod common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use kiroku::v1::query_service_client::QueryServiceClient;
 use kiroku::v1::{WatchEventsRequest, watch_events_request, watch_events_response};
 use kiroku_dev_identity::{ALL_PERMISSIONS, DEV_API_AUDIENCE, DevIdentityProvider};
-use kiroku_event_store::{Append, AppendOutcome, EventMetadata, EventStore, ExpectedVersion, NewEvent};
+use kiroku_event_store::{AppendOutcome, EventStore};
+use kiroku_vault::{MasterKeys, Vault};
 use kiroku_testkit::{CallerChannel, ServiceProcess, TestDb, TestRedis, percentile, with_caller};
 use serde_json::json;
 use tonic::transport::Channel;
-
-fn event(n: u64) -> Append {
-    Append {
-        aggregate_id: uuid::Uuid::now_v7(),
-        aggregate_type: "User".to_owned(),
-        expected: ExpectedVersion::NoStream,
-        events: vec![NewEvent {
-            event_type: "UserRegistered".to_owned(),
-            data: json!({ "auth0_id": format!("github|{n}"), "github_id": n.to_string(),
-                          "personal": { "github_username": format!("user{n}"), "display_name": format!("user{n}") },
-                          "registered_at": "2026-11-27T00:00:00Z" }),
-            metadata: EventMetadata {
-                request_id: None,
-                correlation_id: n.to_string(),
-                causation_id: n.to_string(),
-                schema_version: 1,
-                caller: None,
-                traceparent: None,
-            },
-            occurred_at: Utc::now(),
-        }],
-        claims: vec![],
-        new_key: None,
-        erasure: None,
-        idempotency: None,
-    }
-}
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -74,7 +50,10 @@ async fn main() {
     let idle: usize = std::env::var("BENCH_IDLE_SUBSCRIBERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let db = TestDb::create().await.unwrap();
     let redis = TestRedis::acquire().await.unwrap();
+    let history: u64 = std::env::var("BENCH_HISTORY").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
     let store = EventStore::new(db.pool.clone());
+    let master = Arc::new(MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).unwrap());
+    let vault = Vault::new(store.clone(), master);
     let address = "127.0.0.1:50952";
     // The tenant whose keys sign the callers' tokens.
     let identity = DevIdentityProvider::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
@@ -135,10 +114,11 @@ async fn main() {
     for n in 0..total as u64 {
         ticker.tick().await;
         let (store, committed) = (store.clone(), committed.clone());
+        let append = common::registration(&vault, n);
         tokio::spawn(async move {
             // The position is known only when the append returns; a delivery can beat this insert, so the
             // reader waits for it above. Both stamps are taken on this machine's monotonic clock.
-            if let AppendOutcome::Appended(a) = store.append(&event(n)).await.unwrap() {
+            if let AppendOutcome::Appended(a) = store.append(&append).await.unwrap() {
                 committed.lock().unwrap().insert(a.last_position().get(), Instant::now());
             }
         });
@@ -150,11 +130,11 @@ async fn main() {
     latencies.sort_by(f64::total_cmp);
 
     // 2. Catch-up throughput: one subscriber from the beginning, more history first.
-    for chunk in 0..200u64 {
+    for chunk in 0..history / 100 {
         let appends = (0..100).map(|i| {
-            let store = store.clone();
+            let (store, append) = (store.clone(), common::registration(&vault, 1_000_000 + chunk * 100 + i));
             async move {
-                store.append(&event(1_000_000 + chunk * 100 + i)).await.unwrap();
+                store.append(&append).await.unwrap();
             }
         });
         futures::future::join_all(appends).await;

@@ -47,8 +47,13 @@ impl EventStore {
         if owners.is_empty() {
             return Ok(HashMap::new());
         }
+        // Planned for each call, with its array in hand (not a prepared statement): a connection's cached generic
+        // plan, made while `data_keys` was small, scans the whole table and compares every row with every owner
+        // asked for; measured with `cargo bench --bench watch`, a replay's 500 owners against 60,000 keys took
+        // 120 ms per read that way instead of 1.5 ms through the primary key.
         let rows = sqlx::query("SELECT owner_id, master_key_id, wrapped FROM data_keys WHERE owner_id = ANY($1)")
             .bind(owners)
+            .persistent(false)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
