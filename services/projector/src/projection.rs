@@ -15,7 +15,7 @@
 use std::collections::HashSet;
 
 use chrono::Utc;
-use kiroku_event_store::{EventStore, Lag, Position, RecordedEvent};
+use kiroku_event_store::{Batch, EventStore, Lag, Position, RecordedEvent};
 use kiroku_platform::failpoint;
 use kiroku_relay::stream::Entry;
 use kiroku_vault::{MasterKeys, Vault};
@@ -76,6 +76,28 @@ pub enum Target {
     Generation(i32),
 }
 
+/// A step's events, opened, and where they came from.
+struct Read {
+    events: Vec<RecordedEvent>,
+    /// How far a read from the store covered the log (see `Batch::through`); `None` for stream entries.
+    through: Option<Position>,
+    more: bool,
+    source: Source,
+}
+
+/// A rebuild's batch read (and opened) ahead of its step: the log after `after`.
+pub(crate) struct ReadAhead {
+    after: Position,
+    batch: Batch,
+}
+
+impl ReadAhead {
+    /// Where the read after this one starts: its end, when it was full (otherwise it reached the horizon).
+    pub(crate) fn next(&self) -> Option<Position> {
+        self.batch.full.then_some(self.batch.through)
+    }
+}
+
 #[derive(Clone)]
 pub struct Projection {
     pool: PgPool,
@@ -114,18 +136,51 @@ impl Projection {
             tx.rollback().await?;
             return Ok(Step { checkpoint, ..Step::default() });
         }
-        let (events, through, more, source) = match self.authentic(&fresh, checkpoint).await? {
-            Some(events) => (events, None, false, Source::Stream),
+        let mut read = match self.authentic(&fresh, checkpoint).await? {
+            Some(events) => Read { events, through: None, more: false, source: Source::Stream },
             None => {
                 let limit = if matches!(target, Target::Active) { BATCH } else { REBUILD_BATCH };
                 let batch = self.store.read_batch(checkpoint, limit).await?;
-                (batch.events, Some(batch.through), batch.full, Source::Store)
+                Read { events: batch.events, through: Some(batch.through), more: batch.full, source: Source::Store }
             }
         };
-        let parked = parked_aggregates(&mut tx, generation).await?;
-        let mut events = events;
-        self.vault.open_in_place(&mut events).await?;
+        self.vault.open_in_place(&mut read.events).await?;
+        self.apply_read(tx, target, generation, checkpoint, read).await
+    }
 
+    /// Reads and opens a rebuild's batch after `after`, outside any step: so that it can be read while the step
+    /// before applies its own (PostgreSQL and this process each have work for a core meanwhile).
+    pub(crate) async fn read_ahead(&self, after: Position) -> anyhow::Result<ReadAhead> {
+        let mut batch = self.store.read_batch(after, REBUILD_BATCH).await?;
+        self.vault.open_in_place(&mut batch.events).await?;
+        Ok(ReadAhead { after, batch })
+    }
+
+    /// A step with a batch read ahead; `None` (and nothing done) when the checkpoint is not where it was read from.
+    pub(crate) async fn step_read_ahead(&self, target: Target, ahead: ReadAhead) -> anyhow::Result<Option<Step>> {
+        let mut tx = self.pool.begin().await?;
+        let (generation, checkpoint) = lock(&mut tx, target).await?;
+        if checkpoint != ahead.after {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let batch = ahead.batch;
+        let read = Read { events: batch.events, through: Some(batch.through), more: batch.full, source: Source::Store };
+        self.apply_read(tx, target, generation, checkpoint, read).await.map(Some)
+    }
+
+    /// The rest of a step, in its transaction (which holds the checkpoint): applies opened events and moves the
+    /// checkpoint.
+    async fn apply_read(
+        &self,
+        mut tx: Transaction<'static, Postgres>,
+        target: Target,
+        generation: i32,
+        checkpoint: Position,
+        read: Read,
+    ) -> anyhow::Result<Step> {
+        let Read { events, through, more, source } = read;
+        let parked = parked_aggregates(&mut tx, generation).await?;
         let mut step = Step {
             checkpoint,
             more,

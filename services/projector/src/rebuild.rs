@@ -8,7 +8,9 @@ use anyhow::{Context, Result};
 use kiroku_event_store::Position;
 use sqlx::PgPool;
 
-use crate::projection::{PROJECTION, Projection, Step, Target};
+use tokio::sync::mpsc;
+
+use crate::projection::{PROJECTION, Projection, ReadAhead, Step, Target};
 
 /// What a rebuild did.
 #[derive(Debug)]
@@ -51,9 +53,34 @@ async fn rebuild_alone(pool: &PgPool, projection: &Projection) -> Result<Rebuilt
 
     // Fill until a read comes back short: under steady writes every step finds something new, so waiting for an
     // empty one could tail the log for ever. The flip below catches up the rest while live steps wait.
+    // The next batch is read and opened while the step before applies its own. A step that finds its checkpoint
+    // elsewhere than its batch was read from (which a step stopped short by a failing event leaves) ends the
+    // read-ahead, and the rest goes step by step.
+    let (sender, receiver) = mpsc::channel(1);
+    tokio::spawn(read_ahead(projection.clone(), Position::ZERO, sender));
+    let mut ahead = Some(receiver);
     let mut events = 0;
     loop {
-        let step = catch_up_step(projection, generation).await?;
+        let read = match &mut ahead {
+            Some(receiver) => receiver.recv().await,
+            None => None,
+        };
+        let step = match read {
+            Some(Ok(read)) => projection.step_read_ahead(Target::Generation(generation), read).await?,
+            Some(Err(error)) => {
+                tracing::warn!(%error, "rebuild: reading ahead failed; going on step by step");
+                None
+            }
+            None => None,
+        };
+        let step = match step {
+            Some(step) if !step.blocked => step,
+            stopped => {
+                events += stopped.map_or(0, |step| step.applied);
+                ahead = None;
+                catch_up_step(projection, generation).await?
+            }
+        };
         events += step.applied;
         if !step.more {
             break;
@@ -83,6 +110,22 @@ async fn rebuild_alone(pool: &PgPool, projection: &Projection) -> Result<Rebuilt
 
     delete_inactive_generations(pool, generation).await?;
     Ok(Rebuilt { generation, checkpoint, events, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Reads the log after `after` batch by batch, one ahead of the steps that apply them, until a read comes back
+/// short or the rebuild stops listening.
+async fn read_ahead(projection: Projection, mut after: Position, out: mpsc::Sender<Result<ReadAhead>>) {
+    loop {
+        let read = projection.read_ahead(after).await;
+        let next = read.as_ref().ok().and_then(ReadAhead::next);
+        if out.send(read).await.is_err() {
+            return;
+        }
+        match next {
+            Some(next) => after = next,
+            None => return,
+        }
+    }
 }
 
 /// One step of the new generation. A step held back by a failing event is retried for a while, and then the
