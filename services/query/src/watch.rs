@@ -22,7 +22,7 @@ use kiroku::v1::{
     CaughtUp, Progress, WatchEventsRequest, WatchEventsResponse, watch_events_request, watch_events_response,
 };
 use kiroku_domain::{AuditEvent, UserEvent};
-use kiroku_event_store::{EventStore, Follower, LogFilter, Position, RecordedEvent};
+use kiroku_event_store::{Batch, EventStore, Follower, LogFilter, Position, RecordedEvent};
 use kiroku_platform::Shutdown;
 use kiroku_vault::Vault;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -282,6 +282,22 @@ fn filter(request: &WatchEventsRequest) -> Result<LogFilter, QueryError> {
     })
 }
 
+/// A replay's next read, on a task of its own so that it runs on the other core; stopped when dropped (the
+/// subscriber ended meanwhile).
+struct Reading(tokio::task::JoinHandle<Result<Batch, End>>);
+
+impl Reading {
+    async fn finish(mut self) -> Result<Batch, End> {
+        (&mut self.0).await.map_err(|e| End::Failed(QueryError::Internal(e.into())))?
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Subscriber {
     store: EventStore,
     vault: Vault,
@@ -435,37 +451,53 @@ impl Subscriber {
     /// broadcast when this subscriber (re)subscribed, so live items after it continue without a gap. The filter
     /// runs in PostgreSQL, each read scanning a bounded stretch of the log; a stretch with nothing to send ends
     /// with a Progress mark (so that a filtered subscriber can checkpoint), and a client that left is noticed at
-    /// every read.
+    /// every read. The next batch is read while this one is sent: PostgreSQL and this process work at once.
     async fn replay(&mut self) -> Result<(), End> {
         self.phase.set("replaying");
+        let mut batch = self.read(self.last).await?;
         loop {
-            if self.shutdown.is_triggered() {
-                return Err(End::ShuttingDown);
-            }
-            if self.out.is_closed() {
-                return Err(End::Gone);
-            }
-            let batch = if self.filter.is_empty() {
-                self.store.read_batch(self.last, BATCH).await
+            let Some(next) = batch.full.then(|| Reading(tokio::spawn(self.read(batch.through)))) else {
+                return self.send_batch(&batch).await;
+            };
+            self.send_batch(&batch).await?;
+            batch = next.finish().await?;
+        }
+    }
+
+    /// The opened events after `after` that the subscriber wants (see `replay`).
+    fn read(&self, after: Position) -> impl Future<Output = Result<Batch, End>> + use<> {
+        let (store, vault, filter) = (self.store.clone(), self.vault.clone(), self.filter.clone());
+        async move {
+            let mut batch = if filter.is_empty() {
+                store.read_batch(after, BATCH).await
             } else {
-                self.store.read_filtered(self.last, BATCH, SCAN, &self.filter).await
+                store.read_filtered(after, BATCH, SCAN, &filter).await
             }
             .map_err(|e| End::Failed(e.into()))?;
-            let events = self.vault.open(batch.events).await.map_err(|e| End::Failed(e.into()))?;
-            for event in &events {
-                self.offer(event, Mode::Replay).await?;
-            }
-            if batch.through > self.last {
-                self.last = batch.through;
-                if batch.full && events.is_empty() {
-                    let progress = watch_events_response::Kind::Progress(Progress { position: self.last.get() });
-                    self.send(progress, Mode::Replay).await?;
-                }
-            }
-            if !batch.full {
-                return Ok(());
+            vault.open_in_place(&mut batch.events).await.map_err(|e| End::Failed(e.into()))?;
+            Ok(batch)
+        }
+    }
+
+    /// Sends a batch of the replay (see `replay`).
+    async fn send_batch(&mut self, batch: &Batch) -> Result<(), End> {
+        if self.shutdown.is_triggered() {
+            return Err(End::ShuttingDown);
+        }
+        if self.out.is_closed() {
+            return Err(End::Gone);
+        }
+        for event in &batch.events {
+            self.offer(event, Mode::Replay).await?;
+        }
+        if batch.through > self.last {
+            self.last = batch.through;
+            if batch.full && batch.events.is_empty() {
+                let progress = watch_events_response::Kind::Progress(Progress { position: self.last.get() });
+                self.send(progress, Mode::Replay).await?;
             }
         }
+        Ok(())
     }
 
     /// Sends an event the subscriber has not had yet, if it matches; `last` moves only once it went out.
