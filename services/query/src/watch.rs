@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use kiroku::v1::{
-    CaughtUp, Progress, WatchEventsRequest, WatchEventsResponse, watch_events_request, watch_events_response,
+    CaughtUp, Event, Progress, WatchEventsRequest, WatchEventsResponse, watch_events_request, watch_events_response,
 };
 use kiroku_domain::{AuditEvent, UserEvent};
 use kiroku_event_store::{Batch, EventStore, Follower, LogFilter, Position, RecordedEvent};
@@ -46,9 +46,26 @@ const POLL_EVERY: Duration = Duration::from_millis(250);
 /// What the pump broadcasts, in log order.
 #[derive(Clone, Debug)]
 enum Item {
-    Event(Arc<RecordedEvent>),
+    Event(Arc<Broadcast>),
     /// Everything at or below this position has been broadcast.
     Progress(Position),
+}
+
+/// An event as the pump broadcasts it: the message, built once for every subscriber (each takes a copy rather than
+/// converting the stored event again), and what filters look at (its payload taken out: the message has it).
+#[derive(Debug)]
+struct Broadcast {
+    event: RecordedEvent,
+    message: Event,
+}
+
+impl Broadcast {
+    fn new(mut event: RecordedEvent) -> Self {
+        let message = wire::event(&event);
+        event.data = serde_json::Value::Null;
+        event.metadata = serde_json::Value::Null;
+        Broadcast { event, message }
+    }
 }
 
 /// Settings of the watch feed.
@@ -240,7 +257,7 @@ async fn pump(
             Ok(batch) => {
                 for event in batch.events {
                     // No receivers is fine: nobody is watching.
-                    let _ = items.send(Item::Event(Arc::new(event)));
+                    let _ = items.send(Item::Event(Arc::new(Broadcast::new(event))));
                 }
                 if batch.through > *scanned.borrow() {
                     let _ = items.send(Item::Progress(batch.through));
@@ -426,7 +443,9 @@ impl Subscriber {
                     false
                 }
                 item = self.items.recv() => match item {
-                    Ok(Item::Event(event)) => matches!(self.offer(&event, Mode::Live).await?, Sent::Behind),
+                    Ok(Item::Event(live)) => {
+                        matches!(self.offer(&live.event, || live.message.clone(), Mode::Live).await?, Sent::Behind)
+                    }
                     Ok(Item::Progress(position)) => {
                         self.last = self.last.max(position);
                         false
@@ -488,7 +507,7 @@ impl Subscriber {
             return Err(End::Gone);
         }
         for event in &batch.events {
-            self.offer(event, Mode::Replay).await?;
+            self.offer(event, || wire::event(event), Mode::Replay).await?;
         }
         if batch.through > self.last {
             self.last = batch.through;
@@ -501,12 +520,12 @@ impl Subscriber {
     }
 
     /// Sends an event the subscriber has not had yet, if it matches; `last` moves only once it went out.
-    async fn offer(&mut self, event: &RecordedEvent, mode: Mode) -> Result<Sent, End> {
+    async fn offer(&mut self, event: &RecordedEvent, message: impl FnOnce() -> Event, mode: Mode) -> Result<Sent, End> {
         if event.position <= self.last {
             return Ok(Sent::Yes);
         }
         if self.filter.matches(event) {
-            let sent = self.send(watch_events_response::Kind::Event(wire::event(event)), mode).await?;
+            let sent = self.send(watch_events_response::Kind::Event(message()), mode).await?;
             if matches!(sent, Sent::Behind) {
                 return Ok(Sent::Behind);
             }
