@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use kiroku_event_store::{AppendOutcome, EventStore};
 use fred::prelude::*;
 use fred::types::streams::XReadResponse;
+use kiroku_event_store::{AppendOutcome, EventStore};
 use kiroku_platform::Shutdown;
 use kiroku_testkit::{TestDb, TestRedis, percentile};
 use kiroku_vault::{MasterKeys, Vault};

@@ -18,8 +18,8 @@ use kiroku::v1::query_service_client::QueryServiceClient;
 use kiroku::v1::{WatchEventsRequest, watch_events_request, watch_events_response};
 use kiroku_dev_identity::{ALL_PERMISSIONS, DEV_API_AUDIENCE, DevIdentityProvider};
 use kiroku_event_store::{AppendOutcome, EventStore};
-use kiroku_vault::{MasterKeys, Vault};
 use kiroku_testkit::{CallerChannel, ServiceProcess, TestDb, TestRedis, percentile, with_caller};
+use kiroku_vault::{MasterKeys, Vault};
 use serde_json::json;
 use tonic::transport::Channel;
 

@@ -43,4 +43,3 @@ pub(crate) fn registration(vault: &Vault, n: u64) -> Append {
         idempotency: None,
     }
 }
-

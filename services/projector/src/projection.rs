@@ -162,13 +162,12 @@ impl Projection {
                     .await?
             }
         };
-        let position = sqlx::query_scalar(
-            "SELECT position FROM projection_checkpoints WHERE projection = $1 AND generation = $2",
-        )
-        .bind(PROJECTION)
-        .bind(generation)
-        .fetch_one(&self.pool)
-        .await?;
+        let position =
+            sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE projection = $1 AND generation = $2")
+                .bind(PROJECTION)
+                .bind(generation)
+                .fetch_one(&self.pool)
+                .await?;
         Ok((generation, position))
     }
 

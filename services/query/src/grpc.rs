@@ -195,7 +195,10 @@ impl QueryService for QueryGrpc {
             String::new()
         };
         let events = self.vault.open(events).await.map_err(QueryError::from)?;
-        Ok(Response::new(GetUserHistoryResponse { events: events.iter().map(wire::event).collect(), next_page_token }))
+        Ok(Response::new(GetUserHistoryResponse {
+            events: events.into_iter().map(wire::event).collect(),
+            next_page_token,
+        }))
     }
 
     async fn get_user_as_of(

@@ -61,9 +61,9 @@ struct Broadcast {
 
 impl Broadcast {
     fn new(mut event: RecordedEvent) -> Self {
-        let message = wire::event(&event);
-        event.data = serde_json::Value::Null;
-        event.metadata = serde_json::Value::Null;
+        let data = std::mem::take(&mut event.data);
+        let metadata = std::mem::take(&mut event.metadata);
+        let message = wire::event(RecordedEvent { data, metadata, ..event.clone() });
         Broadcast { event, message }
     }
 }
@@ -444,7 +444,9 @@ impl Subscriber {
                 }
                 item = self.items.recv() => match item {
                     Ok(Item::Event(live)) => {
-                        matches!(self.offer(&live.event, || live.message.clone(), Mode::Live).await?, Sent::Behind)
+                        let wanted = self.filter.matches(&live.event);
+                        let sent = self.offer(live.event.position, wanted, || live.message.clone(), Mode::Live).await?;
+                        matches!(sent, Sent::Behind)
                     }
                     Ok(Item::Progress(position)) => {
                         self.last = self.last.max(position);
@@ -476,9 +478,9 @@ impl Subscriber {
         let mut batch = self.read(self.last).await?;
         loop {
             let Some(next) = batch.full.then(|| Reading(tokio::spawn(self.read(batch.through)))) else {
-                return self.send_batch(&batch).await;
+                return self.send_batch(batch).await;
             };
-            self.send_batch(&batch).await?;
+            self.send_batch(batch).await?;
             batch = next.finish().await?;
         }
     }
@@ -499,19 +501,21 @@ impl Subscriber {
     }
 
     /// Sends a batch of the replay (see `replay`).
-    async fn send_batch(&mut self, batch: &Batch) -> Result<(), End> {
+    async fn send_batch(&mut self, batch: Batch) -> Result<(), End> {
         if self.shutdown.is_triggered() {
             return Err(End::ShuttingDown);
         }
         if self.out.is_closed() {
             return Err(End::Gone);
         }
-        for event in &batch.events {
-            self.offer(event, || wire::event(event), Mode::Replay).await?;
+        let nothing = batch.events.is_empty();
+        for event in batch.events {
+            let (position, wanted) = (event.position, self.filter.matches(&event));
+            self.offer(position, wanted, move || wire::event(event), Mode::Replay).await?;
         }
         if batch.through > self.last {
             self.last = batch.through;
-            if batch.full && batch.events.is_empty() {
+            if batch.full && nothing {
                 let progress = watch_events_response::Kind::Progress(Progress { position: self.last.get() });
                 self.send(progress, Mode::Replay).await?;
             }
@@ -520,11 +524,17 @@ impl Subscriber {
     }
 
     /// Sends an event the subscriber has not had yet, if it matches; `last` moves only once it went out.
-    async fn offer(&mut self, event: &RecordedEvent, message: impl FnOnce() -> Event, mode: Mode) -> Result<Sent, End> {
-        if event.position <= self.last {
+    async fn offer(
+        &mut self,
+        position: Position,
+        wanted: bool,
+        message: impl FnOnce() -> Event,
+        mode: Mode,
+    ) -> Result<Sent, End> {
+        if position <= self.last {
             return Ok(Sent::Yes);
         }
-        if self.filter.matches(event) {
+        if wanted {
             let sent = self.send(watch_events_response::Kind::Event(message()), mode).await?;
             if matches!(sent, Sent::Behind) {
                 return Ok(Sent::Behind);
@@ -532,7 +542,7 @@ impl Subscriber {
             let mode = if mode == Mode::Live { "live" } else { "replay" };
             metrics::counter!("kiroku_watch_events_delivered_total", "mode" => mode).increment(1);
         }
-        self.last = event.position;
+        self.last = position;
         Ok(Sent::Yes)
     }
 
@@ -544,12 +554,17 @@ impl Subscriber {
                 Err(mpsc::error::TrySendError::Full(_)) => return Ok(Sent::Behind),
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::Gone),
             },
-            Mode::Replay => tokio::select! {
-                () = self.shutdown.wait() => return Err(End::ShuttingDown),
-                sent = tokio::time::timeout(self.stall_timeout, self.out.send(message)) => match sent {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return Err(End::Gone),
-                    Err(_) => return Err(End::TooSlow),
+            // Room in the buffer (the common case) needs no timer.
+            Mode::Replay => match self.out.try_send(message) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::Gone),
+                Err(mpsc::error::TrySendError::Full(message)) => tokio::select! {
+                    () = self.shutdown.wait() => return Err(End::ShuttingDown),
+                    sent = tokio::time::timeout(self.stall_timeout, self.out.send(message)) => match sent {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return Err(End::Gone),
+                        Err(_) => return Err(End::TooSlow),
+                    },
                 },
             },
         }
