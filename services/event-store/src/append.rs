@@ -375,28 +375,21 @@ async fn append_in_one_statement(conn: &mut PgConnection, append: &Append) -> Re
     let kinds: Vec<&str> = append.claims.iter().map(|c| c.kind.as_str()).collect();
     let values: Vec<&str> = append.claims.iter().map(|c| c.value.as_str()).collect();
     let record = append.idempotency.as_ref();
-    let rows = sqlx::query(
-        "SELECT replayed, version, event_position, outcome, aggregate_id \
-         FROM kiroku_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-    )
-    .bind(append.aggregate_id)
-    .bind(&append.aggregate_type)
-    .bind(append.expected.as_sql())
-    .bind(&columns.ids)
-    .bind(&columns.types)
-    .bind(&columns.data)
-    .bind(&columns.metadata)
-    .bind(&columns.occurred)
-    .bind(&kinds)
-    .bind(&values)
-    .bind(record.map(|r| r.key.caller.as_str()))
-    .bind(record.map(|r| r.key.request_id.as_str()))
-    .bind(record.map(|r| &r.outcome))
-    .bind(append.new_key.as_ref().map(|k| k.master_key_id.as_str()))
-    .bind(append.new_key.as_ref().map(|k| k.wrapped.as_slice()))
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(|error| refusal(append, error))?;
+    let rows = columns
+        .bind(sqlx::query(
+            "SELECT replayed, version, event_position, outcome, aggregate_id \
+             FROM kiroku_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        ))
+        .bind(&kinds)
+        .bind(&values)
+        .bind(record.map(|r| r.key.caller.as_str()))
+        .bind(record.map(|r| r.key.request_id.as_str()))
+        .bind(record.map(|r| &r.outcome))
+        .bind(append.new_key.as_ref().map(|k| k.master_key_id.as_str()))
+        .bind(append.new_key.as_ref().map(|k| k.wrapped.as_slice()))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|error| refusal(append, error))?;
     if let Some(first) = rows.first()
         && first.try_get::<bool, _>("replayed")?
     {
@@ -548,6 +541,7 @@ async fn take_claims(tx: &mut PgConnection, append: &Append) -> Result<Option<Ap
 
 /// An append's events as the columns both inserts bind (arrays for `unnest`), with the ids given to them.
 struct EventColumns<'a> {
+    append: &'a Append,
     event_ids: Vec<Ulid>,
     ids: Vec<String>,
     types: Vec<&'a str>,
@@ -557,6 +551,22 @@ struct EventColumns<'a> {
 }
 
 impl<'a> EventColumns<'a> {
+    /// Binds $1–$8, which both inserts share: the aggregate, its expected version, and the events' columns.
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.append.aggregate_id)
+            .bind(&self.append.aggregate_type)
+            .bind(self.append.expected.as_sql())
+            .bind(&self.ids)
+            .bind(&self.types)
+            .bind(&self.data)
+            .bind(&self.metadata)
+            .bind(&self.occurred)
+    }
+
     fn of(append: &'a Append) -> Result<Self, StoreError> {
         let event_ids: Vec<Ulid> = append.events.iter().map(|_| Ulid::new()).collect();
         let metadata =
@@ -564,6 +574,7 @@ impl<'a> EventColumns<'a> {
                 StoreError::Corrupt { table: "events", detail: format!("metadata does not serialize: {e}") }
             })?;
         Ok(EventColumns {
+            append,
             ids: event_ids.iter().map(Ulid::to_string).collect(),
             event_ids,
             types: append.events.iter().map(|e| e.event_type.as_str()).collect(),
@@ -577,26 +588,15 @@ impl<'a> EventColumns<'a> {
 async fn insert_events(tx: &mut PgConnection, append: &Append) -> Result<Appended, AppendError> {
     let columns = EventColumns::of(append)?;
 
-    let rows = sqlx::query(INSERT_EVENTS)
-        .bind(append.aggregate_id)
-        .bind(&append.aggregate_type)
-        .bind(append.expected.as_sql())
-        .bind(&columns.ids)
-        .bind(&columns.types)
-        .bind(&columns.data)
-        .bind(&columns.metadata)
-        .bind(&columns.occurred)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|error| {
-            if is_unique_violation(&error, "events_aggregate_version_key") {
-                // A concurrent append took the same version between our read of the current version and our
-                // insert. Its version is not visible to us yet; report the one we expected to build on.
-                AppendError::Conflict { aggregate_id: append.aggregate_id, expected: append.expected, actual: None }
-            } else {
-                AppendError::from(error)
-            }
-        })?;
+    let rows = columns.bind(sqlx::query(INSERT_EVENTS)).fetch_all(&mut *tx).await.map_err(|error| {
+        if is_unique_violation(&error, "events_aggregate_version_key") {
+            // A concurrent append took the same version between our read of the current version and our
+            // insert. Its version is not visible to us yet; report the one we expected to build on.
+            AppendError::Conflict { aggregate_id: append.aggregate_id, expected: append.expected, actual: None }
+        } else {
+            AppendError::from(error)
+        }
+    })?;
 
     let mut positions = Vec::with_capacity(rows.len());
     let mut version = 0u32;

@@ -76,12 +76,6 @@ pub(crate) async fn apply_batch(
     generation: i32,
     events: &[&RecordedEvent],
 ) -> Result<(), ApplyError> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    if let [event] = events {
-        return apply(conn, generation, event).await;
-    }
     let mut users = UserRows::default();
     let mut failures = FailureRows::default();
     for event in events {
@@ -101,51 +95,8 @@ pub(crate) async fn apply_batch(
             },
         }
     }
-    if !users.ids.is_empty() {
-        sqlx::query(
-            "INSERT INTO users_read_rows (generation, id, auth0_id, github_id, github_username, display_name, \
-             avatar_url, status, created_at, updated_at, version, position, registered_position) \
-             SELECT $1, u.id, u.auth0_id, u.github_id, u.login, u.name, u.avatar, 'active', u.at, u.at, u.version, \
-                    u.position, u.position \
-             FROM unnest($2::uuid[], $3::varchar[], $4::varchar[], $5::varchar[], $6::varchar[], $7::varchar[], \
-                         $8::timestamptz[], $9::integer[], $10::bigint[]) \
-                  AS u(id, auth0_id, github_id, login, name, avatar, at, version, position) \
-             ON CONFLICT (generation, id) DO NOTHING",
-        )
-        .bind(generation)
-        .bind(&users.ids)
-        .bind(&users.auth0_ids)
-        .bind(&users.github_ids)
-        .bind(&users.logins)
-        .bind(&users.names)
-        .bind(&users.avatars)
-        .bind(&users.at)
-        .bind(&users.versions)
-        .bind(&users.positions)
-        .execute(&mut *conn)
-        .await?;
-    }
-    if !failures.ids.is_empty() {
-        sqlx::query(
-            "INSERT INTO registration_failures_rows (generation, audit_id, auth0_id, github_id, reason, attempted_at, \
-             duplicate_user_id, position) \
-             SELECT $1, f.id, f.auth0_id, f.github_id, f.reason, f.at, f.duplicate, f.position \
-             FROM unnest($2::uuid[], $3::varchar[], $4::varchar[], $5::varchar[], $6::timestamptz[], $7::uuid[], \
-                         $8::bigint[]) AS f(id, auth0_id, github_id, reason, at, duplicate, position) \
-             ON CONFLICT (generation, audit_id) DO NOTHING",
-        )
-        .bind(generation)
-        .bind(&failures.ids)
-        .bind(&failures.auth0_ids)
-        .bind(&failures.github_ids)
-        .bind(&failures.reasons)
-        .bind(&failures.at)
-        .bind(&failures.duplicates)
-        .bind(&failures.positions)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
+    users.insert(conn, generation).await?;
+    failures.insert(conn, generation).await
 }
 
 /// The columns of a run of registrations, as arrays for `unnest`.
@@ -164,6 +115,8 @@ struct UserRows {
 
 impl UserRows {
     fn push(&mut self, event: &RecordedEvent, registered: &UserRegistered) {
+        // Personal columns stay empty for a person erased before this event was applied (a rebuild, a lagging
+        // projector): their data can no longer be opened.
         let personal = registered.personal.as_ref();
         self.ids.push(event.aggregate_id);
         self.auth0_ids.push(personal.map(|p| p.auth0_id.to_string()));
@@ -174,6 +127,36 @@ impl UserRows {
         self.at.push(registered.registered_at);
         self.versions.push(i32::try_from(event.version).unwrap_or(i32::MAX));
         self.positions.push(i64::try_from(event.position.get()).unwrap_or(i64::MAX));
+    }
+
+    /// One insert for all the rows (none: nothing to do); rows already there stay as they are.
+    async fn insert(&self, conn: &mut PgConnection, generation: i32) -> Result<(), ApplyError> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO users_read_rows (generation, id, auth0_id, github_id, github_username, display_name, \
+             avatar_url, status, created_at, updated_at, version, position, registered_position) \
+             SELECT $1, u.id, u.auth0_id, u.github_id, u.login, u.name, u.avatar, 'active', u.at, u.at, u.version, \
+                    u.position, u.position \
+             FROM unnest($2::uuid[], $3::varchar[], $4::varchar[], $5::varchar[], $6::varchar[], $7::varchar[], \
+                         $8::timestamptz[], $9::integer[], $10::bigint[]) \
+                  AS u(id, auth0_id, github_id, login, name, avatar, at, version, position) \
+             ON CONFLICT (generation, id) DO NOTHING",
+        )
+        .bind(generation)
+        .bind(&self.ids)
+        .bind(&self.auth0_ids)
+        .bind(&self.github_ids)
+        .bind(&self.logins)
+        .bind(&self.names)
+        .bind(&self.avatars)
+        .bind(&self.at)
+        .bind(&self.versions)
+        .bind(&self.positions)
+        .execute(conn)
+        .await?;
+        Ok(())
     }
 }
 
@@ -200,6 +183,32 @@ impl FailureRows {
         self.duplicates.push(failed.duplicate_user_id.map(|id| id.as_uuid()));
         self.positions.push(i64::try_from(event.position.get()).unwrap_or(i64::MAX));
     }
+
+    /// One insert for all the rows (none: nothing to do); rows already there stay as they are.
+    async fn insert(&self, conn: &mut PgConnection, generation: i32) -> Result<(), ApplyError> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO registration_failures_rows (generation, audit_id, auth0_id, github_id, reason, attempted_at, \
+             duplicate_user_id, position) \
+             SELECT $1, f.id, f.auth0_id, f.github_id, f.reason, f.at, f.duplicate, f.position \
+             FROM unnest($2::uuid[], $3::varchar[], $4::varchar[], $5::varchar[], $6::timestamptz[], $7::uuid[], \
+                         $8::bigint[]) AS f(id, auth0_id, github_id, reason, at, duplicate, position) \
+             ON CONFLICT (generation, audit_id) DO NOTHING",
+        )
+        .bind(generation)
+        .bind(&self.ids)
+        .bind(&self.auth0_ids)
+        .bind(&self.github_ids)
+        .bind(&self.reasons)
+        .bind(&self.at)
+        .bind(&self.duplicates)
+        .bind(&self.positions)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
 }
 
 /// The refusal's name as the read model stores it (`DUPLICATE_AUTH0_ID`).
@@ -216,27 +225,9 @@ async fn user_registered(
     event: &RecordedEvent,
     registered: &UserRegistered,
 ) -> Result<(), ApplyError> {
-    sqlx::query(
-        "INSERT INTO users_read_rows (generation, id, auth0_id, github_id, github_username, display_name, avatar_url, \
-         status, created_at, updated_at, version, position, registered_position) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $8, $9, $10, $10) \
-         ON CONFLICT (generation, id) DO NOTHING",
-    )
-    .bind(generation)
-    .bind(event.aggregate_id)
-    // Personal columns stay empty for a person erased before this event was applied (a rebuild, a lagging
-    // projector): their data can no longer be opened.
-    .bind(registered.personal.as_ref().map(|p| p.auth0_id.to_string()))
-    .bind(registered.personal.as_ref().map(|p| p.github_id.to_string()))
-    .bind(registered.personal.as_ref().map(|p| p.github_username.clone()))
-    .bind(registered.personal.as_ref().map(|p| p.display_name.clone()))
-    .bind(registered.personal.as_ref().and_then(|p| p.avatar_url.clone()))
-    .bind(registered.registered_at)
-    .bind(i32::try_from(event.version).unwrap_or(i32::MAX))
-    .bind(event.position)
-    .execute(conn)
-    .await?;
-    Ok(())
+    let mut rows = UserRows::default();
+    rows.push(event, registered);
+    rows.insert(conn, generation).await
 }
 
 async fn profile_updated(
@@ -297,23 +288,9 @@ async fn registration_failed(
     event: &RecordedEvent,
     failed: &UserRegistrationFailed,
 ) -> Result<(), ApplyError> {
-    let reason = refusal_name(failed);
-    sqlx::query(
-        "INSERT INTO registration_failures_rows (generation, audit_id, auth0_id, github_id, reason, attempted_at, \
-         duplicate_user_id, position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-         ON CONFLICT (generation, audit_id) DO NOTHING",
-    )
-    .bind(generation)
-    .bind(event.aggregate_id)
-    .bind(failed.personal.as_ref().map(|p| p.auth0_id.to_string()))
-    .bind(failed.personal.as_ref().map(|p| p.github_id.to_string()))
-    .bind(reason)
-    .bind(failed.attempted_at)
-    .bind(failed.duplicate_user_id.map(|id| id.as_uuid()))
-    .bind(event.position)
-    .execute(conn)
-    .await?;
-    Ok(())
+    let mut rows = FailureRows::default();
+    rows.push(event, failed);
+    rows.insert(conn, generation).await
 }
 
 async fn status_changed(

@@ -85,6 +85,13 @@ struct Read {
     source: Source,
 }
 
+impl From<Batch> for Read {
+    /// A read of the store.
+    fn from(batch: Batch) -> Self {
+        Read { events: batch.events, through: Some(batch.through), more: batch.full, source: Source::Store }
+    }
+}
+
 /// A rebuild's batch read (and opened) ahead of its step: the log after `after`.
 pub(crate) struct ReadAhead {
     after: Position,
@@ -134,16 +141,15 @@ impl Projection {
     /// with steps that read inside their transaction, 34–48 ms with steps that read first). Should the checkpoint
     /// have moved meanwhile (another projector's step), the step reads again inside its transaction.
     pub async fn step(&self, target: Target, delivered: &[Entry]) -> anyhow::Result<Step> {
-        let (generation, checkpoint) = self.checkpoint(target).await?;
+        let checkpoint = self.checkpoint(target).await?;
         let Some(read) = self.read(target, delivered, checkpoint).await? else {
             return Ok(Step { checkpoint, ..Step::default() });
         };
-        let mut tx = self.pool.begin().await?;
-        let locked = lock(&mut tx, target).await?;
-        if locked == (generation, checkpoint) {
-            return self.apply_read(tx, target, generation, checkpoint, read).await;
+        if let Some(step) = self.apply_from(target, checkpoint, read).await? {
+            return Ok(step);
         }
-        let (generation, checkpoint) = locked;
+        let mut tx = self.pool.begin().await?;
+        let (generation, checkpoint) = lock(&mut tx, target).await?;
         let Some(read) = self.read(target, delivered, checkpoint).await? else {
             tx.rollback().await?;
             return Ok(Step { checkpoint, ..Step::default() });
@@ -151,24 +157,21 @@ impl Projection {
         self.apply_read(tx, target, generation, checkpoint, read).await
     }
 
-    /// The target's generation and checkpoint, without a lock (see `step`).
-    async fn checkpoint(&self, target: Target) -> Result<(i32, Position), sqlx::Error> {
-        let generation = match target {
-            Target::Generation(generation) => generation,
-            Target::Active => {
-                sqlx::query_scalar("SELECT active_generation FROM projections WHERE name = $1")
-                    .bind(PROJECTION)
-                    .fetch_one(&self.pool)
-                    .await?
-            }
+    /// The target's checkpoint, without a lock (see `step`).
+    async fn checkpoint(&self, target: Target) -> Result<Position, sqlx::Error> {
+        let query = match target {
+            Target::Active => sqlx::query_scalar(
+                "SELECT c.position FROM projections p JOIN projection_checkpoints c \
+                 ON c.projection = p.name AND c.generation = p.active_generation WHERE p.name = $1",
+            )
+            .bind(PROJECTION),
+            Target::Generation(generation) => sqlx::query_scalar(
+                "SELECT position FROM projection_checkpoints WHERE projection = $1 AND generation = $2",
+            )
+            .bind(PROJECTION)
+            .bind(generation),
         };
-        let position =
-            sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE projection = $1 AND generation = $2")
-                .bind(PROJECTION)
-                .bind(generation)
-                .fetch_one(&self.pool)
-                .await?;
-        Ok((generation, position))
+        query.fetch_one(&self.pool).await
     }
 
     /// What a step after `checkpoint` applies, opened: `delivered` when it continues the chain, else a read of
@@ -183,8 +186,7 @@ impl Projection {
             Some(events) => Read { events, through: None, more: false, source: Source::Stream },
             None => {
                 let limit = if matches!(target, Target::Active) { BATCH } else { REBUILD_BATCH };
-                let batch = self.store.read_batch(checkpoint, limit).await?;
-                Read { events: batch.events, through: Some(batch.through), more: batch.full, source: Source::Store }
+                Read::from(self.store.read_batch(checkpoint, limit).await?)
             }
         };
         self.vault.open_in_place(&mut read.events).await?;
@@ -201,14 +203,18 @@ impl Projection {
 
     /// A step with a batch read ahead; `None` (and nothing done) when the checkpoint is not where it was read from.
     pub(crate) async fn step_read_ahead(&self, target: Target, ahead: ReadAhead) -> anyhow::Result<Option<Step>> {
+        self.apply_from(target, ahead.after, Read::from(ahead.batch)).await
+    }
+
+    /// Applies `read`, the events after `from`, in a step's transaction, if the checkpoint is still at `from`
+    /// (what follows a position is the same whichever generation it is in); `None`, and nothing done, otherwise.
+    async fn apply_from(&self, target: Target, from: Position, read: Read) -> anyhow::Result<Option<Step>> {
         let mut tx = self.pool.begin().await?;
         let (generation, checkpoint) = lock(&mut tx, target).await?;
-        if checkpoint != ahead.after {
+        if checkpoint != from {
             tx.rollback().await?;
             return Ok(None);
         }
-        let batch = ahead.batch;
-        let read = Read { events: batch.events, through: Some(batch.through), more: batch.full, source: Source::Store };
         self.apply_read(tx, target, generation, checkpoint, read).await.map(Some)
     }
 

@@ -19,9 +19,8 @@ struct MasterKey {
 
 /// The current master key and the previous ones.
 pub struct MasterKeys {
-    /// Set when configured; for a key kept in the database, once loaded.
+    /// Set when configured; for a key kept in the database, once loaded (until then, empty).
     keys: std::sync::OnceLock<Loaded>,
-    in_database: bool,
 }
 
 struct Loaded {
@@ -32,11 +31,14 @@ struct Loaded {
 impl std::fmt::Debug for MasterKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut debug = f.debug_struct("MasterKeys");
-        if let Some(loaded) = self.keys.get() {
-            let previous: Vec<&str> = loaded.previous.iter().map(|k| k.id.as_str()).collect();
-            debug.field("current", &loaded.current.id).field("previous", &previous);
+        match self.keys.get() {
+            Some(loaded) => {
+                let previous: Vec<&str> = loaded.previous.iter().map(|k| k.id.as_str()).collect();
+                debug.field("current", &loaded.current.id).field("previous", &previous)
+            }
+            None => debug.field("current", &"in the database, not loaded yet"),
         }
-        debug.field("in_database", &self.in_database).finish()
+        .finish()
     }
 }
 
@@ -67,17 +69,17 @@ impl MasterKeys {
             .filter(|k| !k.trim().is_empty())
             .map(|k| parse_key(k).map_err(|e| format!("a previous key {e}")))
             .collect::<Result<_, _>>()?;
-        Ok(MasterKeys { keys: Loaded { current, previous }.into(), in_database: false })
+        Ok(MasterKeys { keys: Loaded { current, previous }.into() })
     }
 
     /// A master key kept in the database, to be loaded (or made) by [`crate::Vault::check`].
     pub fn in_database() -> MasterKeys {
-        MasterKeys { keys: std::sync::OnceLock::new(), in_database: true }
+        MasterKeys { keys: std::sync::OnceLock::new() }
     }
 
-    /// Whether the key is the one kept in the database, and not loaded yet.
+    /// Whether the key is the one kept in the database, and not loaded yet (configured keys are set from the start).
     pub(crate) fn needs_loading(&self) -> bool {
-        self.in_database && self.keys.get().is_none()
+        self.keys.get().is_none()
     }
 
     /// Sets the key kept in the database (the first caller's wins; later ones are the same key).
