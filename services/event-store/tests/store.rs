@@ -147,6 +147,42 @@ async fn of_two_concurrent_appenders_at_one_expected_version_exactly_one_wins() 
     }
 }
 
+/// A new stream's append does not read the version first (the unique version key decides): of racers that all
+/// expect no stream, one wins and each other learns the version the winner wrote.
+#[tokio::test]
+async fn of_concurrent_appenders_that_expect_no_stream_exactly_one_wins() {
+    let db = TestDb::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    for round in 0..20u64 {
+        let id = Uuid::new_v4();
+        let barrier = Arc::new(Barrier::new(3));
+        let racers = (0..3u64).map(|n| {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let events = (0..=n).map(|i| event("Created", round * 10 + i)).collect();
+                store.append(&append_to(id, ExpectedVersion::NoStream, events)).await
+            })
+        });
+        let results: Vec<_> = futures::future::join_all(racers).await.into_iter().map(Result::unwrap).collect();
+        let winner: Vec<u32> = results
+            .iter()
+            .filter_map(|r| if let Ok(AppendOutcome::Appended(a)) = r { Some(a.version) } else { None })
+            .collect();
+        assert_eq!(winner.len(), 1, "round {round}: {results:?}");
+        for result in &results {
+            if let Err(error) = result {
+                assert!(
+                    matches!(error, AppendError::Conflict { actual: Some(v), .. } if *v == winner[0]),
+                    "round {round}: {results:?}"
+                );
+            }
+        }
+        assert_eq!(store.stream_version(id).await.unwrap(), winner[0]);
+        assert_eq!(store.read_stream(id, 0, 100).await.unwrap().len() as u32, winner[0], "only the winner's events");
+    }
+}
+
 #[tokio::test]
 async fn a_reader_never_passes_an_open_transaction_that_has_appended() {
     let db = TestDb::create().await.unwrap();
