@@ -20,6 +20,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out_dir.join("kiroku_descriptor.bin"), reflection_set.encode_to_vec())?;
 
     let codegen_set = protox::compile(KIROKU_PROTOS, ["proto"])?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(codegen_set)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // Prost's codec with a smaller first encode buffer per stream (see `src/lib.rs`, `codec`).
+        .codec_path("crate::codec::LeanCodec")
+        .compile_fds(codegen_set)?;
     Ok(())
 }

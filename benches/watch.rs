@@ -165,8 +165,16 @@ async fn main() {
     // 3. Memory per idle subscriber, read from the server process.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = rss_kib(pid);
+    // RSS is read twice: after the first half of the subscribers and after all of them. The first half can reuse
+    // heap that the catch-up freed and the allocator kept, so the whole delta varies with what the catch-up left
+    // (6.2 and 9.4 KB per subscriber in two runs of the same server); the second half's is the marginal cost.
     let mut idle_streams = Vec::new();
+    let mut half = before;
     for s in 0..idle {
+        if s == idle / 2 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            half = rss_kib(pid);
+        }
         let mut client = QueryServiceClient::new(channels[s % channels.len()].clone());
         let mut stream = client.watch_events(WatchEventsRequest::default()).await.unwrap().into_inner();
         stream.message().await.unwrap(); // CaughtUp: the subscriber exists server-side
@@ -191,7 +199,10 @@ async fn main() {
                 "count": idle,
                 "rss_before_kib": before,
                 "rss_after_kib": after,
+                "rss_half_kib": half,
                 "bytes_per_subscriber": ((after.saturating_sub(before)) * 1024) as f64 / idle as f64,
+                "marginal_bytes_per_subscriber":
+                    ((after.saturating_sub(half)) * 1024) as f64 / (idle - idle / 2).max(1) as f64,
             },
         }))
         .unwrap()
