@@ -158,7 +158,7 @@ FROM unnest($4::varchar[], $5::varchar[], $6::jsonb[], $7::jsonb[], $8::timestam
          WITH ORDINALITY AS e(id, event_type, data, metadata, occurred_at, ord)
 WHERE $3::integer = 0
 ORDER BY e.ord
-RETURNING event_version, position
+RETURNING event_version AS version, position AS event_position
 "#;
 
 impl EventStore {
@@ -255,20 +255,7 @@ impl EventStore {
             }
             Err(error) => return Err(error.into()),
         };
-        let mut positions = Vec::with_capacity(rows.len());
-        let mut version = 0u32;
-        for row in &rows {
-            positions.push(row.try_get::<Position, _>("position")?);
-            version = u32::try_from(row.try_get::<i32, _>("event_version")?).unwrap_or(0);
-        }
-        if positions.len() != append.events.len() {
-            return Err(StoreError::Corrupt {
-                table: "events",
-                detail: format!("a new stream's insert wrote {} of {} events", positions.len(), append.events.len()),
-            }
-            .into());
-        }
-        Ok(Appended { aggregate_id: append.aggregate_id, version, positions, event_ids: columns.event_ids })
+        written(append, columns.event_ids, &rows, "a new stream's insert")
     }
 
     async fn append_transaction(&self, append: &Append) -> Result<AppendOutcome, AppendError> {
@@ -453,25 +440,31 @@ async fn append_in_one_statement(conn: &mut PgConnection, append: &Append) -> Re
             position: first.try_get("event_position")?,
         }));
     }
+    written(append, columns.event_ids, &rows, "kiroku_append").map(AppendOutcome::Appended)
+}
+
+/// What a statement that returns one row per event written (`version`, `event_position`) appended. Fewer rows
+/// than events cannot happen short of a broken statement (`statement` names it), and is reported as corruption.
+fn written(
+    append: &Append,
+    event_ids: Vec<Ulid>,
+    rows: &[sqlx::postgres::PgRow],
+    statement: &str,
+) -> Result<Appended, AppendError> {
     let mut positions = Vec::with_capacity(rows.len());
     let mut version = 0;
-    for row in &rows {
+    for row in rows {
         positions.push(row.try_get::<Position, _>("event_position")?);
         version = u32::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0);
     }
     if positions.len() != append.events.len() {
         return Err(StoreError::Corrupt {
             table: "events",
-            detail: format!("kiroku_append wrote {} of {} events", positions.len(), append.events.len()),
+            detail: format!("{statement} wrote {} of {} events", positions.len(), append.events.len()),
         }
         .into());
     }
-    Ok(AppendOutcome::Appended(Appended {
-        aggregate_id: append.aggregate_id,
-        version,
-        positions,
-        event_ids: columns.event_ids,
-    }))
+    Ok(Appended { aggregate_id: append.aggregate_id, version, positions, event_ids })
 }
 
 /// `kiroku_append`'s refusals (and a concurrent append that took the version between its read and its insert),
