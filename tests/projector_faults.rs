@@ -172,6 +172,38 @@ async fn a_dead_lettered_event_parks_its_aggregate_and_the_rest_flows_without_st
 }
 
 #[tokio::test]
+async fn a_registration_whose_row_is_already_there_leaves_it_and_the_rest_of_its_run_applies() {
+    // A run of registrations goes in as one insert that fails on a row already there; the step then applies its
+    // events one by one, where a registration already applied changes nothing. Nothing is dead-lettered.
+    let app = CommandApp::spawn().await;
+    let store = EventStore::new(app.db.pool.clone());
+    let ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
+    for (n, id) in ids.iter().enumerate() {
+        register_as(&store, *id, 700 + n as u64).await;
+    }
+    // The middle user's row, as an earlier apply left it.
+    sqlx::query(
+        "INSERT INTO users_read_rows (generation, id, auth0_id, github_id, github_username, display_name, status, \
+         created_at, updated_at, version, position, registered_position) \
+         VALUES (1, $1, 'github|701', '701', 'applied-before', 'x', 'active', now(), now(), 1, 0, 0)",
+    )
+    .bind(ids[1])
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let projector = app.start_projector(&[("KIROKU_PROJECTOR_MAX_ATTEMPTS", "1")]).await;
+    app.wait_for_users(3).await;
+    assert_eq!(login_of(&app, ids[0]).await.as_deref(), Some("user700"));
+    assert_eq!(login_of(&app, ids[1]).await.as_deref(), Some("applied-before"));
+    assert_eq!(login_of(&app, ids[2]).await.as_deref(), Some("user702"));
+    let status = &cli(&app, &["status"]).await[0];
+    assert_eq!(status["dead_letters"].as_u64(), Some(0), "{status}");
+    assert_eq!(status["lag_events"].as_u64(), Some(0), "{status}");
+    projector.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_user_committed_later_with_a_smaller_id_is_not_skipped_by_a_clients_cursor() {
     let app = CommandApp::spawn().await;
     let store = EventStore::new(app.db.pool.clone());

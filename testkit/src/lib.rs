@@ -6,6 +6,7 @@
 //! create and drop databases) and `KIROKU_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`).
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -341,10 +342,21 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 }
 
 /// A loopback address with a port that was free a moment ago, for a process whose address must be known in
-/// advance (the OS gives it to nobody else right away; another process could still take it in between).
+/// advance. Another process could still take it in between; this process never hands the same port out twice,
+/// because the OS may give a port that was just released to the next `bind(0)`, and a test that asks for five
+/// addresses at once (or tests running side by side) would then start two services on one port.
 pub fn free_address() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("a bound listener has an address")
+    static GIVEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    // Ports already given are held while looking, so that the OS offers others.
+    let mut held = Vec::new();
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let address = listener.local_addr().expect("a bound listener has an address");
+        if GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(address.port()) {
+            return address;
+        }
+        held.push(listener);
+    }
 }
 
 /// The path of a command-line tool that the project installs itself (`scripts/install-<name>`, cached under

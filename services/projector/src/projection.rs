@@ -23,7 +23,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use std::sync::Arc;
 use uuid::Uuid;
 
-use crate::apply::{apply, apply_batch, batchable};
+use crate::apply::{ApplyError, Run, apply, batchable};
 
 /// The projection's name in `projections`, `projection_checkpoints` and the consumer group.
 pub const PROJECTION: &str = "users";
@@ -79,6 +79,8 @@ pub enum Target {
 /// A step's events, opened, and where they came from.
 struct Read {
     events: Vec<RecordedEvent>,
+    /// Their rows, when they all go in as one run (see `Run::prepare`): built before the step's transaction.
+    prepared: Option<Run>,
     /// How far a read from the store covered the log (see `Batch::through`); `None` for stream entries.
     through: Option<Position>,
     more: bool,
@@ -86,22 +88,23 @@ struct Read {
 }
 
 impl From<Batch> for Read {
-    /// A read of the store.
+    /// A read of the store, opened (its rows are built from the opened events).
     fn from(batch: Batch) -> Self {
-        Read { events: batch.events, through: Some(batch.through), more: batch.full, source: Source::Store }
+        let prepared = Run::prepare(&batch.events);
+        Read { events: batch.events, prepared, through: Some(batch.through), more: batch.full, source: Source::Store }
     }
 }
 
-/// A rebuild's batch read (and opened) ahead of its step: the log after `after`.
+/// A rebuild's batch read (and opened, and its rows built) ahead of its step: the log after `after`.
 pub(crate) struct ReadAhead {
     after: Position,
-    batch: Batch,
+    read: Read,
 }
 
 impl ReadAhead {
     /// Where the read after this one starts: its end, when it was full (otherwise it reached the horizon).
     pub(crate) fn next(&self) -> Option<Position> {
-        self.batch.full.then_some(self.batch.through)
+        self.read.more.then_some(self.read.through).flatten()
     }
 }
 
@@ -183,13 +186,16 @@ impl Projection {
             return Ok(None);
         }
         let mut read = match self.authentic(&fresh, checkpoint).await? {
-            Some(events) => Read { events, through: None, more: false, source: Source::Stream },
+            Some(events) => Read { events, prepared: None, through: None, more: false, source: Source::Stream },
             None => {
                 let limit = if matches!(target, Target::Active) { BATCH } else { REBUILD_BATCH };
-                Read::from(self.store.read_batch(checkpoint, limit).await?)
+                let mut batch = self.store.read_batch(checkpoint, limit).await?;
+                self.vault.open_in_place(&mut batch.events).await?;
+                return Ok(Some(Read::from(batch)));
             }
         };
         self.vault.open_in_place(&mut read.events).await?;
+        read.prepared = Run::prepare(&read.events);
         Ok(Some(read))
     }
 
@@ -198,12 +204,12 @@ impl Projection {
     pub(crate) async fn read_ahead(&self, after: Position) -> anyhow::Result<ReadAhead> {
         let mut batch = self.store.read_batch(after, REBUILD_BATCH).await?;
         self.vault.open_in_place(&mut batch.events).await?;
-        Ok(ReadAhead { after, batch })
+        Ok(ReadAhead { after, read: Read::from(batch) })
     }
 
     /// A step with a batch read ahead; `None` (and nothing done) when the checkpoint is not where it was read from.
     pub(crate) async fn step_read_ahead(&self, target: Target, ahead: ReadAhead) -> anyhow::Result<Option<Step>> {
-        self.apply_from(target, ahead.after, Read::from(ahead.batch)).await
+        self.apply_from(target, ahead.after, ahead.read).await
     }
 
     /// Applies `read`, the events after `from`, in a step's transaction, if the checkpoint is still at `from`
@@ -228,7 +234,7 @@ impl Projection {
         checkpoint: Position,
         read: Read,
     ) -> anyhow::Result<Step> {
-        let Read { events, through, more, source } = read;
+        let Read { events, prepared, through, more, source } = read;
         let parked = parked_aggregates(&mut tx, generation).await?;
         let mut step = Step {
             checkpoint,
@@ -240,13 +246,21 @@ impl Projection {
         // insert each; any other event first applies the run before it, so every user's events stay in order.
         let mut failure = None;
         let mut run: Vec<&RecordedEvent> = Vec::new();
-        for event in &events {
+        // A batch whose rows were built before the transaction (nothing parked to set aside) is one run.
+        let prepared = prepared.filter(|_| parked.is_empty());
+        if let Some(prepared) = &prepared {
+            match prepared.insert(&mut tx, generation).await {
+                Ok(()) => step.applied = events.len(),
+                Err(error) => failure = Some(error),
+            }
+        }
+        for event in events.iter().filter(|_| prepared.is_none()) {
             let parked_event = parked.contains(&event.aggregate_id);
             if !parked_event && batchable(event) {
                 run.push(event);
                 continue;
             }
-            if let Err(error) = apply_batch(&mut tx, generation, &run).await {
+            if let Err(error) = apply_run(&mut tx, generation, &run).await {
                 failure = Some(error);
                 break;
             }
@@ -264,7 +278,7 @@ impl Projection {
             step.applied += 1;
         }
         if failure.is_none() {
-            match apply_batch(&mut tx, generation, &run).await {
+            match apply_run(&mut tx, generation, &run).await {
                 Ok(()) => step.applied += run.len(),
                 Err(error) => failure = Some(error),
             }
@@ -458,6 +472,14 @@ fn chained(fresh: &[&Entry], checkpoint: Position) -> Option<Vec<RecordedEvent>>
         previous = delivered.event.position;
     }
     Some(fresh.iter().map(|d| d.event.clone()).collect())
+}
+
+/// Applies a run of [`batchable`] events (none: nothing to do).
+async fn apply_run(conn: &mut PgConnection, generation: i32, run: &[&RecordedEvent]) -> Result<(), ApplyError> {
+    if run.is_empty() {
+        return Ok(());
+    }
+    Run::of(run.iter().copied())?.insert(conn, generation).await
 }
 
 /// Locks the target generation's checkpoint row; a live step also holds the active generation steady (a flip
