@@ -74,15 +74,27 @@ impl System {
                 ("KIROKU_METRICS_ADDR", metrics.to_string()),
             ]
         };
-        let processes = vec![
-            ServiceProcess::spawn("kiroku-command", &env(command_metrics)).unwrap(),
-            ServiceProcess::spawn("kiroku-query", &env(query_metrics)).unwrap(),
-            ServiceProcess::spawn("kiroku-projector", &env(projector_metrics)).unwrap(),
-        ];
+        let names = ["kiroku-command", "kiroku-query", "kiroku-projector"];
+        let mut processes: Vec<ServiceProcess> = names
+            .iter()
+            .zip([command_metrics, query_metrics, projector_metrics])
+            .map(|(name, metrics)| ServiceProcess::spawn(name, &env(metrics)).unwrap())
+            .collect();
         for address in [command_metrics, query_metrics, projector_metrics] {
-            eventually(Duration::from_secs(30), "metrics to be served", || async { Ok(scrape(address).await.ok()) })
-                .await
-                .unwrap();
+            let served = eventually(Duration::from_secs(30), "metrics to be served", || async {
+                Ok(scrape(address).await.ok())
+            })
+            .await;
+            if let Err(error) = served {
+                // Which process is gone, and how (its log went to this test's stderr): a port taken in between
+                // shows here as an exit, not as a silent timeout.
+                let exited: Vec<String> = names
+                    .iter()
+                    .zip(&mut processes)
+                    .filter_map(|(name, p)| p.child.try_wait().ok().flatten().map(|status| format!("{name}: {status}")))
+                    .collect();
+                panic!("{error:#} at {address}; exited: {exited:?}");
+            }
         }
         let caller = key.mint_caller(&issuer, API_AUDIENCE, "tests", &kiroku_platform::caller::ALL, HOUR).unwrap();
         let commands = CommandServiceClient::new(connect_caller(command_addr, &caller).await.unwrap());
