@@ -5,7 +5,8 @@
 //! (`target/release/kiroku-query`) so that its memory can be read from /proc. Prints one JSON document.
 //! `BENCH_SUBSCRIBERS` (default 100), `BENCH_RATE` events/s (default 200), `BENCH_SECONDS` (default 10),
 //! `BENCH_IDLE_SUBSCRIBERS` (default 1000), `BENCH_HISTORY` events added before the catch-up (default 20000).
-//! Events are sealed as RegisterUser seals them, so delivering one opens it.
+//! Events are sealed as RegisterUser seals them, so delivering one opens it. The catch-up's baseline, in the same
+//! run: the same log read by the bench itself with the event store's `read_batch` (what a replay reads per step).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -161,6 +162,19 @@ async fn main() {
     }
     let catch_up_secs = started.elapsed().as_secs_f64();
     drop(stream);
+    // The catch-up's baseline, in the same run: the same log read by this process with the event store's own
+    // batch read (500 events a statement, as the replay reads them), decoded but neither opened nor sent.
+    let started = Instant::now();
+    let (mut read, mut after) = (0u64, kiroku_event_store::Position::ZERO);
+    loop {
+        let batch = store.read_batch(after, 500).await.unwrap();
+        read += batch.events.len() as u64;
+        after = batch.through;
+        if !batch.full {
+            break;
+        }
+    }
+    let read_secs = started.elapsed().as_secs_f64();
 
     // 3. Memory per idle subscriber, read from the server process.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -194,7 +208,13 @@ async fn main() {
                 "deliveries": latencies.len(),
                 "latency_ms": { "p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99), "max": percentile(&latencies, 1.0) },
             },
-            "catch_up": { "events": replayed, "seconds": catch_up_secs, "events_per_sec": (replayed as f64 / catch_up_secs).round() },
+            "catch_up": {
+                "events": replayed,
+                "seconds": catch_up_secs,
+                "events_per_sec": (replayed as f64 / catch_up_secs).round(),
+                "baseline_read_batch": { "events": read, "seconds": read_secs, "events_per_sec": (read as f64 / read_secs).round() },
+                "vs_read_batch": (replayed as f64 / catch_up_secs) / (read as f64 / read_secs),
+            },
             "idle_subscribers": {
                 "count": idle,
                 "rss_before_kib": before,
