@@ -163,12 +163,12 @@ impl UserRows {
         macro_rules! insert {
             () => {
                 "INSERT INTO users_read_rows (generation, id, auth0_id, github_id, github_username, \
-             display_name, avatar_url, status, created_at, updated_at, version, position, registered_position) \
-             SELECT $1, u.id, u.auth0_id, u.github_id, u.login, u.name, u.avatar, 'active', u.at, u.at, u.version, \
-                    u.position, u.position \
-             FROM unnest($2::uuid[], $3::varchar[], $4::varchar[], $5::varchar[], $6::varchar[], $7::varchar[], \
-                         $8::timestamptz[], $9::integer[], $10::bigint[]) \
-                  AS u(id, auth0_id, github_id, login, name, avatar, at, version, position)"
+                 display_name, avatar_url, status, created_at, updated_at, version, position, registered_position) \
+                 SELECT $1, u.id, u.auth0_id, u.github_id, u.login, u.name, u.avatar, 'active', u.at, u.at, \
+                        u.version, u.position, u.position \
+                 FROM unnest($2::uuid[], $3::varchar[], $4::varchar[], $5::varchar[], $6::varchar[], \
+                             $7::varchar[], $8::timestamptz[], $9::integer[], $10::bigint[]) \
+                      AS u(id, auth0_id, github_id, login, name, avatar, at, version, position)"
             };
         }
         if self.ids.is_empty() {
@@ -223,10 +223,10 @@ impl FailureRows {
         macro_rules! insert {
             () => {
                 "INSERT INTO registration_failures_rows (generation, audit_id, auth0_id, github_id, \
-             reason, attempted_at, duplicate_user_id, position) \
-             SELECT $1, f.id, f.auth0_id, f.github_id, f.reason, f.at, f.duplicate, f.position \
-             FROM unnest($2::uuid[], $3::varchar[], $4::varchar[], $5::varchar[], $6::timestamptz[], $7::uuid[], \
-                         $8::bigint[]) AS f(id, auth0_id, github_id, reason, at, duplicate, position)"
+                 reason, attempted_at, duplicate_user_id, position) \
+                 SELECT $1, f.id, f.auth0_id, f.github_id, f.reason, f.at, f.duplicate, f.position \
+                 FROM unnest($2::uuid[], $3::varchar[], $4::varchar[], $5::varchar[], $6::timestamptz[], \
+                             $7::uuid[], $8::bigint[]) AS f(id, auth0_id, github_id, reason, at, duplicate, position)"
             };
         }
         if self.ids.is_empty() {

@@ -88,10 +88,15 @@ struct Read {
 }
 
 impl From<Batch> for Read {
-    /// A read of the store, opened (its rows are built from the opened events).
+    /// A read of the store.
     fn from(batch: Batch) -> Self {
-        let prepared = Run::prepare(&batch.events);
-        Read { events: batch.events, prepared, through: Some(batch.through), more: batch.full, source: Source::Store }
+        Read {
+            events: batch.events,
+            prepared: None,
+            through: Some(batch.through),
+            more: batch.full,
+            source: Source::Store,
+        }
     }
 }
 
@@ -185,26 +190,28 @@ impl Projection {
         if !delivered.is_empty() && fresh.is_empty() {
             return Ok(None);
         }
-        let mut read = match self.authentic(&fresh, checkpoint).await? {
+        let read = match self.authentic(&fresh, checkpoint).await? {
             Some(events) => Read { events, prepared: None, through: None, more: false, source: Source::Stream },
             None => {
                 let limit = if matches!(target, Target::Active) { BATCH } else { REBUILD_BATCH };
-                let mut batch = self.store.read_batch(checkpoint, limit).await?;
-                self.vault.open_in_place(&mut batch.events).await?;
-                return Ok(Some(Read::from(batch)));
+                Read::from(self.store.read_batch(checkpoint, limit).await?)
             }
         };
+        self.open(read).await.map(Some)
+    }
+
+    /// Opens a read's events, then builds their rows where they all go in as one run (see `Run::prepare`).
+    async fn open(&self, mut read: Read) -> anyhow::Result<Read> {
         self.vault.open_in_place(&mut read.events).await?;
         read.prepared = Run::prepare(&read.events);
-        Ok(Some(read))
+        Ok(read)
     }
 
     /// Reads and opens a rebuild's batch after `after`, outside any step: so that it can be read while the step
     /// before applies its own (PostgreSQL and this process each have work for a core meanwhile).
     pub(crate) async fn read_ahead(&self, after: Position) -> anyhow::Result<ReadAhead> {
-        let mut batch = self.store.read_batch(after, REBUILD_BATCH).await?;
-        self.vault.open_in_place(&mut batch.events).await?;
-        Ok(ReadAhead { after, read: Read::from(batch) })
+        let read = self.open(Read::from(self.store.read_batch(after, REBUILD_BATCH).await?)).await?;
+        Ok(ReadAhead { after, read })
     }
 
     /// A step with a batch read ahead; `None` (and nothing done) when the checkpoint is not where it was read from.
@@ -247,14 +254,17 @@ impl Projection {
         let mut failure = None;
         let mut run: Vec<&RecordedEvent> = Vec::new();
         // A batch whose rows were built before the transaction (nothing parked to set aside) is one run.
-        let prepared = prepared.filter(|_| parked.is_empty());
-        if let Some(prepared) = &prepared {
-            match prepared.insert(&mut tx, generation).await {
-                Ok(()) => step.applied = events.len(),
-                Err(error) => failure = Some(error),
+        let unprepared: &[RecordedEvent] = match prepared.filter(|_| parked.is_empty()) {
+            Some(prepared) => {
+                match prepared.insert(&mut tx, generation).await {
+                    Ok(()) => step.applied = events.len(),
+                    Err(error) => failure = Some(error),
+                }
+                &[]
             }
-        }
-        for event in events.iter().filter(|_| prepared.is_none()) {
+            None => &events,
+        };
+        for event in unprepared {
             let parked_event = parked.contains(&event.aggregate_id);
             if !parked_event && batchable(event) {
                 run.push(event);
@@ -476,9 +486,6 @@ fn chained(fresh: &[&Entry], checkpoint: Position) -> Option<Vec<RecordedEvent>>
 
 /// Applies a run of [`batchable`] events (none: nothing to do).
 async fn apply_run(conn: &mut PgConnection, generation: i32, run: &[&RecordedEvent]) -> Result<(), ApplyError> {
-    if run.is_empty() {
-        return Ok(());
-    }
     Run::of(run.iter().copied())?.insert(conn, generation).await
 }
 
