@@ -150,9 +150,14 @@ async fn main() {
     // As a log at rest is: vacuumed and analysed (autovacuum would otherwise start on the fresh rows mid-measure).
     sqlx::query("VACUUM (ANALYZE) events, data_keys").execute(&db.pool).await.unwrap();
     let events_in_store: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&db.pool).await.unwrap();
+    let dead_letters = kiroku_projector::dead_letters::DeadLetterStream::new(
+        kiroku_platform::connect_redis(&redis.url).await.unwrap(),
+        &redis.prefix,
+    );
     let rebuilt = kiroku_projector::rebuild::rebuild(
         &db.pool,
         &kiroku_projector::Projection::new(db.pool.clone(), 5, master.clone()),
+        &dead_letters,
     )
     .await
     .unwrap();

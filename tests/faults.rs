@@ -842,7 +842,11 @@ async fn the_invariants_hold_together_under_load_while_processes_die_and_servers
         5,
         kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap(),
     );
-    kiroku_projector::rebuild::rebuild(&pool, &projection).await.unwrap();
+    let dead_letters = kiroku_projector::dead_letters::DeadLetterStream::new(
+        kiroku_testkit::connect(&redis_url).await.unwrap(),
+        "kiroku",
+    );
+    kiroku_projector::rebuild::rebuild(&pool, &projection, &dead_letters).await.unwrap();
     let rebuilt = snapshot(pool.clone()).await;
     assert_eq!(live.len(), rebuilt.len(), "users_read has the rows a rebuild produces");
     assert!(live == rebuilt, "users_read equals what a fresh rebuild produces, row for row");

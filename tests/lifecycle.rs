@@ -768,3 +768,49 @@ async fn a_rebuild_after_erasures_yields_the_same_read_models() {
     projector.stop().await;
     app.stop().await;
 }
+
+/// GetUserAsOf at a position used to answer at once, even while a transaction still open could commit an event of
+/// the user below it: asked again later, the same question got another answer. It now answers once the position
+/// is final.
+#[tokio::test]
+async fn get_user_as_of_a_position_answers_only_once_that_position_is_final() {
+    use kiroku_domain::{UserDeactivated, UserEvent};
+    use kiroku_event_store::{Append, ExpectedVersion, append_in_transaction};
+    let app = CommandApp::spawn().await;
+    let (query, client) = app.start_query(&[]).await;
+    app.github_knows(91, "asked-about", None).await;
+    app.github_knows(92, "later", None).await;
+    let user = app.register(91, "").await.unwrap();
+    wait_final(&app, user.position).await;
+
+    // The user's deactivation, appended in a transaction the test keeps open: its position is below what commits
+    // next.
+    let deactivated =
+        UserEvent::UserDeactivated(UserDeactivated { deactivated_at: chrono::Utc::now(), personal: None });
+    let append = Append {
+        aggregate_id: user.user_id.parse().unwrap(),
+        aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
+        expected: ExpectedVersion::Exact(1),
+        events: vec![common::direct::new_event(&deactivated)],
+        claims: vec![],
+        idempotency: None,
+        new_key: None,
+        erasure: None,
+    };
+    let mut open = app.db.pool.begin().await.unwrap();
+    append_in_transaction(&mut open, &append).await.unwrap();
+    let later = app.register(92, "").await.unwrap();
+
+    let mut asked =
+        tonic::Request::new(GetUserAsOfRequest { user_id: user.user_id.clone(), as_of: at_position(later.position) });
+    asked.set_timeout(Duration::from_secs(2));
+    let early = client.clone().get_user_as_of(asked).await.unwrap_err();
+    assert_refused(&early, Code::Unavailable, "POSITION_NOT_FINAL");
+
+    open.commit().await.unwrap();
+    let answer = as_of(&client, &user.user_id, at_position(later.position)).await.unwrap();
+    assert_eq!((answer.status, answer.version), (UserStatus::Deactivated as i32, 2), "{answer:?}");
+    assert_eq!(as_of(&client, &user.user_id, at_position(later.position)).await.unwrap(), answer, "repeatable");
+    query.stop().await;
+    app.stop().await;
+}

@@ -209,6 +209,8 @@ async fn counters_move_with_real_calls_and_the_dashboard_names_only_exported_met
     let projector = system
         .until(system.projector_metrics, "the projector's gauges", |text| {
             value(text, "kiroku_projector_events_applied_total", &[]) >= 1.0
+                // The registration went in by a run's multi-row insert, not by the event-by-event fallback.
+                && value(text, "kiroku_projector_events_batched_total", &[]) >= 1.0
                 && value(text, "kiroku_projector_checkpoint_position", &[("projection", "users")]) > 0.0
                 && value(text, "kiroku_event_store_head_position", &[]) > 0.0
                 && value(text, "kiroku_projector_lag_events", &[]) == 0.0

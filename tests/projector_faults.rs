@@ -9,99 +9,14 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::CommandApp;
+use common::direct::{cli, new_event, register_as, rename};
 use fred::prelude::*;
 use kiroku::v1::ListUsersRequest;
-use kiroku_domain::{
-    Auth0Subject, GitHubId, GitHubProfile, ProfileChanges, RegisterUser, User, UserCommand, UserEvent,
-    UserProfileUpdated,
-};
-use kiroku_event_store::{
-    Append, AppendOutcome, Claim, EventMetadata, EventStore, ExpectedVersion, NewEvent, Position,
-};
-use kiroku_testkit::{binary_path, eventually};
+use kiroku_domain::{Auth0Subject, GitHubId, GitHubProfile, RegisterUser, User, UserCommand};
+use kiroku_event_store::{EventStore, Position};
+use kiroku_testkit::eventually;
 use sqlx::Connection;
 use uuid::Uuid;
-
-fn new_event(event: &UserEvent) -> NewEvent {
-    let (event_type, data) = event.encode().unwrap();
-    NewEvent {
-        event_type: event_type.to_owned(),
-        data,
-        metadata: EventMetadata {
-            request_id: None,
-            correlation_id: "tests".to_owned(),
-            causation_id: "tests".to_owned(),
-            schema_version: 1,
-            caller: None,
-            traceparent: None,
-        },
-        occurred_at: Utc::now(),
-    }
-}
-
-/// Registers GitHub account `github_id` as user `id`, straight into the store (a test chooses the id).
-async fn register_as(store: &EventStore, id: Uuid, github_id: u64) -> Position {
-    let subject: Auth0Subject = format!("github|{github_id}").parse().unwrap();
-    let profile = GitHubProfile {
-        id: GitHubId::new(github_id),
-        login: format!("user{github_id}"),
-        name: None,
-        avatar_url: None,
-        etag: None,
-    };
-    let command = UserCommand::Register(RegisterUser { subject: subject.clone(), profile, now: Utc::now() });
-    let events = User::decide(None, &command).unwrap();
-    let append = Append {
-        aggregate_id: id,
-        aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
-        expected: ExpectedVersion::NoStream,
-        events: events.iter().map(new_event).collect(),
-        claims: User::claims(&subject)
-            .into_iter()
-            .map(|(kind, value)| Claim { kind: kind.as_str().to_owned(), value })
-            .collect(),
-        new_key: None,
-        erasure: None,
-        idempotency: None,
-    };
-    match store.append(&append).await.unwrap() {
-        AppendOutcome::Appended(appended) => appended.last_position(),
-        replayed => panic!("{replayed:?}"),
-    }
-}
-
-/// A renamed login for user `id` at `version` + 1.
-async fn rename(store: &EventStore, id: Uuid, version: u32, login: &str) {
-    let event = UserEvent::UserProfileUpdated(UserProfileUpdated {
-        personal: Some(ProfileChanges { github_username: Some(login.to_owned()), ..ProfileChanges::default() }),
-        updated_at: Utc::now(),
-    });
-    let append = Append {
-        aggregate_id: id,
-        aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
-        expected: ExpectedVersion::Exact(version),
-        events: vec![new_event(&event)],
-        claims: vec![],
-        new_key: None,
-        erasure: None,
-        idempotency: None,
-    };
-    store.append(&append).await.unwrap();
-}
-
-/// `kiroku projector <args>` against the app's database and Redis, its output as JSON lines.
-async fn cli(app: &CommandApp, args: &[&str]) -> Vec<serde_json::Value> {
-    let env = app.projector_process_env(&[]);
-    let output = tokio::process::Command::new(binary_path("kiroku"))
-        .arg("projector")
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .await
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect()
-}
 
 async fn login_of(app: &CommandApp, id: Uuid) -> Option<String> {
     sqlx::query_scalar("SELECT github_username FROM users_read WHERE id = $1")
@@ -351,9 +266,10 @@ async fn one_rebuild_at_a_time_and_no_generation_is_left_behind() {
         5,
         kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).map(std::sync::Arc::new).unwrap(),
     );
+    let dead_letters = app.dead_letter_stream().await;
     let (first, second) = tokio::join!(
-        kiroku_projector::rebuild::rebuild(&app.db.pool, &projection),
-        kiroku_projector::rebuild::rebuild(&app.db.pool, &projection)
+        kiroku_projector::rebuild::rebuild(&app.db.pool, &projection, &dead_letters),
+        kiroku_projector::rebuild::rebuild(&app.db.pool, &projection, &dead_letters)
     );
     let refused: Vec<String> =
         [&first, &second].iter().filter_map(|r| r.as_ref().err()).map(|e| e.to_string()).collect();
@@ -448,6 +364,106 @@ async fn a_forged_stream_entry_creates_no_user_and_skips_nothing() {
     assert_eq!(login_of(&app, forged_user).await, None, "a forged entry creates no user");
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM users_read").fetch_one(&app.db.pool).await.unwrap();
     assert_eq!(count, 4);
+    projector.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_erasure_applies_to_a_user_parked_behind_a_dead_letter_and_a_replay_brings_nothing_back() {
+    use kiroku::v1::{
+        DeactivateUserRequest, EraseUserRequest, GetUserRequest, LookupUserRequest, UserStatus, lookup_user_request,
+    };
+    let app = CommandApp::spawn().await;
+    let (query, client) = app.start_query(&[]).await;
+    let projector = app.start_projector(&[("KIROKU_PROJECTOR_MAX_ATTEMPTS", "1")]).await;
+    app.github_knows(31, "parked", Some("Parked Person")).await;
+    let user = app.register(31, "").await.unwrap();
+    app.register(31, "").await.unwrap_err(); // a refused attempt, which names the user
+    common::get_user(&client, &user.user_id, user.position).await;
+
+    // The read model refuses the user's deactivation: it is dead-lettered, and the user parked behind it.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_deactivation() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
+         CREATE TRIGGER refuse_deactivation BEFORE UPDATE ON users_read_rows FOR EACH ROW \
+         WHEN (NEW.status = 'deactivated') EXECUTE FUNCTION refuse_deactivation();",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let mut commands = app.client.clone();
+    commands
+        .deactivate_user(DeactivateUserRequest {
+            user_id: user.user_id.clone(),
+            reason: "asked".to_owned(),
+            request_id: String::new(),
+            expected_version: 0,
+        })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(20), "the deactivation dead-lettered", || async {
+        let dead: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM projection_failures WHERE aggregate_id = $1::uuid AND state = 'dead'",
+        )
+        .bind(&user.user_id)
+        .fetch_one(&app.db.pool)
+        .await?;
+        Ok((dead == 1).then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // The erasure applies anyway, and the person's data is gone from every read.
+    let erased = commands
+        .erase_user(EraseUserRequest { user_id: user.user_id.clone(), request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let assert_erased = |shown: kiroku::v1::User| {
+        assert_eq!(shown.status, UserStatus::Erased as i32, "{shown:?}");
+        assert!(shown.erased, "{shown:?}");
+        let personal =
+            [&shown.auth0_id, &shown.github_id, &shown.github_username, &shown.display_name, &shown.avatar_url];
+        assert!(personal.iter().all(|field| field.is_empty()), "no personal field: {shown:?}");
+    };
+    assert_erased(common::get_user(&client, &user.user_id, erased.position).await);
+    let lookup = client
+        .clone()
+        .lookup_user(LookupUserRequest { key: Some(lookup_user_request::Key::GithubId("31".to_owned())) })
+        .await
+        .unwrap_err();
+    assert_eq!(lookup.code(), tonic::Code::NotFound, "{lookup:?}");
+    let listed = client
+        .clone()
+        .list_users(ListUsersRequest { page_size: 10, page_token: String::new(), filter: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .users;
+    assert_eq!(listed.len(), 1);
+    assert_erased(listed[0].clone());
+    let attempts: Vec<(Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT auth0_id, github_id FROM registration_failures_read")
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, [(None, None)], "the refused attempt keeps no identity");
+
+    // The operator fixes the cause and replays the dead letter: its event opens as erased, and brings nothing back.
+    sqlx::query("DROP TRIGGER refuse_deactivation ON users_read_rows").execute(&app.db.pool).await.unwrap();
+    let replayed = &cli(&app, &["dead-letters", "replay"]).await[0];
+    assert_eq!(replayed["still_failing"], 0, "{replayed}");
+    assert!(cli(&app, &["dead-letters", "list"]).await.is_empty());
+    let after = client
+        .clone()
+        .get_user(GetUserRequest { user_id: user.user_id.clone(), min_position: erased.position })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_erased(after);
+    query.stop().await;
     projector.stop().await;
     app.stop().await;
 }

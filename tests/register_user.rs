@@ -431,3 +431,43 @@ async fn a_registered_identity_asking_again_costs_no_github_call_and_is_told_to_
     assert_eq!(app.count_events("UserRegistrationFailed").await, 3, "a limited call records nothing");
     app.stop().await;
 }
+
+/// A start-up hashes the claims an older kiroku wrote in clear. One whose keyed hash is held already (the identity
+/// registered twice, by versions on either side of keyed hashes) used to fail the start-up on a unique violation,
+/// at every restart; it is left as it is (and logged with its two owners), and the rest is hashed.
+#[tokio::test]
+async fn a_start_up_that_meets_a_clear_claim_whose_hash_is_held_goes_on_and_hashes_the_rest() {
+    let app = CommandApp::spawn().await;
+    app.github_knows(81, "twice", None).await;
+    app.github_knows(82, "once", None).await;
+    let hashed = app.register(81, "").await.unwrap();
+    let (twice, once) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    // As an older kiroku left them, without the trigger that now refuses claims in clear.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET session_replication_role = replica; \
+         INSERT INTO claims (kind, value, owner_id) VALUES ('github_id', '81', '{twice}'), \
+         ('github_id', '82', '{once}'), ('auth0_subject', 'github|82', '{once}'); \
+         RESET session_replication_role;"
+    )))
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+
+    let (running, mut commands) = app.start_command().await;
+    let clear: Vec<String> = sqlx::query_scalar("SELECT value FROM claims WHERE left(value, 3) <> 'h1~' ORDER BY 1")
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(clear, ["81"], "the duplicate stays; the rest is hashed");
+    // The identities stay taken, by their owners.
+    for (github_id, owner) in [(81, hashed.user_id.clone()), (82, once.to_string())] {
+        let refused = commands
+            .register_user(RegisterUserRequest { auth0_token: app.token(github_id), request_id: String::new() })
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&refused), "USER_ALREADY_EXISTS", "{refused:?}");
+        assert_eq!(refused.get_details_error_info().unwrap().metadata["user_id"], owner);
+    }
+    running.stop().await;
+    app.stop().await;
+}

@@ -2,6 +2,8 @@
 //! database and Redis database, with wiremock standing in for Auth0's JWKS and GitHub's API.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod direct;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -299,6 +301,12 @@ impl CommandApp {
     /// The env of a spawned projector process.
     pub fn projector_process_env(&self, extra: &[(&str, &str)]) -> Vec<(&'static str, String)> {
         self.env(extra).into_iter().map(|(k, v)| (&*Box::leak(k.into_boxed_str()), v)).collect()
+    }
+
+    /// This app's dead-letter stream, as a rebuild in the test publishes to it.
+    pub async fn dead_letter_stream(&self) -> kiroku_projector::dead_letters::DeadLetterStream {
+        let redis = kiroku_testkit::connect(&self.redis.url).await.unwrap();
+        kiroku_projector::dead_letters::DeadLetterStream::new(redis, &self.redis.prefix)
     }
 
     /// The rows of `users_read`, in id order, as JSON (for comparing whole read models).

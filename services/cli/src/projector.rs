@@ -3,8 +3,8 @@
 use anyhow::Context;
 use anyhow::Result;
 use kiroku_platform::config::{self, Environment, exit_on_config_error};
-use kiroku_projector::{Projection, dead_letters, rebuild};
-use kiroku_relay::stream;
+use kiroku_projector::dead_letters::{self, DeadLetterStream};
+use kiroku_projector::{Projection, rebuild};
 use serde_json::json;
 
 use crate::{DeadLetterAction, ProjectorAction};
@@ -19,15 +19,26 @@ pub(crate) async fn run(action: ProjectorAction) -> Result<()> {
         kiroku_vault::master_keys(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
     let projection = Projection::new(pool.clone(), max_attempts, master_keys);
     projection.vault().check().await.context("KIROKU_MASTER_KEY does not open the data keys in the database")?;
+    // Dead letters go to `{prefix}:events:dead`, like the live projector's.
+    let dead_letters = || async {
+        let redis_url =
+            config::redis_url(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
+        let prefix =
+            config::redis_prefix(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
+        let redis = kiroku_platform::connect_redis(&redis_url).await?;
+        anyhow::Ok(DeadLetterStream::new(redis, &prefix))
+    };
     match action {
         ProjectorAction::Rebuild => {
-            let rebuilt = rebuild::rebuild(&pool, &projection).await?;
+            let rebuilt = rebuild::rebuild(&pool, &projection, &dead_letters().await?).await?;
             println!(
                 "{}",
                 json!({
                     "generation": rebuilt.generation,
                     "checkpoint": rebuilt.checkpoint.get(),
                     "events": rebuilt.events,
+                    "batched": rebuilt.batched,
+                    "flip_events": rebuilt.flip_events,
                     "seconds": rebuilt.seconds,
                     "events_per_sec": (rebuilt.events as f64 / rebuilt.seconds.max(1e-9)).round(),
                 })
@@ -70,13 +81,7 @@ pub(crate) async fn run(action: ProjectorAction) -> Result<()> {
             }
         }
         ProjectorAction::DeadLetters { action: DeadLetterAction::Replay } => {
-            let redis_url =
-                config::redis_url(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
-            let prefix =
-                config::redis_prefix(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku projector", &e));
-            let redis = kiroku_platform::connect_redis(&redis_url).await?;
-            let (replayed, failed) =
-                dead_letters::replay(&pool, &projection, &redis, &stream::dead_letters_key(&prefix)).await?;
+            let (replayed, failed) = dead_letters::replay(&pool, &projection, &dead_letters().await?).await?;
             println!("{}", json!({ "replayed": replayed, "still_failing": failed }));
         }
     }

@@ -36,9 +36,30 @@ pub(crate) struct Commands {
 
 /// A verified call: new (with its subject, unparsed, and its idempotency key), or a repeat of an answered one.
 pub(crate) enum Admitted {
-    New { subject: String, key: Option<IdempotencyKey> },
+    New { subject: String, key: Option<Idempotency> },
     Repeat(StoredOutcome),
 }
+
+/// The names of the RPCs, as idempotency keys carry them (one namespace per RPC).
+pub(crate) mod rpc {
+    pub(crate) const REGISTER_USER: &str = "RegisterUser";
+    pub(crate) const SYNC_GITHUB_PROFILE: &str = "SyncGitHubProfile";
+    /// The RPCs whose idempotency keys hold a person (a keyed hash of their subject) rather than a service: an
+    /// erasure forgets their answers about that person.
+    pub(crate) const KEYED_BY_PERSON: [&str; 2] = [REGISTER_USER, SYNC_GITHUB_PROFILE];
+}
+
+/// A call's idempotency key, and a keyed hash of what the request asked. A request id names one request (AIP-155):
+/// its stored answer holds the hash, and a reuse of the id with other content is refused rather than answered
+/// with the first request's answer.
+#[derive(Clone, Debug)]
+pub(crate) struct Idempotency {
+    key: IdempotencyKey,
+    digest: String,
+}
+
+/// The member of a stored answer that holds its request's digest (absent in answers stored before digests).
+const DIGEST_MEMBER: &str = "request_digest";
 
 /// One incoming call: its own id and what the caller said about it.
 #[derive(Clone, Debug)]
@@ -96,14 +117,6 @@ impl Call {
             occurred_at: self.received_at,
         }
     }
-
-    /// The idempotency key of this call for `rpc`: (`who` called, request_id), one namespace per RPC so that a
-    /// request id reused for another RPC cannot replay the wrong kind of answer.
-    pub(crate) fn idempotency_key(&self, rpc: &str, who: &str) -> Option<IdempotencyKey> {
-        self.request_id
-            .as_ref()
-            .map(|request_id| IdempotencyKey { caller: format!("{rpc}:{who}"), request_id: request_id.clone() })
-    }
 }
 
 impl Commands {
@@ -128,20 +141,61 @@ impl Commands {
 
     /// The first steps of every command of a signed-in user, in this order: verify the token, then look up the
     /// answer stored for (RPC, verified subject, request id). Only then may a command call GitHub. The subject is
-    /// personal data: the key holds its keyed hash.
-    pub(crate) async fn admit(&self, token: &str, call: &Call, rpc: &str) -> Result<Admitted, CommandError> {
+    /// personal data: the key holds its keyed hash. `content` is what else the request asks (see
+    /// [`Commands::idempotency`]).
+    pub(crate) async fn admit(
+        &self,
+        token: &str,
+        call: &Call,
+        rpc: &str,
+        content: &[&str],
+    ) -> Result<Admitted, CommandError> {
         let subject = self.authenticate(token).instrument(tracing::info_span!("token.verify")).await?;
-        let key = call.idempotency_key(rpc, &self.index.hash("subject", &subject));
+        let key = self.idempotency(call, rpc, &self.index.hash("subject", &subject), content);
         if let Some(stored) = self.stored(&key).await? {
             return Ok(Admitted::Repeat(stored));
         }
         Ok(Admitted::New { subject, key })
     }
 
-    /// The answer stored under `key`, if the call has a key and it was answered.
-    pub(crate) async fn stored(&self, key: &Option<IdempotencyKey>) -> Result<Option<StoredOutcome>, CommandError> {
-        let Some(key) = key else { return Ok(None) };
-        Ok(self.store.stored_outcome(key).instrument(tracing::info_span!("idempotency.lookup")).await?)
+    /// The idempotency of this call for `rpc`: the key (`who` called, request_id), one namespace per RPC so that a
+    /// request id reused for another RPC cannot replay the wrong kind of answer; and the digest of `content`, the
+    /// request's fields besides its request id (and besides what `who` already says), each in a fixed order.
+    pub(crate) fn idempotency(&self, call: &Call, rpc: &str, who: &str, content: &[&str]) -> Option<Idempotency> {
+        let request_id = call.request_id.as_ref()?;
+        // A keyed hash, not a plain digest: a request's fields may be personal data (a deactivation's reason), and
+        // a short one would be found from a plain digest by trying candidates.
+        let digest = self.index.hash("request", &[rpc].iter().chain(content).copied().collect::<Vec<_>>().join("\0"));
+        Some(Idempotency {
+            key: IdempotencyKey { caller: format!("{rpc}:{who}"), request_id: request_id.clone() },
+            digest,
+        })
+    }
+
+    /// The answer stored for the call's key, if the call has a key and it was answered; `RequestIdReused` when that
+    /// answer was for another request.
+    pub(crate) async fn stored(&self, key: &Option<Idempotency>) -> Result<Option<StoredOutcome>, CommandError> {
+        let Some(idempotency) = key else { return Ok(None) };
+        let stored = self.store.stored_outcome(&idempotency.key).instrument(tracing::info_span!("idempotency.lookup"));
+        stored.await?.map(|stored| same_request(idempotency, stored)).transpose()
+    }
+
+    /// Stores `outcome` as the call's answer without appending anything (an answer of "no change", a refusal that
+    /// a retry would meet again), unless the key was used meanwhile: then that first answer is returned.
+    pub(crate) async fn record_answer(
+        &self,
+        key: &Option<Idempotency>,
+        outcome: &impl Serialize,
+        aggregate_id: uuid::Uuid,
+        version: u32,
+        position: kiroku_event_store::Position,
+    ) -> Result<Option<StoredOutcome>, CommandError> {
+        let Some(record) = idempotency_record(key, outcome)? else { return Ok(None) };
+        let Some(idempotency) = key else { return Ok(None) };
+        match self.store.record_answer(&record, aggregate_id, version, position).await? {
+            Some(first) => same_request(idempotency, first).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// The event store's claim of an identity: its keyed hash, never the identity.
@@ -190,15 +244,36 @@ pub(crate) fn vault_error(error: kiroku_vault::VaultError) -> CommandError {
     }
 }
 
-/// The answer to store under the call's idempotency key, if it has one.
+/// The answer to store under the call's idempotency key, if it has one, with the digest of its request.
 pub(crate) fn idempotency_record(
-    key: &Option<IdempotencyKey>,
+    key: &Option<Idempotency>,
     outcome: &impl Serialize,
 ) -> Result<Option<IdempotencyRecord>, CommandError> {
-    let Some(key) = key else { return Ok(None) };
-    let outcome = serde_json::to_value(outcome)
+    let Some(idempotency) = key else { return Ok(None) };
+    let mut outcome = serde_json::to_value(outcome)
         .map_err(|e| CommandError::Internal(anyhow::Error::new(e).context("encode a command's answer")))?;
-    Ok(Some(IdempotencyRecord { key: key.clone(), outcome }))
+    let Some(members) = outcome.as_object_mut() else {
+        return Err(CommandError::Internal(anyhow::anyhow!("a command's answer is not a JSON object")));
+    };
+    members.insert(DIGEST_MEMBER.to_owned(), serde_json::Value::String(idempotency.digest.clone()));
+    Ok(Some(IdempotencyRecord { key: idempotency.key.clone(), outcome }))
+}
+
+/// The answer an append replayed (its key was used meanwhile), if it answered the same request as this call's.
+pub(crate) fn replayed(key: &Option<Idempotency>, stored: StoredOutcome) -> Result<StoredOutcome, CommandError> {
+    match key {
+        Some(key) => same_request(key, stored),
+        None => Ok(stored),
+    }
+}
+
+/// A stored answer, if it answered the same request as this call's: an answer stored with another digest was for
+/// another request that used the same request id. Answers stored before digests carry none, and are taken.
+pub(crate) fn same_request(key: &Idempotency, stored: StoredOutcome) -> Result<StoredOutcome, CommandError> {
+    match stored.outcome.get(DIGEST_MEMBER).and_then(serde_json::Value::as_str) {
+        Some(digest) if digest != key.digest => Err(CommandError::RequestIdReused),
+        _ => Ok(stored),
+    }
 }
 
 impl From<GitHubError> for CommandError {

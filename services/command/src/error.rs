@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use kiroku_domain::{UserError, UserId};
+use kiroku_domain::{UserError, UserId, UserStatus};
 use kiroku_event_store::{AppendError, StoreError};
+use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -15,6 +16,9 @@ pub(crate) const ERROR_DOMAIN: &str = "kiroku.v1";
 pub enum CommandError {
     #[error("{field}: {description}")]
     InvalidArgument { field: &'static str, description: String },
+    /// The request id was used before, by the same caller, for a request that asked something else.
+    #[error("request_id: this request id was used for another request; use a new one for each request")]
+    RequestIdReused,
     #[error("the token has expired")]
     TokenExpired,
     #[error("the token is invalid")]
@@ -58,6 +62,14 @@ impl From<CommandError> for Status {
             CommandError::InvalidArgument { field, ref description } => {
                 let mut details = ErrorDetails::with_bad_request_violation(field, description.clone());
                 details.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, HashMap::new());
+                Status::with_error_details(Code::InvalidArgument, error.to_string(), details)
+            }
+            CommandError::RequestIdReused => {
+                let mut details = ErrorDetails::with_bad_request_violation(
+                    "request_id",
+                    "was used for another request (of the same RPC and caller)",
+                );
+                details.set_error_info("REQUEST_ID_REUSED", ERROR_DOMAIN, HashMap::new());
                 Status::with_error_details(Code::InvalidArgument, error.to_string(), details)
             }
             CommandError::TokenExpired => {
@@ -144,6 +156,58 @@ impl From<CommandError> for Status {
                 tracing::error!(error = format!("{error:#}"), "internal error");
                 Status::internal("internal error")
             }
+        }
+    }
+}
+
+/// A refusal that kiroku decided from its own log, which a retry of the same request would meet again: stored as
+/// the request's answer, like a success (AIP-155). Outages, limits and GitHub's answers are not: a retry may fare
+/// better.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "refusal", rename_all = "snake_case")]
+pub(crate) enum FinalRefusal {
+    UserNotFound,
+    Deactivated,
+    Erased,
+    InvalidState { status: String, action: String },
+    VersionConflict { expected: u64, actual: u64 },
+}
+
+impl CommandError {
+    /// The refusal to store for this error, if it is final. A version conflict is final only when the caller
+    /// named the version (`explicit_version`): one met while expecting "any" version lost a race, and a retry
+    /// reads the version again.
+    pub(crate) fn final_refusal(&self, explicit_version: bool) -> Option<FinalRefusal> {
+        Some(match self {
+            CommandError::UserNotFound | CommandError::Refused(UserError::NotRegistered) => FinalRefusal::UserNotFound,
+            CommandError::Refused(UserError::Deactivated) => FinalRefusal::Deactivated,
+            CommandError::Refused(UserError::Erased) => FinalRefusal::Erased,
+            CommandError::Refused(UserError::InvalidState { status, action }) => {
+                FinalRefusal::InvalidState { status: status.as_str().to_owned(), action: (*action).to_owned() }
+            }
+            CommandError::VersionConflict { expected, actual } if explicit_version => {
+                FinalRefusal::VersionConflict { expected: *expected, actual: *actual }
+            }
+            _ => return None,
+        })
+    }
+}
+
+impl From<FinalRefusal> for CommandError {
+    fn from(refusal: FinalRefusal) -> Self {
+        match refusal {
+            FinalRefusal::UserNotFound => CommandError::UserNotFound,
+            FinalRefusal::Deactivated => CommandError::Refused(UserError::Deactivated),
+            FinalRefusal::Erased => CommandError::Refused(UserError::Erased),
+            FinalRefusal::InvalidState { status, action } => {
+                match (UserStatus::parse(&status), UserError::transition_name(&action)) {
+                    (Some(status), Some(action)) => CommandError::Refused(UserError::InvalidState { status, action }),
+                    _ => CommandError::Internal(anyhow::anyhow!(
+                        "a stored refusal names an unknown status {status:?} or action {action:?}"
+                    )),
+                }
+            }
+            FinalRefusal::VersionConflict { expected, actual } => CommandError::VersionConflict { expected, actual },
         }
     }
 }

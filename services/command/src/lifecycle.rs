@@ -4,13 +4,15 @@
 //! have from before encryption, all in the transaction that appends `UserErased`.
 
 use kiroku_domain::{User, UserCommand, UserEvent, UserId, redact};
-use kiroku_event_store::{Append, AppendError, AppendOutcome, Erasure, ExpectedVersion, Position, RecordedEvent};
+use kiroku_event_store::{
+    Append, AppendError, AppendOutcome, Erasure, ExpectedVersion, Position, RecordedEvent, StoredOutcome,
+};
 use kiroku_vault::schema_version;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::commands::{Call, Commands, idempotency_record, vault_error};
-use crate::error::CommandError;
+use crate::commands::{Call, Commands, Idempotency, idempotency_record, replayed, rpc, vault_error};
+use crate::error::{CommandError, FinalRefusal};
 
 /// The user after an administrator's command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,13 +38,18 @@ impl Administer {
     }
 }
 
+/// The answer stored for a retry: the user, and the refusal when the command was refused for good (absent in
+/// answers stored before refusals were).
 #[derive(Serialize, Deserialize)]
 struct Outcome {
     user_id: UserId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refused: Option<FinalRefusal>,
 }
 
 impl Commands {
-    /// `expected_version` 0 means "whatever version the user is at".
+    /// `expected_version` 0 means "whatever version the user is at". Every answer decided from the log (the
+    /// change, or a refusal a retry would meet again) is stored under the request id.
     pub(crate) async fn administer(
         &self,
         user_id: UserId,
@@ -53,10 +60,34 @@ impl Commands {
         let rpc = what.rpc();
         // The caller is a service (its verified token's subject), not a person: its name is kept as it is.
         let caller = call.caller.as_ref().map_or("-", |caller| caller.subject.as_str());
-        let key = call.idempotency_key(rpc, caller);
+        let (user, version) = (user_id.to_string(), expected_version.to_string());
+        let content: Vec<&str> = match &what {
+            Administer::Deactivate { reason } => vec![&user, reason, &version],
+            Administer::Reactivate => vec![&user, &version],
+            Administer::Erase => vec![&user],
+        };
+        let key = self.idempotency(call, rpc, caller, &content);
         if let Some(stored) = self.stored(&key).await? {
-            return Ok(Changed { version: stored.version, position: stored.position });
+            return answer(stored);
         }
+        let result = self.administer_new(user_id, what, expected_version, &key, call).await;
+        let Err(error) = result else { return result };
+        let Some(refusal) = error.final_refusal(expected_version != 0) else { return Err(error) };
+        let outcome = Outcome { user_id, refused: Some(refusal) };
+        match self.record_answer(&key, &outcome, user_id.as_uuid(), 0, Position::ZERO).await? {
+            Some(first) => answer(first),
+            None => Err(error),
+        }
+    }
+
+    async fn administer_new(
+        &self,
+        user_id: UserId,
+        what: Administer,
+        expected_version: u64,
+        key: &Option<Idempotency>,
+        call: &Call,
+    ) -> Result<Changed, CommandError> {
         let (user, recorded) = self.load_user(user_id).await?;
         if expected_version != 0 && expected_version != u64::from(user.version) {
             return Err(CommandError::VersionConflict { expected: expected_version, actual: u64::from(user.version) });
@@ -72,7 +103,12 @@ impl Commands {
                 let redactions =
                     self.redactions(owner, &recorded).instrument(tracing::info_span!("erase.find")).await?;
                 let positions = redactions.iter().map(|(position, _)| position.get()).collect();
-                (UserCommand::Erase { redacted_positions: positions, now }, Some(Erasure { owner, redactions }))
+                let erasure = Erasure {
+                    owner,
+                    redactions,
+                    forget_callers: rpc::KEYED_BY_PERSON.iter().map(|rpc| format!("{rpc}:")).collect(),
+                };
+                (UserCommand::Erase { redacted_positions: positions, now }, Some(erasure))
             }
         };
         let decided = User::decide(Some(&user), &command)?;
@@ -88,7 +124,7 @@ impl Commands {
             expected: ExpectedVersion::Exact(user.version),
             events,
             claims: vec![],
-            idempotency: idempotency_record(&key, &Outcome { user_id })?,
+            idempotency: idempotency_record(key, &Outcome { user_id, refused: None })?,
             new_key: None,
             erasure,
         };
@@ -99,7 +135,7 @@ impl Commands {
                 }
                 Ok(Changed { version: appended.version, position: appended.last_position() })
             }
-            Ok(AppendOutcome::Replayed(stored)) => Ok(Changed { version: stored.version, position: stored.position }),
+            Ok(AppendOutcome::Replayed(stored)) => answer(replayed(key, stored)?),
             Err(AppendError::Conflict { actual, .. }) => Err(CommandError::VersionConflict {
                 expected: if expected_version != 0 { expected_version } else { u64::from(user.version) },
                 actual: u64::from(actual.unwrap_or(user.version + 1)),
@@ -127,5 +163,16 @@ impl Commands {
                     .map(|redacted| (event.position, redacted))
             })
             .collect())
+    }
+}
+
+/// A stored answer, as the RPC gives it.
+fn answer(stored: StoredOutcome) -> Result<Changed, CommandError> {
+    let outcome: Outcome = serde_json::from_value(stored.outcome).map_err(|e| {
+        CommandError::Internal(anyhow::Error::new(e).context("decode a stored answer of a user's admin"))
+    })?;
+    match outcome.refused {
+        Some(refusal) => Err(refusal.into()),
+        None => Ok(Changed { version: stored.version, position: stored.position }),
     }
 }

@@ -5,18 +5,18 @@ use kiroku_domain::{
     AuditCommand, AuditEvent, AuditId, Auth0Subject, ClaimKind, RegisterUser, RegistrationAudit, RegistrationRefusal,
     User, UserCommand, UserEvent, UserId,
 };
-use kiroku_event_store::{
-    Append, AppendError, AppendOutcome, ExpectedVersion, IdempotencyKey, Position, StoredOutcome,
-};
+use kiroku_event_store::{Append, AppendError, AppendOutcome, ExpectedVersion, Position, StoredOutcome};
 use kiroku_vault::SealingKey;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::commands::{Admitted, Call, Commands, github_subject, idempotency_record, vault_error};
+use crate::commands::{
+    Admitted, Call, Commands, Idempotency, github_subject, idempotency_record, replayed, rpc, vault_error,
+};
 use crate::error::CommandError;
 use crate::github::Fetched;
 
-const RPC: &str = "RegisterUser";
+const RPC: &str = rpc::REGISTER_USER;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Registered {
@@ -34,7 +34,8 @@ enum Outcome {
 
 impl Commands {
     pub(crate) async fn register_user(&self, token: &str, call: &Call) -> Result<Registered, CommandError> {
-        let (subject, key) = match self.admit(token, call, RPC).await? {
+        // The request asks for nothing besides its subject, which the key already holds.
+        let (subject, key) = match self.admit(token, call, RPC, &[]).await? {
             Admitted::New { subject, key } => (subject, key),
             Admitted::Repeat(stored) => return replay(stored),
         };
@@ -78,7 +79,7 @@ impl Commands {
                 tracing::info!(%user_id, position = %appended.last_position(), "user registered");
                 Ok(Registered { user_id, position: appended.last_position() })
             }
-            Ok(AppendOutcome::Replayed(stored)) => replay(stored),
+            Ok(AppendOutcome::Replayed(stored)) => replay(replayed(&key, stored)?),
             Err(AppendError::ClaimRefused { kind, owner, .. }) => {
                 let kind = ClaimKind::from_name(&kind).ok_or_else(|| {
                     CommandError::Internal(anyhow::anyhow!("the store refused an unknown claim {kind}"))
@@ -96,7 +97,7 @@ impl Commands {
         subject: &Auth0Subject,
         kind: &str,
         owner: uuid::Uuid,
-        key: Option<IdempotencyKey>,
+        key: Option<Idempotency>,
         call: &Call,
     ) -> Result<Registered, CommandError> {
         let kind = ClaimKind::from_name(kind)
@@ -110,7 +111,7 @@ impl Commands {
         subject: &Auth0Subject,
         reason: RegistrationRefusal,
         existing: UserId,
-        key: Option<IdempotencyKey>,
+        key: Option<Idempotency>,
         call: &Call,
     ) -> Result<Registered, CommandError> {
         let command = AuditCommand::RecordRefusal {
@@ -142,7 +143,7 @@ impl Commands {
                 tracing::info!(existing_user = %existing, ?reason, "duplicate registration refused");
                 Err(CommandError::UserAlreadyExists { user_id: existing })
             }
-            Ok(AppendOutcome::Replayed(stored)) => replay(stored),
+            Ok(AppendOutcome::Replayed(stored)) => replay(replayed(&key, stored)?),
             Err(error) => Err(error.into()),
         }
     }

@@ -60,7 +60,18 @@ impl Application {
         vault.check().await.context("KIROKU_MASTER_KEY does not open the data keys in the database")?;
         let index = vault.blind_index().await.context("load the key of the blind index")?;
         // Claims written before keyed hashes are hashed now, before the first registration could miss them.
-        let hashed = store.hash_clear_claims(BlindIndex::PREFIX, |kind, value| index.hash(kind, value)).await?;
+        let clear = store.hash_clear_claims(BlindIndex::PREFIX, |kind, value| index.hash(kind, value)).await?;
+        for duplicate in &clear.duplicates {
+            // An identity registered twice, by versions on either side of keyed hashes: left for an operator (erase
+            // one of the users), rather than a start-up that fails on it at every restart.
+            tracing::error!(
+                kind = %duplicate.kind,
+                clear_owner = %duplicate.clear_owner,
+                hashed_owner = %duplicate.hashed_owner,
+                "a claim in clear names an identity that another claim holds hashed; left in clear"
+            );
+        }
+        let hashed = clear.hashed;
         // And the idempotency keys of signed-in users (`<rpc>:<subject>`), so that a retry still finds its answer.
         let rekeyed = store
             .hash_clear_idempotency_callers(|caller| match caller.split_once(':') {

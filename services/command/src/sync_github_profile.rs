@@ -5,11 +5,13 @@ use kiroku_domain::{ClaimKind, SyncProfile, User, UserCommand, UserEvent, UserId
 use kiroku_event_store::{Append, AppendError, AppendOutcome, ExpectedVersion, Position, StoredOutcome};
 use serde::{Deserialize, Serialize};
 
-use crate::commands::{Admitted, Call, Commands, github_subject, idempotency_record, vault_error};
-use crate::error::CommandError;
+use crate::commands::{
+    Admitted, Call, Commands, Idempotency, github_subject, idempotency_record, replayed, rpc, vault_error,
+};
+use crate::error::{CommandError, FinalRefusal};
 use crate::github::Fetched;
 
-const RPC: &str = "SyncGitHubProfile";
+const RPC: &str = rpc::SYNC_GITHUB_PROFILE;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Synced {
@@ -19,30 +21,76 @@ pub(crate) struct Synced {
     pub changed: bool,
 }
 
+/// The answer stored for a retry. Answers stored before "no change" and refusals were stored are changes.
 #[derive(Serialize, Deserialize)]
 struct Outcome {
     user_id: UserId,
+    #[serde(default = "changed")]
+    changed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refused: Option<FinalRefusal>,
+}
+
+fn changed() -> bool {
+    true
 }
 
 impl Commands {
-    /// `expected_version` 0 means "whatever version the user is at".
+    /// `expected_version` 0 means "whatever version the user is at". Every answer decided from the log and
+    /// GitHub's profile, "no change" included, and every refusal a retry would meet again, is stored under the
+    /// request id: a retry after the profile changed on GitHub gets the first answer, not a new event.
     pub(crate) async fn sync_github_profile(
         &self,
         token: &str,
         expected_version: u64,
         call: &Call,
     ) -> Result<Synced, CommandError> {
-        let (subject, key) = match self.admit(token, call, RPC).await? {
+        let (subject, key) = match self.admit(token, call, RPC, &[&expected_version.to_string()]).await? {
             Admitted::New { subject, key } => (subject, key),
             Admitted::Repeat(stored) => return replay(stored),
         };
-        let subject = github_subject(&subject)?;
-        let owner = self
-            .store
-            .claim_owner(&self.claim(ClaimKind::Auth0Subject, &subject.to_string()))
-            .await?
-            .ok_or(CommandError::UserNotFound)?;
-        let user_id = UserId::from_uuid(owner);
+        let result = self.sync_new(&subject, expected_version, &key, call).await;
+        let error = match result {
+            Ok(Synced { user_id, version, position, changed: false }) => {
+                let outcome = Outcome { user_id, changed: false, refused: None };
+                return match self.record_answer(&key, &outcome, user_id.as_uuid(), version, position).await? {
+                    Some(first) => replay(first),
+                    None => result,
+                };
+            }
+            Ok(_) => return result,
+            Err(error) => error,
+        };
+        let Some(refusal) = error.final_refusal(expected_version != 0) else { return Err(error) };
+        // A refusal before the user was found names no user: the nil id.
+        let user_id = match &refusal {
+            FinalRefusal::UserNotFound => UserId::from_uuid(uuid::Uuid::nil()),
+            _ => self.owner_of(&subject).await?.unwrap_or_else(|| UserId::from_uuid(uuid::Uuid::nil())),
+        };
+        let outcome = Outcome { user_id, changed: false, refused: Some(refusal) };
+        match self.record_answer(&key, &outcome, user_id.as_uuid(), 0, Position::ZERO).await? {
+            Some(first) => replay(first),
+            None => Err(error),
+        }
+    }
+
+    /// The user who holds the subject, if any.
+    async fn owner_of(&self, subject: &str) -> Result<Option<UserId>, CommandError> {
+        let subject = github_subject(subject)?;
+        let owner = self.store.claim_owner(&self.claim(ClaimKind::Auth0Subject, &subject.to_string())).await?;
+        Ok(owner.map(UserId::from_uuid))
+    }
+
+    async fn sync_new(
+        &self,
+        subject: &str,
+        expected_version: u64,
+        key: &Option<Idempotency>,
+        call: &Call,
+    ) -> Result<Synced, CommandError> {
+        let user_id = self.owner_of(subject).await?.ok_or(CommandError::UserNotFound)?;
+        let subject = github_subject(subject)?;
+        let owner = user_id.as_uuid();
         let (user, recorded) = self.load_user(user_id).await?;
         let latest = recorded.last().map(|e| e.position).unwrap_or(Position::ZERO);
         if expected_version != 0 && expected_version != u64::from(user.version) {
@@ -73,13 +121,13 @@ impl Commands {
             claims: vec![],
             new_key: None,
             erasure: None,
-            idempotency: idempotency_record(&key, &Outcome { user_id })?,
+            idempotency: idempotency_record(key, &Outcome { user_id, changed: true, refused: None })?,
         };
         match self.store.append(&append).await {
             Ok(AppendOutcome::Appended(appended)) => {
                 Ok(Synced { user_id, version: appended.version, position: appended.last_position(), changed: true })
             }
-            Ok(AppendOutcome::Replayed(stored)) => replay(stored),
+            Ok(AppendOutcome::Replayed(stored)) => replay(replayed(key, stored)?),
             Err(AppendError::Conflict { actual, .. }) => Err(CommandError::VersionConflict {
                 // What the caller expected, or (for "any") the version this call read and built on.
                 expected: if expected_version != 0 { expected_version } else { u64::from(user.version) },
@@ -94,5 +142,13 @@ fn replay(stored: StoredOutcome) -> Result<Synced, CommandError> {
     let outcome: Outcome = serde_json::from_value(stored.outcome).map_err(|e| {
         CommandError::Internal(anyhow::Error::new(e).context("decode a stored SyncGitHubProfile answer"))
     })?;
-    Ok(Synced { user_id: outcome.user_id, version: stored.version, position: stored.position, changed: true })
+    if let Some(refusal) = outcome.refused {
+        return Err(refusal.into());
+    }
+    Ok(Synced {
+        user_id: outcome.user_id,
+        version: stored.version,
+        position: stored.position,
+        changed: outcome.changed,
+    })
 }

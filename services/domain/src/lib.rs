@@ -55,6 +55,13 @@ macro_rules! events {
             $($variant($variant),)+
         }
 
+        $(
+            impl $variant {
+                /// The event type stored with this event.
+                pub const EVENT_TYPE: &'static str = stringify!($variant);
+            }
+        )+
+
         impl $name {
             /// The aggregate type these events belong to.
             pub const AGGREGATE_TYPE: &'static str = $aggregate;

@@ -164,6 +164,11 @@ pub enum UserStatus {
 }
 
 impl UserStatus {
+    /// The status [`UserStatus::as_str`] names.
+    pub fn parse(stored: &str) -> Option<UserStatus> {
+        [UserStatus::Active, UserStatus::Deactivated, UserStatus::Erased].into_iter().find(|s| s.as_str() == stored)
+    }
+
     /// As the read model stores it.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -209,6 +214,17 @@ pub enum UserError {
     #[error("the user's personal data cannot be read")]
     PersonalDataUnavailable,
 }
+
+impl UserError {
+    /// The transitions that [`UserError::InvalidState`] names, by name: a refusal read back from storage.
+    pub fn transition_name(name: &str) -> Option<&'static str> {
+        [DEACTIVATED, REACTIVATED].into_iter().find(|t| *t == name)
+    }
+}
+
+/// The transitions a user's state can refuse, as [`UserError::InvalidState`] names them.
+const DEACTIVATED: &str = "deactivated";
+const REACTIVATED: &str = "reactivated";
 
 /// Register a user with their verified Auth0 subject and their GitHub profile.
 #[derive(Clone, Debug)]
@@ -326,13 +342,13 @@ impl User {
                     deactivated_at: *now,
                     personal: Some(DeactivationReason { reason: reason.clone() }),
                 })]),
-                status => Err(UserError::InvalidState { status, action: "deactivated" }),
+                status => Err(UserError::InvalidState { status, action: DEACTIVATED }),
             },
             UserCommand::Reactivate { now } => match user.status {
                 UserStatus::Deactivated => {
                     Ok(vec![UserEvent::UserReactivated(UserReactivated { reactivated_at: *now })])
                 }
-                status => Err(UserError::InvalidState { status, action: "reactivated" }),
+                status => Err(UserError::InvalidState { status, action: REACTIVATED }),
             },
             UserCommand::Erase { redacted_positions, now } => Ok(vec![UserEvent::UserErased(UserErased {
                 erased_at: *now,

@@ -304,6 +304,41 @@ impl EventStore {
         stored_outcome(&self.pool, key).await
     }
 
+    /// Stores `record` as the answer of a command that appended nothing (an answer of "no change", a final
+    /// refusal), unless its key is used already: then nothing is written and the first answer is returned. A
+    /// concurrent command with the same key that is still appending is waited for.
+    pub async fn record_answer(
+        &self,
+        record: &IdempotencyRecord,
+        aggregate_id: Uuid,
+        version: u32,
+        position: Position,
+    ) -> Result<Option<StoredOutcome>, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_records (caller, request_id, outcome, aggregate_id, version, position) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(&record.key.caller)
+        .bind(&record.key.request_id)
+        .bind(&record.outcome)
+        .bind(aggregate_id)
+        .bind(i32::try_from(version).unwrap_or(i32::MAX))
+        .bind(position)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            return Ok(None);
+        }
+        match stored_outcome(&self.pool, &record.key).await? {
+            Some(stored) => Ok(Some(stored)),
+            None => Err(StoreError::Corrupt {
+                table: "idempotency_records",
+                detail: "record not found after a key conflict".to_owned(),
+            }),
+        }
+    }
+
     /// The aggregate that holds a claim, if any.
     pub async fn claim_owner(&self, claim: &Claim) -> Result<Option<Uuid>, StoreError> {
         let owner = sqlx::query_scalar("SELECT owner_id FROM claims WHERE kind = $1 AND value = $2")
@@ -549,7 +584,13 @@ async fn reserve_idempotency_key(
     Ok(inserted == 1)
 }
 
-/// Takes every claim of the append for its aggregate, or returns the first one that another aggregate holds.
+/// Takes every claim of the append for its aggregate, or returns the first one (in sorted order) that another
+/// aggregate holds. A claim this aggregate holds already counts as taken.
+///
+/// `ON CONFLICT DO NOTHING` waits for a concurrent claimant to finish and skips the row only if it committed, so the
+/// claims table decides the race and we learn the winner without aborting the transaction. But the winner's claim
+/// may be released (an erasure) between that insert and the look-up of its owner, which then finds nobody: the
+/// claims are inserted again until each is held by someone, as `kiroku_append` does.
 async fn take_claims(tx: &mut PgConnection, append: &Append) -> Result<Option<AppendError>, sqlx::Error> {
     if append.claims.is_empty() {
         return Ok(None);
@@ -559,31 +600,42 @@ async fn take_claims(tx: &mut PgConnection, append: &Append) -> Result<Option<Ap
     claims.dedup();
     let kinds: Vec<&str> = claims.iter().map(|c| c.kind.as_str()).collect();
     let values: Vec<&str> = claims.iter().map(|c| c.value.as_str()).collect();
-    // ON CONFLICT DO NOTHING waits for a concurrent claimant to finish and skips the row only if it committed,
-    // so the claims table decides the race and we learn the winner without aborting the transaction.
-    let taken: Vec<(String, String)> = sqlx::query_as(
-        "INSERT INTO claims (kind, value, owner_id) \
-         SELECT kind, value, $3 FROM unnest($1::varchar[], $2::varchar[]) WITH ORDINALITY AS c(kind, value, ord) \
-         ORDER BY ord ON CONFLICT DO NOTHING RETURNING kind, value",
-    )
-    .bind(&kinds)
-    .bind(&values)
-    .bind(append.aggregate_id)
-    .fetch_all(&mut *tx)
-    .await?;
-    for claim in &claims {
-        if taken.iter().any(|(k, v)| *k == claim.kind && *v == claim.value) {
-            continue;
+    for _ in 0..CLAIM_TRIES {
+        sqlx::query(
+            "INSERT INTO claims (kind, value, owner_id) \
+             SELECT kind, value, $3 FROM unnest($1::varchar[], $2::varchar[]) WITH ORDINALITY AS c(kind, value, ord) \
+             ORDER BY ord ON CONFLICT DO NOTHING",
+        )
+        .bind(&kinds)
+        .bind(&values)
+        .bind(append.aggregate_id)
+        .execute(&mut *tx)
+        .await?;
+        // A fresh snapshot (READ COMMITTED): who holds each claim now, in the claims' order; nobody when released.
+        let holders: Vec<Option<Uuid>> = sqlx::query_scalar(
+            "SELECT c.owner_id FROM unnest($1::varchar[], $2::varchar[]) WITH ORDINALITY AS w(kind, value, ord) \
+             LEFT JOIN claims c ON c.kind = w.kind AND c.value = w.value ORDER BY w.ord",
+        )
+        .bind(&kinds)
+        .bind(&values)
+        .fetch_all(&mut *tx)
+        .await?;
+        if let Some((claim, owner)) = claims
+            .iter()
+            .zip(&holders)
+            .find_map(|(claim, owner)| owner.filter(|o| *o != append.aggregate_id).map(|o| (claim, o)))
+        {
+            return Ok(Some(AppendError::ClaimRefused { kind: claim.kind.clone(), value: claim.value.clone(), owner }));
         }
-        let owner: Uuid = sqlx::query_scalar("SELECT owner_id FROM claims WHERE kind = $1 AND value = $2")
-            .bind(&claim.kind)
-            .bind(&claim.value)
-            .fetch_one(&mut *tx)
-            .await?;
-        return Ok(Some(AppendError::ClaimRefused { kind: claim.kind.clone(), value: claim.value.clone(), owner }));
+        if holders.iter().all(Option::is_some) {
+            return Ok(None);
+        }
     }
-    Ok(None)
+    Err(sqlx::Error::Protocol("claims were released and taken again while this append claimed them; retry".to_owned()))
 }
+
+/// How often an append inserts claims that vanished between its insert and its look-up (see [`take_claims`]).
+const CLAIM_TRIES: usize = 10;
 
 /// An append's events as the columns both inserts bind (arrays for `unnest`), with the ids given to them.
 struct EventColumns<'a> {

@@ -33,12 +33,17 @@ pub enum StoredKey {
 }
 
 /// What an erasure does besides appending its event, in the same transaction: destroy the owner's data key
-/// (leaving a tombstone), release every claim the owner holds, and redact events written before encryption.
+/// (leaving a tombstone), release every claim the owner holds, forget the stored answers that tie the person to
+/// the owner, and redact events written before encryption.
 #[derive(Clone, Debug)]
 pub struct Erasure {
     pub owner: Uuid,
     /// Events (by position) and the payload to store instead (see `kiroku_redact_events`: members may only go).
     pub redactions: Vec<(Position, serde_json::Value)>,
+    /// Idempotency records whose caller starts with one of these, and whose stored answer names the owner
+    /// (`outcome.user_id`), are deleted: those keyed by the person (a keyed hash of their subject), not by a
+    /// service.
+    pub forget_callers: Vec<String>,
 }
 
 impl EventStore {
@@ -145,61 +150,102 @@ impl EventStore {
     }
 
     /// Replaces claim values written in clear (before keyed hashes) by `hash(kind, value)`, a thousand per
-    /// statement; hashed values start with `hashed_prefix`. Returns how many changed.
+    /// statement; hashed values start with `hashed_prefix`. A clear claim whose hash some aggregate holds already
+    /// (the same identity registered twice, by kiroku versions on either side of keyed hashes) is left as it is
+    /// and reported, never a failure: a start-up that failed on it would fail again at every restart.
     pub async fn hash_clear_claims(
         &self,
         hashed_prefix: &str,
         hash: impl Fn(&str, &str) -> String,
-    ) -> Result<u64, StoreError> {
-        let mut changed = 0;
+    ) -> Result<ClearClaims, StoreError> {
+        let mut report = ClearClaims::default();
+        // Keyset order, so that a claim left in clear is passed once and the pass ends.
+        let (mut last_kind, mut last_value) = (String::new(), String::new());
         loop {
-            let clear: Vec<(String, String)> =
-                sqlx::query_as("SELECT kind, value FROM claims WHERE left(value, length($1)) <> $1 LIMIT 1000")
-                    .bind(hashed_prefix)
-                    .fetch_all(&self.pool)
-                    .await?;
-            if clear.is_empty() {
-                return Ok(changed);
-            }
-            let kinds: Vec<&str> = clear.iter().map(|(k, _)| k.as_str()).collect();
-            let values: Vec<&str> = clear.iter().map(|(_, v)| v.as_str()).collect();
-            let hashed: Vec<String> = clear.iter().map(|(k, v)| hash(k, v)).collect();
-            changed += sqlx::query(
+            let clear: Vec<(String, String, Uuid)> = sqlx::query_as(
+                "SELECT kind, value, owner_id FROM claims WHERE left(value, length($1)) <> $1 \
+                 AND (kind, value) > ($2, $3) ORDER BY kind, value LIMIT 1000",
+            )
+            .bind(hashed_prefix)
+            .bind(&last_kind)
+            .bind(&last_value)
+            .fetch_all(&self.pool)
+            .await?;
+            let Some((kind, value, _)) = clear.last() else { return Ok(report) };
+            (last_kind, last_value) = (kind.clone(), value.clone());
+            let kinds: Vec<&str> = clear.iter().map(|(k, _, _)| k.as_str()).collect();
+            let values: Vec<&str> = clear.iter().map(|(_, v, _)| v.as_str()).collect();
+            let hashed: Vec<String> = clear.iter().map(|(k, v, _)| hash(k, v)).collect();
+            let rehashed: Vec<(String, String)> = sqlx::query_as(
                 "UPDATE claims c SET value = u.hashed \
                  FROM unnest($1::varchar[], $2::varchar[], $3::varchar[]) AS u(kind, value, hashed) \
-                 WHERE c.kind = u.kind AND c.value = u.value",
+                 WHERE c.kind = u.kind AND c.value = u.value \
+                 AND NOT EXISTS (SELECT 1 FROM claims h WHERE h.kind = u.kind AND h.value = u.hashed) \
+                 RETURNING u.kind, u.value",
             )
             .bind(&kinds)
             .bind(&values)
             .bind(&hashed)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+            .fetch_all(&self.pool)
+            .await?;
+            report.hashed += rehashed.len() as u64;
+            for ((kind, value, owner), hashed) in clear.iter().zip(&hashed) {
+                if rehashed.iter().any(|(k, v)| k == kind && v == value) {
+                    continue;
+                }
+                let holder = self.claim_owner(&crate::Claim { kind: kind.clone(), value: hashed.clone() }).await?;
+                if let Some(hashed_owner) = holder {
+                    report.duplicates.push(ClearDuplicate { kind: kind.clone(), clear_owner: *owner, hashed_owner });
+                }
+            }
         }
     }
 }
 
+/// What [`EventStore::hash_clear_claims`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClearClaims {
+    pub hashed: u64,
+    /// Claims left in clear: their identity's hash is held already.
+    pub duplicates: Vec<ClearDuplicate>,
+}
+
+/// A claim in clear whose keyed hash another claim holds: one identity, two owners (or one owner, twice). Names
+/// no identity, only the owners.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClearDuplicate {
+    pub kind: String,
+    pub clear_owner: Uuid,
+    pub hashed_owner: Uuid,
+}
+
 impl EventStore {
     /// Replaces the callers of idempotency records written before keyed hashes (`<rpc>:github|<id>`, a person's
-    /// subject in clear) by `hash(caller)`, a thousand per statement; returns how many changed.
+    /// subject in clear) by `hash(caller)`, a thousand per statement; returns how many changed. A record whose
+    /// hashed key exists already (answered twice, across versions) is left, to be pruned with its age.
     pub async fn hash_clear_idempotency_callers(&self, hash: impl Fn(&str) -> String) -> Result<u64, StoreError> {
         let mut changed = 0;
+        let (mut last_caller, mut last_request) = (String::new(), String::new());
         loop {
             let clear: Vec<(String, String)> = sqlx::query_as(
-                "SELECT caller, request_id FROM idempotency_records WHERE caller LIKE '%:github|%' LIMIT 1000",
+                "SELECT caller, request_id FROM idempotency_records WHERE caller LIKE '%:github|%' \
+                 AND (caller, request_id) > ($1, $2) ORDER BY caller, request_id LIMIT 1000",
             )
+            .bind(&last_caller)
+            .bind(&last_request)
             .fetch_all(&self.pool)
             .await?;
-            if clear.is_empty() {
-                return Ok(changed);
-            }
+            let Some((caller, request)) = clear.last() else { return Ok(changed) };
+            (last_caller, last_request) = (caller.clone(), request.clone());
             let callers: Vec<&str> = clear.iter().map(|(c, _)| c.as_str()).collect();
             let requests: Vec<&str> = clear.iter().map(|(_, r)| r.as_str()).collect();
             let hashed: Vec<String> = clear.iter().map(|(c, _)| hash(c)).collect();
             changed += sqlx::query(
                 "UPDATE idempotency_records i SET caller = u.hashed \
                  FROM unnest($1::varchar[], $2::varchar[], $3::varchar[]) AS u(caller, request_id, hashed) \
-                 WHERE i.caller = u.caller AND i.request_id = u.request_id",
+                 WHERE i.caller = u.caller AND i.request_id = u.request_id \
+                 AND NOT EXISTS (SELECT 1 FROM idempotency_records h \
+                                 WHERE h.caller = u.hashed AND h.request_id = u.request_id)",
             )
             .bind(&callers)
             .bind(&requests)
@@ -233,6 +279,16 @@ pub(crate) async fn erase(tx: &mut PgConnection, erasure: &Erasure) -> Result<()
     .execute(&mut *tx)
     .await?;
     sqlx::query("DELETE FROM claims WHERE owner_id = $1").bind(erasure.owner).execute(&mut *tx).await?;
+    if !erasure.forget_callers.is_empty() {
+        sqlx::query(
+            "DELETE FROM idempotency_records WHERE outcome ->> 'user_id' = $1 \
+             AND EXISTS (SELECT 1 FROM unnest($2::text[]) AS p(prefix) WHERE starts_with(caller, p.prefix))",
+        )
+        .bind(erasure.owner.to_string())
+        .bind(&erasure.forget_callers)
+        .execute(&mut *tx)
+        .await?;
+    }
     if !erasure.redactions.is_empty() {
         let positions: Vec<i64> =
             erasure.redactions.iter().map(|(p, _)| i64::try_from(p.get()).unwrap_or(i64::MAX)).collect();

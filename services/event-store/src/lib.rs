@@ -29,7 +29,7 @@ pub use append::{
 pub use error::{AppendError, StoreError, is_transient};
 pub use event::{CallerRef, EventMetadata, NewEvent, Position, RecordedEvent};
 pub use follow::Follower;
-pub use keys::{Erasure, StoredKey, WrappedKey};
+pub use keys::{ClearClaims, ClearDuplicate, Erasure, StoredKey, WrappedKey};
 pub use leader::LeaderLock;
 pub use migrate::migrate;
 pub use read::{Batch, LAG_COUNT_LIMIT, Lag, LogFilter};

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use kiroku_event_store::{
-    Append, AppendError, AppendOutcome, Appended, Claim, EventMetadata, EventStore, ExpectedVersion, IdempotencyKey,
-    IdempotencyRecord, NewEvent, Position, RecordedEvent, append_in_transaction,
+    Append, AppendError, AppendOutcome, Appended, Claim, Erasure, EventMetadata, EventStore, ExpectedVersion,
+    IdempotencyKey, IdempotencyRecord, NewEvent, Position, RecordedEvent, append_in_transaction,
 };
 use kiroku_testkit::TestDb;
 use serde_json::json;
@@ -292,7 +292,7 @@ async fn sixteen_concurrent_writers_are_followed_without_a_skip_or_a_duplicate()
 async fn a_claim_taken_twice_concurrently_lets_exactly_one_transaction_commit() {
     let db = TestDb::create().await.unwrap();
     let store = EventStore::new(db.pool.clone());
-    let claim = Claim { kind: "github_id".to_owned(), value: "583231".to_owned() };
+    let claim = Claim { kind: "github_id".to_owned(), value: "h1~583231".to_owned() };
     let claimed = |id: Uuid| Append {
         claims: vec![claim.clone()],
         ..append_to(id, ExpectedVersion::NoStream, vec![event("Claimed", 0)])
@@ -311,13 +311,13 @@ async fn a_claim_taken_twice_concurrently_lets_exactly_one_transaction_commit() 
     first.commit().await.unwrap();
     match second.await.unwrap() {
         Err(AppendError::ClaimRefused { kind, value, owner }) => {
-            assert_eq!((kind.as_str(), value.as_str(), owner), ("github_id", "583231", first_id));
+            assert_eq!((kind.as_str(), value.as_str(), owner), ("github_id", "h1~583231", first_id));
         }
         other => panic!("expected ClaimRefused, got {other:?}"),
     }
 
     // And by force of numbers: 30 claimants of a fresh key at once, one commits.
-    let contested = Claim { kind: "auth0_subject".to_owned(), value: "github|1".to_owned() };
+    let contested = Claim { kind: "auth0_subject".to_owned(), value: "h1~github|1".to_owned() };
     let barrier = Arc::new(Barrier::new(30));
     let racers = (0..30).map(|_| {
         let (store, barrier) = (store.clone(), barrier.clone());
@@ -412,7 +412,7 @@ async fn the_same_idempotency_key_twice_writes_one_set_of_events_and_answers_the
 async fn a_refused_claim_leaves_no_idempotency_record_behind() {
     let db = TestDb::create().await.unwrap();
     let store = EventStore::new(db.pool.clone());
-    let claim = Claim { kind: "github_id".to_owned(), value: "9".to_owned() };
+    let claim = Claim { kind: "github_id".to_owned(), value: "h1~9".to_owned() };
     store
         .append(&Append {
             claims: vec![claim.clone()],
@@ -444,4 +444,126 @@ async fn checkpoints_only_move_forward_and_migrations_run_twice_harmlessly() {
     assert_eq!(store.load_checkpoint("relay").await.unwrap(), Position::new(500));
     kiroku_event_store::migrate(&db.pool).await.unwrap();
     kiroku_event_store::migrate(&db.pool).await.unwrap();
+}
+
+/// An erasure of a claim's owner that commits between a new append's insert of the claim (which found it held,
+/// and so inserted nothing) and its look-up of the owner (which then finds nobody) used to let the append through
+/// without the claim (`kiroku_append`) or fail it (a caller's transaction); a later append then took the claim
+/// too: two users for one identity. Both ways of appending now take the released claim.
+#[tokio::test]
+async fn a_claim_released_between_an_appends_insert_and_its_look_up_is_taken_never_skipped() {
+    for in_callers_transaction in [false, true] {
+        let db = TestDb::create().await.unwrap();
+        let store = EventStore::new(db.pool.clone());
+        let claim = Claim { kind: "github_id".to_owned(), value: "h1~77".to_owned() };
+        let claimed = |id: Uuid| Append {
+            claims: vec![claim.clone()],
+            ..append_to(id, ExpectedVersion::NoStream, vec![event("Claimed", 1)])
+        };
+        let owner = Uuid::new_v4();
+        store.append(&claimed(owner)).await.unwrap();
+        // Every insert into claims then waits, at the end of its statement, for a lock the test holds.
+        sqlx::raw_sql(
+            "CREATE FUNCTION wait_for_the_test() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN PERFORM pg_advisory_lock(4712); PERFORM pg_advisory_unlock(4712); RETURN NULL; END $$; \
+             CREATE TRIGGER wait_for_the_test AFTER INSERT ON claims FOR EACH STATEMENT \
+             EXECUTE FUNCTION wait_for_the_test();",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let mut gate = db.pool.acquire().await.unwrap();
+        sqlx::query("SELECT pg_advisory_lock(4712)").execute(&mut *gate).await.unwrap();
+
+        let second = Uuid::new_v4();
+        let registering = {
+            let (store, pool, append) = (store.clone(), db.pool.clone(), claimed(second));
+            tokio::spawn(async move {
+                if in_callers_transaction {
+                    let mut tx = pool.begin().await.unwrap();
+                    let outcome = append_in_transaction(&mut tx, &append).await;
+                    if matches!(outcome, Ok(AppendOutcome::Appended(_))) {
+                        tx.commit().await.unwrap();
+                    }
+                    outcome
+                } else {
+                    store.append(&append).await
+                }
+            })
+        };
+        kiroku_testkit::eventually(Duration::from_secs(20), "the append to wait after its claims' insert", || async {
+            let waiting: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid = 4712 \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+            )
+            .fetch_one(&db.pool)
+            .await?;
+            Ok(waiting.then_some(()))
+        })
+        .await
+        .unwrap();
+        // The owner is erased meanwhile: its claims are released.
+        let erasure = Erasure { owner, redactions: vec![], forget_callers: vec![] };
+        store
+            .append(&Append {
+                erasure: Some(erasure),
+                ..append_to(owner, ExpectedVersion::Exact(1), vec![event("Erased", 2)])
+            })
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_advisory_unlock(4712)").execute(&mut *gate).await.unwrap();
+
+        let outcome = registering.await.unwrap();
+        assert!(matches!(outcome, Ok(AppendOutcome::Appended(_))), "{in_callers_transaction}: {outcome:?}");
+        assert_eq!(store.claim_owner(&claim).await.unwrap(), Some(second), "the append holds the claim");
+        let third = store.append(&claimed(Uuid::new_v4())).await;
+        assert!(
+            matches!(&third, Err(AppendError::ClaimRefused { owner, .. }) if *owner == second),
+            "a third claimant is refused: {third:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_erasure_finds_its_persons_claims_and_stored_answers_by_index() {
+    let db = TestDb::create().await.unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    // With sequential scans priced out, only an index on what the erasure looks for avoids one.
+    sqlx::query("SET enable_seqscan = off").execute(&mut *conn).await.unwrap();
+    for (statement, index) in [
+        ("EXPLAIN DELETE FROM claims WHERE owner_id = '0192f0e4-5b7a-7c3e-9d2a-4c1e8f6b2a10'", "claims_owner_idx"),
+        (
+            "EXPLAIN DELETE FROM idempotency_records WHERE outcome ->> 'user_id' = '0192f0e4-5b7a-7c3e-9d2a-4c1e8f6b2a10'",
+            "idempotency_records_user_idx",
+        ),
+    ] {
+        let plan: Vec<String> = sqlx::query_scalar(statement).fetch_all(&mut *conn).await.unwrap();
+        let plan = plan.join("\n");
+        assert!(plan.contains(index) && !plan.contains("Seq Scan"), "{statement}:\n{plan}");
+    }
+}
+
+#[tokio::test]
+async fn a_claim_of_an_identity_in_clear_is_refused() {
+    // What a command service from before keyed hashes would write, still running during a rolling upgrade: a
+    // new service, which looks for the keyed hash, would register the same identity a second time.
+    let db = TestDb::create().await.unwrap();
+    let store = EventStore::new(db.pool.clone());
+    for (kind, value) in [("github_id", "583231"), ("auth0_subject", "github|583231")] {
+        let clear = Append {
+            claims: vec![Claim { kind: kind.to_owned(), value: value.to_owned() }],
+            ..append_to(Uuid::new_v4(), ExpectedVersion::NoStream, vec![event("Claimed", 1)])
+        };
+        let refused = store.append(&clear).await;
+        assert!(matches!(&refused, Err(AppendError::Store(_))), "{kind}: {refused:?}");
+        assert!(format!("{:?}", refused).contains("keyed hashes"), "{refused:?}");
+    }
+    // Claims of other kinds are the caller's business.
+    let other = Append {
+        claims: vec![Claim { kind: "thing".to_owned(), value: "anything".to_owned() }],
+        ..append_to(Uuid::new_v4(), ExpectedVersion::NoStream, vec![event("Claimed", 1)])
+    };
+    assert!(store.append(&other).await.is_ok());
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(count, 1, "nothing of the refused appends was written");
 }

@@ -3,7 +3,9 @@
 //! rather than being silently dropped).
 
 use chrono::{DateTime, Utc};
-use kiroku_domain::{AuditEvent, UserEvent, UserProfileUpdated, UserRegistered, UserRegistrationFailed, UserStatus};
+use kiroku_domain::{
+    AuditEvent, UserErased, UserEvent, UserProfileUpdated, UserRegistered, UserRegistrationFailed, UserStatus,
+};
 use kiroku_event_store::RecordedEvent;
 use sqlx::PgConnection;
 
@@ -46,7 +48,7 @@ pub(crate) async fn apply(conn: &mut PgConnection, generation: i32, event: &Reco
             UserEvent::UserReactivated(e) => {
                 status_changed(conn, generation, event, UserStatus::Active, e.reactivated_at).await
             }
-            UserEvent::UserErased(e) => erased(conn, generation, event, e.erased_at).await,
+            UserEvent::UserErased(e) => erased(conn, event, e.erased_at).await,
         },
         AuditEvent::AGGREGATE_TYPE => {
             match AuditEvent::decode(&event.event_type, &event.data).ok_or_else(unknown)?? {
@@ -63,10 +65,9 @@ pub(crate) async fn apply(conn: &mut PgConnection, generation: i32, event: &Reco
 /// Whether an event can be applied in a multi-row insert with others of its run: a registration or a refused
 /// attempt, which depend on no earlier row.
 pub(crate) fn batchable(event: &RecordedEvent) -> bool {
-    matches!(
-        (event.aggregate_type.as_str(), event.event_type.as_str()),
-        ("User", "UserRegistered") | ("UserRegistrationAudit", "UserRegistrationFailed")
-    )
+    (event.aggregate_type == UserEvent::AGGREGATE_TYPE && event.event_type == UserRegistered::EVENT_TYPE)
+        || (event.aggregate_type == AuditEvent::AGGREGATE_TYPE
+            && event.event_type == UserRegistrationFailed::EVENT_TYPE)
 }
 
 /// A run of [`batchable`] events as the rows they insert: one insert for the registrations, one for the refused
@@ -280,7 +281,7 @@ async fn profile_updated(
         "UPDATE users_read_rows SET github_username = coalesce($4, github_username), \
          display_name = coalesce($5, display_name), avatar_url = coalesce($6, avatar_url), \
          updated_at = $7, version = $3, position = $8 \
-         WHERE generation = $1 AND id = $2 AND version = $3 - 1",
+         WHERE generation = $1 AND id = $2 AND version = $3 - 1 AND status <> 'erased'",
     )
     .bind(generation)
     .bind(event.aggregate_id)
@@ -341,7 +342,7 @@ async fn status_changed(
 ) -> Result<(), ApplyError> {
     let changed = sqlx::query(
         "UPDATE users_read_rows SET status = $4, updated_at = $5, version = $3, position = $6 \
-         WHERE generation = $1 AND id = $2 AND version = $3 - 1",
+         WHERE generation = $1 AND id = $2 AND version = $3 - 1 AND status <> 'erased'",
     )
     .bind(generation)
     .bind(event.aggregate_id)
@@ -356,33 +357,36 @@ async fn status_changed(
 }
 
 /// The person is erased: their row keeps only the id, status and bookkeeping, and their refused attempts lose
-/// their identities, in the read models' every copy (this generation's).
-async fn erased(
-    conn: &mut PgConnection,
-    generation: i32,
-    event: &RecordedEvent,
-    at: DateTime<Utc>,
-) -> Result<(), ApplyError> {
-    let changed = sqlx::query(
+/// their identities, in every generation of the read models (the one this step writes, and any other: a rebuild's
+/// half-filled one, which a killed rebuild may have left behind).
+///
+/// Unlike every other update, the scrub depends on no earlier row: it applies whatever version the row is at, and
+/// moves the row to the erasure's version, so that the user's earlier events, should they be applied later (a
+/// dead letter replayed, a rebuild catching up), count as applied already and bring nothing back.
+async fn erased(conn: &mut PgConnection, event: &RecordedEvent, at: DateTime<Utc>) -> Result<(), ApplyError> {
+    sqlx::query(
         "UPDATE users_read_rows SET status = 'erased', auth0_id = NULL, github_id = NULL, github_username = NULL, \
-         display_name = NULL, avatar_url = NULL, updated_at = $4, version = $3, position = $5 \
-         WHERE generation = $1 AND id = $2 AND version = $3 - 1",
+         display_name = NULL, avatar_url = NULL, updated_at = greatest(updated_at, $3), \
+         version = greatest(version, $2), position = greatest(position, $4) \
+         WHERE id = $1",
     )
-    .bind(generation)
     .bind(event.aggregate_id)
     .bind(i32::try_from(event.version).unwrap_or(i32::MAX))
     .bind(at)
     .bind(event.position)
     .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    .await?;
     sqlx::query(
         "UPDATE registration_failures_rows SET auth0_id = NULL, github_id = NULL \
-         WHERE generation = $1 AND duplicate_user_id = $2 AND (auth0_id IS NOT NULL OR github_id IS NOT NULL)",
+         WHERE duplicate_user_id = $1 AND (auth0_id IS NOT NULL OR github_id IS NOT NULL)",
     )
-    .bind(generation)
     .bind(event.aggregate_id)
     .execute(&mut *conn)
     .await?;
-    next_version_applied(conn, generation, event, changed).await
+    Ok(())
+}
+
+/// Whether an event is an erasure, which applies even while its aggregate is parked (see [`erased`]).
+pub(crate) fn is_erasure(event: &RecordedEvent) -> bool {
+    event.aggregate_type == UserEvent::AGGREGATE_TYPE && event.event_type == UserErased::EVENT_TYPE
 }

@@ -12,10 +12,11 @@ use fred::prelude::*;
 use fred::types::Value;
 use kiroku_event_store::Position;
 use kiroku_platform::Shutdown;
-use kiroku_relay::stream::{self, DeadLetterEntry, Entry};
+use kiroku_relay::stream::{self, Entry};
 use tracing::Instrument;
 
-use crate::projection::{DeadLetter, PROJECTION, Projection, Source, Step, Target};
+use crate::dead_letters::DeadLetterStream;
+use crate::projection::{PROJECTION, Projection, Source, Step, Target};
 
 /// How often a projector with a quiet stream looks at the event store anyway.
 const STORE_LOOK_EVERY: Duration = Duration::from_secs(2);
@@ -27,7 +28,6 @@ type RawEntry = (String, HashMap<String, String>);
 #[derive(Clone, Debug)]
 pub(crate) struct ConsumerSettings {
     pub stream_key: String,
-    pub dead_letter_key: String,
     pub group: String,
     pub consumer: String,
     pub claim_idle: Duration,
@@ -35,13 +35,7 @@ pub(crate) struct ConsumerSettings {
 
 impl ConsumerSettings {
     pub(crate) fn new(prefix: &str, consumer: String, claim_idle: Duration) -> Self {
-        ConsumerSettings {
-            stream_key: stream::events_key(prefix),
-            dead_letter_key: stream::dead_letters_key(prefix),
-            group: PROJECTION.to_owned(),
-            consumer,
-            claim_idle,
-        }
+        ConsumerSettings { stream_key: stream::events_key(prefix), group: PROJECTION.to_owned(), consumer, claim_idle }
     }
 }
 
@@ -51,12 +45,19 @@ pub(crate) struct Consumer {
     redis: Client,
     /// For the blocking `XREADGROUP` only.
     reader: Client,
+    dead_letters: DeadLetterStream,
     settings: ConsumerSettings,
 }
 
 impl Consumer {
-    pub(crate) fn new(projection: Projection, redis: Client, reader: Client, settings: ConsumerSettings) -> Self {
-        Consumer { projection, redis, reader, settings }
+    pub(crate) fn new(
+        projection: Projection,
+        redis: Client,
+        reader: Client,
+        dead_letters: DeadLetterStream,
+        settings: ConsumerSettings,
+    ) -> Self {
+        Consumer { projection, redis, reader, dead_letters, settings }
     }
 
     /// Runs until shutdown; a step in progress finishes first.
@@ -225,12 +226,12 @@ impl Consumer {
         kiroku_platform::trace::link_to_events(&span, delivered.iter().map(|d| &d.event.metadata));
         let mut step = self.projection.step(Target::Active, &delivered).instrument(span).await?;
         source.note(&step, !entries.is_empty());
-        self.publish_dead_letters(&step.dead_lettered).await;
+        self.dead_letters.publish(&step.dead_lettered).await;
         // A broken chain was read from the store in batches: go on until the delivered entries are covered.
         while !step.blocked && (step.more || (step.checkpoint < wanted && step.applied + step.parked > 0)) {
             step = self.projection.step(Target::Active, &[]).await?;
             source.note(&step, !entries.is_empty());
-            self.publish_dead_letters(&step.dead_lettered).await;
+            self.dead_letters.publish(&step.dead_lettered).await;
         }
         let done: Vec<&str> = entries
             .iter()
@@ -242,15 +243,6 @@ impl Consumer {
                 self.redis.xack(&self.settings.stream_key, &self.settings.group, done).await.context("XACK")?;
         }
         Ok(step.blocked)
-    }
-
-    async fn publish_dead_letters(&self, dead: &[DeadLetter]) {
-        for letter in dead {
-            if let Err(error) = publish_dead_letter(&self.redis, &self.settings.dead_letter_key, letter).await {
-                // The failure row in PostgreSQL stays the record; `kiroku projector dead-letters` lists it.
-                tracing::warn!(%error, position = %letter.event.position, "could not publish a dead letter");
-            }
-        }
     }
 }
 
@@ -326,16 +318,4 @@ fn entries_of(value: Value) -> Vec<RawEntry> {
             Some((id, fields))
         })
         .collect()
-}
-
-/// Adds a dead letter to `{prefix}:events:dead`.
-async fn publish_dead_letter(redis: &Client, key: &str, letter: &DeadLetter) -> Result<()> {
-    let entry = DeadLetterEntry {
-        projection: PROJECTION.to_owned(),
-        event: letter.event.clone(),
-        attempts: letter.attempts,
-        error: letter.error.clone(),
-    };
-    let _: String = redis.xadd(key, false, None, "*", entry.encode()).await?;
-    Ok(())
 }

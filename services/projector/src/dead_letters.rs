@@ -7,12 +7,91 @@ use std::collections::HashSet;
 use anyhow::{Context, Result};
 use fred::prelude::*;
 use kiroku_event_store::Position;
-use kiroku_relay::stream;
+use kiroku_relay::stream::{self, DeadLetterEntry};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::apply::apply;
-use crate::projection::{PROJECTION, Projection};
+use crate::projection::{DeadLetter, PROJECTION, Projection};
+
+/// `{prefix}:events:dead`, where dead letters are published for whoever watches Redis. PostgreSQL's
+/// `projection_failures` stays the record: a dead letter that cannot be published is logged, not lost.
+#[derive(Clone)]
+pub struct DeadLetterStream {
+    redis: Client,
+    key: String,
+}
+
+impl DeadLetterStream {
+    pub fn new(redis: Client, prefix: &str) -> Self {
+        DeadLetterStream { redis, key: stream::dead_letters_key(prefix) }
+    }
+
+    /// Publishes what a step dead-lettered, as stored (sealed).
+    pub(crate) async fn publish(&self, dead: &[DeadLetter]) {
+        for letter in dead {
+            let entry = DeadLetterEntry {
+                projection: PROJECTION.to_owned(),
+                generation: letter.generation,
+                event: letter.event.clone(),
+                attempts: letter.attempts,
+                error: letter.error.clone(),
+            };
+            let added: Result<String, _> = self.redis.xadd(&self.key, false, None, "*", entry.encode()).await;
+            if let Err(error) = added {
+                // The failure row in PostgreSQL stays the record; `kiroku projector dead-letters` lists it.
+                tracing::warn!(%error, position = %letter.event.position, "could not publish a dead letter");
+            }
+        }
+    }
+
+    /// Removes every entry that is not a dead letter of generation `keep` in PostgreSQL: those of generations that
+    /// were replaced or dropped (a rebuild's), and those of events replayed since. Run once the other generations'
+    /// rows are gone.
+    pub(crate) async fn keep_only(&self, pool: &PgPool, keep: i32) -> Result<()> {
+        let dead: HashSet<Position> = sqlx::query_scalar(
+            "SELECT position FROM projection_failures WHERE projection = $1 AND generation = $2 AND state = 'dead'",
+        )
+        .bind(PROJECTION)
+        .bind(keep)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .collect();
+        let entries: Vec<(String, std::collections::HashMap<String, String>)> =
+            self.redis.xrange(&self.key, "-", "+", None).await.context("read the dead-letter stream")?;
+        let doomed: Vec<String> = entries
+            .into_iter()
+            .filter(|(_, fields)| {
+                let generation = fields.get("generation").and_then(|g| g.parse::<i32>().ok());
+                // Entries from before generations were recorded name none: kept while their event is dead here.
+                generation.is_some_and(|g| g != keep)
+                    || stream::entry_position(fields).is_none_or(|p| !dead.contains(&p))
+            })
+            .map(|(id, _)| id)
+            .collect();
+        if !doomed.is_empty() {
+            let _: i64 =
+                self.redis.xdel(&self.key, doomed).await.context("XDEL dead letters of a replaced generation")?;
+        }
+        Ok(())
+    }
+
+    /// Removes the entries of a replayed dead letter.
+    async fn remove(&self, position: Position) -> Result<()> {
+        let entries: Vec<(String, std::collections::HashMap<String, String>)> =
+            self.redis.xrange(&self.key, "-", "+", None).await.context("read the dead-letter stream")?;
+        let ids: Vec<String> = entries
+            .into_iter()
+            .filter(|(_, fields)| stream::entry_position(fields) == Some(position))
+            .map(|(id, _)| id)
+            .collect();
+        if !ids.is_empty() {
+            let _: i64 = self.redis.xdel(&self.key, ids).await.context("XDEL a replayed dead letter")?;
+        }
+        Ok(())
+    }
+}
 
 /// A dead letter (`state` "dead") or an event parked behind one ("parked"), in the active generation.
 #[derive(Debug, Clone)]
@@ -49,7 +128,7 @@ pub async fn list(pool: &PgPool) -> Result<Vec<DeadLetterRow>> {
 /// generation. Those that now apply leave the list (and the dead-letter stream); an aggregate stops at its first
 /// event that still fails, which keeps its new error, and its later events stay parked behind it. Passes repeat
 /// while they make progress, so that events parked during a pass are replayed too.
-pub async fn replay(pool: &PgPool, projection: &Projection, redis: &Client, dead_key: &str) -> Result<(usize, usize)> {
+pub async fn replay(pool: &PgPool, projection: &Projection, dead_letters: &DeadLetterStream) -> Result<(usize, usize)> {
     let (mut replayed, mut failed) = (0, 0);
     loop {
         let (mut progress, mut stuck) = (0, HashSet::new());
@@ -84,7 +163,7 @@ pub async fn replay(pool: &PgPool, projection: &Projection, redis: &Client, dead
                     .await?;
                     tx.commit().await?;
                     if row.state == "dead" {
-                        remove_from_stream(redis, dead_key, row.position).await?;
+                        dead_letters.remove(row.position).await?;
                     }
                     progress += 1;
                 }
@@ -111,18 +190,4 @@ pub async fn replay(pool: &PgPool, projection: &Projection, redis: &Client, dead
         }
         failed = 0;
     }
-}
-
-async fn remove_from_stream(redis: &Client, key: &str, position: Position) -> Result<()> {
-    let entries: Vec<(String, std::collections::HashMap<String, String>)> =
-        redis.xrange(key, "-", "+", None).await.context("read the dead-letter stream")?;
-    let ids: Vec<String> = entries
-        .into_iter()
-        .filter(|(_, fields)| stream::entry_position(fields) == Some(position))
-        .map(|(id, _)| id)
-        .collect();
-    if !ids.is_empty() {
-        let _: i64 = redis.xdel(key, ids).await.context("XDEL a replayed dead letter")?;
-    }
-    Ok(())
 }

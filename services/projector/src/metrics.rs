@@ -33,6 +33,10 @@ pub fn describe_metrics() {
     );
     describe_counter!("kiroku_projector_events_applied_total", "events applied, by source (stream, store)");
     describe_counter!(
+        "kiroku_projector_events_batched_total",
+        "of the events applied, those that went in by one multi-row insert of their run (the rest one by one)"
+    );
+    describe_counter!(
         "kiroku_projector_events_parked_total",
         "events set aside behind a dead letter of their aggregate"
     );
@@ -46,6 +50,7 @@ pub fn describe_metrics() {
         metrics::counter!("kiroku_projector_events_applied_total", "source" => source).increment(0);
     }
     for counter in [
+        "kiroku_projector_events_batched_total",
         "kiroku_projector_events_parked_total",
         "kiroku_projector_dead_lettered_total",
         "kiroku_projector_autoclaim_takeovers_total",
@@ -79,6 +84,7 @@ pub(crate) fn record_step(step: &Step) {
         crate::projection::Source::Store => "store",
     };
     metrics::counter!("kiroku_projector_events_applied_total", "source" => source).increment(step.applied as u64);
+    metrics::counter!("kiroku_projector_events_batched_total").increment(step.batched as u64);
     metrics::counter!("kiroku_projector_events_parked_total").increment(step.parked as u64);
     metrics::counter!("kiroku_projector_dead_lettered_total").increment(step.dead_lettered.len() as u64);
 }

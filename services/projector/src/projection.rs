@@ -23,7 +23,7 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use std::sync::Arc;
 use uuid::Uuid;
 
-use crate::apply::{ApplyError, Run, apply, batchable};
+use crate::apply::{ApplyError, Run, apply, batchable, is_erasure};
 
 /// The projection's name in `projections`, `projection_checkpoints` and the consumer group.
 pub const PROJECTION: &str = "users";
@@ -37,6 +37,8 @@ const REBUILD_BATCH: u32 = 2000;
 /// An event that failed too often and was skipped.
 #[derive(Clone, Debug)]
 pub struct DeadLetter {
+    /// The generation of the read models it failed in.
+    pub generation: i32,
     pub event: RecordedEvent,
     pub attempts: i32,
     pub error: String,
@@ -59,6 +61,8 @@ pub enum Source {
 pub struct Step {
     pub checkpoint: Position,
     pub applied: usize,
+    /// Of those applied, the events that went in by a multi-row insert of their run (the rest one by one).
+    pub batched: usize,
     /// Events of parked aggregates set aside.
     pub parked: usize,
     pub source: Source,
@@ -257,7 +261,7 @@ impl Projection {
         let unprepared: &[RecordedEvent] = match prepared.filter(|_| parked.is_empty()) {
             Some(prepared) => {
                 match prepared.insert(&mut tx, generation).await {
-                    Ok(()) => step.applied = events.len(),
+                    Ok(()) => (step.applied, step.batched) = (events.len(), events.len()),
                     Err(error) => failure = Some(error),
                 }
                 &[]
@@ -265,7 +269,8 @@ impl Projection {
             None => &events,
         };
         for event in unprepared {
-            let parked_event = parked.contains(&event.aggregate_id);
+            // An erasure is applied whatever is parked: its scrub depends on no earlier row (see `apply::erased`).
+            let parked_event = parked.contains(&event.aggregate_id) && !is_erasure(event);
             if !parked_event && batchable(event) {
                 run.push(event);
                 continue;
@@ -275,6 +280,7 @@ impl Projection {
                 break;
             }
             step.applied += run.len();
+            step.batched += run.len();
             run.clear();
             if parked_event {
                 park(&mut tx, generation, event).await?;
@@ -289,14 +295,14 @@ impl Projection {
         }
         if failure.is_none() {
             match apply_run(&mut tx, generation, &run).await {
-                Ok(()) => step.applied += run.len(),
+                Ok(()) => (step.applied, step.batched) = (step.applied + run.len(), step.batched + run.len()),
                 Err(error) => failure = Some(error),
             }
         }
         if let Some(error) = failure {
             tx.rollback().await?;
             tracing::warn!(%error, "a batch failed; applying it event by event");
-            return self.step_one_by_one(target, &events, source).await;
+            return self.step_one_by_one(target, &events, source, more).await;
         }
         step.checkpoint = events.last().map(|e| e.position).unwrap_or(checkpoint);
         if let Some(through) = through.filter(|_| !more) {
@@ -344,14 +350,24 @@ impl Projection {
     /// The slow path after a failed batch: each event in a savepoint. The first failing event gets one more
     /// attempt recorded; once it has failed `max_attempts` times it is dead-lettered and skipped, its aggregate
     /// parked, and the rest goes on. Otherwise the step stops before it, to retry later.
-    async fn step_one_by_one(&self, target: Target, events: &[RecordedEvent], source: Source) -> anyhow::Result<Step> {
+    ///
+    /// `more` is what the batch's read said (a full read: the log may go on after it). The step reports it, or
+    /// more to come when it stopped short of its batch: a rebuild that took a failed batch for the end of the log
+    /// would stop filling early and catch up the rest while it holds the flip.
+    async fn step_one_by_one(
+        &self,
+        target: Target,
+        events: &[RecordedEvent],
+        source: Source,
+        more: bool,
+    ) -> anyhow::Result<Step> {
         let mut tx = self.pool.begin().await?;
         let (generation, checkpoint) = lock(&mut tx, target).await?;
         let mut parked = parked_aggregates(&mut tx, generation).await?;
-        let mut step = Step { checkpoint, source, ..Step::default() };
+        let mut step = Step { checkpoint, source, more, ..Step::default() };
         let mut taken = 0;
         for event in events.iter().filter(|e| e.position > checkpoint) {
-            if parked.contains(&event.aggregate_id) {
+            if parked.contains(&event.aggregate_id) && !is_erasure(event) {
                 park(&mut tx, generation, event).await?;
                 step.parked += 1;
                 step.checkpoint = event.position;
@@ -370,7 +386,7 @@ impl Projection {
                     // Transient: keep what applied so far, and try this one again on the next step.
                     savepoint.rollback().await?;
                     tracing::warn!(position = %event.position, %error, "event failed to apply; will retry");
-                    step.blocked = true;
+                    (step.blocked, step.more) = (true, true);
                     break;
                 }
                 Err(error) => {
@@ -378,7 +394,7 @@ impl Projection {
                     let attempts = record_failure(&mut tx, generation, event, &error.to_string()).await?;
                     if attempts < self.max_attempts {
                         tracing::warn!(position = %event.position, attempts, %error, "event failed to apply");
-                        step.blocked = true;
+                        (step.blocked, step.more) = (true, true);
                         break;
                     }
                     tracing::error!(
@@ -398,7 +414,12 @@ impl Projection {
                         self.store.read_event(event.position).await?.ok_or_else(|| {
                             anyhow::anyhow!("dead-lettered event {} is not in the log", event.position)
                         })?;
-                    step.dead_lettered.push(DeadLetter { event: stored, attempts, error: error.to_string() });
+                    step.dead_lettered.push(DeadLetter {
+                        generation,
+                        event: stored,
+                        attempts,
+                        error: error.to_string(),
+                    });
                 }
             }
         }

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Settings;
 use crate::consumer::{Consumer, ConsumerSettings};
+use crate::dead_letters::DeadLetterStream;
 use crate::projection::Projection;
 
 /// The name under which the projector reports its health.
@@ -61,10 +62,16 @@ impl Application {
             tokio::spawn(sample_pool(pool.clone(), Duration::from_secs(5), shutdown.clone()));
         }
         let projection = Projection::new(pool.clone(), settings.max_attempts, settings.master_keys.clone());
+        let dead_letters = DeadLetterStream::new(redis.clone(), &settings.redis_prefix);
+        // What a killed rebuild left would keep rows (personal data among them) that nobody reads.
+        if let Err(error) = crate::rebuild::drop_abandoned_generations(&pool, &projection, &dead_letters).await {
+            tracing::warn!(error = format!("{error:#}"), "could not drop the generations that no rebuild owns");
+        }
         let consumer = Consumer::new(
             projection.clone(),
             redis.clone(),
             reader.clone(),
+            dead_letters,
             ConsumerSettings::new(
                 &settings.redis_prefix,
                 settings.consumer_name.clone(),

@@ -17,6 +17,10 @@ pub enum QueryError {
     ProjectionBehind(u64),
     #[error("position {requested} is above the head of the log ({head})")]
     PositionOutOfRange { requested: u64, head: u64 },
+    /// Below the head, but not final yet: a transaction still open (anywhere in the cluster) may commit an event
+    /// below it, so an answer now could differ from the same question asked later.
+    #[error("position {0} is not final yet (an open transaction may still commit below it); retry")]
+    PositionNotFinal(u64),
     #[error("the subscriber fell too far behind; resume with after_position")]
     ConsumerTooSlow,
     #[error("the server is shutting down; resume with after_position")]
@@ -78,6 +82,11 @@ impl From<QueryError> for Status {
             QueryError::NotFound(_) => Status::with_error_details(Code::NotFound, message, info("NOT_FOUND")),
             QueryError::ProjectionBehind(_) => {
                 let mut details = info("PROJECTION_BEHIND");
+                details.set_retry_info(Some(std::time::Duration::from_millis(500)));
+                Status::with_error_details(Code::Unavailable, message, details)
+            }
+            QueryError::PositionNotFinal(_) => {
+                let mut details = info("POSITION_NOT_FINAL");
                 details.set_retry_info(Some(std::time::Duration::from_millis(500)));
                 Status::with_error_details(Code::Unavailable, message, details)
             }

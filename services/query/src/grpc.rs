@@ -93,6 +93,30 @@ fn deadline<T>(request: &Request<T>) -> Option<Duration> {
     })
 }
 
+/// How long a call may wait for a position: at most [`MAX_READ_YOUR_WRITES_WAIT`], and within its deadline less
+/// a margin for the answer.
+fn patience<T>(request: &Request<T>) -> Duration {
+    deadline(request)
+        .map(|d| d.saturating_sub((d / 4).clamp(DEADLINE_MARGIN.0, DEADLINE_MARGIN.1)))
+        .unwrap_or(MAX_READ_YOUR_WRITES_WAIT)
+        .min(MAX_READ_YOUR_WRITES_WAIT)
+}
+
+/// Waits until `position` is final (at or below the safe horizon: nothing can commit at or below it any more), for
+/// at most `patience`.
+async fn wait_final(store: &EventStore, position: Position, patience: Duration) -> Result<(), QueryError> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        if store.safe_horizon().await? >= position {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(QueryError::PositionNotFinal(position.get()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The highest position anyone may hold: the highest committed, or the horizon when that is higher (an idle log's
 /// horizon passes its last event).
 pub(crate) async fn log_head(store: &EventStore) -> Result<Position, QueryError> {
@@ -103,10 +127,7 @@ pub(crate) async fn log_head(store: &EventStore) -> Result<Position, QueryError>
 #[tonic::async_trait]
 impl QueryService for QueryGrpc {
     async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<GetUserResponse>, Status> {
-        let patience = deadline(&request)
-            .map(|d| d.saturating_sub((d / 4).clamp(DEADLINE_MARGIN.0, DEADLINE_MARGIN.1)))
-            .unwrap_or(MAX_READ_YOUR_WRITES_WAIT)
-            .min(MAX_READ_YOUR_WRITES_WAIT);
+        let patience = patience(&request);
         let message = request.into_inner();
         let id = user_id("user_id", &message.user_id)?;
         if message.min_position > 0 {
@@ -205,6 +226,7 @@ impl QueryService for QueryGrpc {
         &self,
         request: Request<GetUserAsOfRequest>,
     ) -> Result<Response<GetUserAsOfResponse>, Status> {
+        let patience = patience(&request);
         let message = request.into_inner();
         let id = user_id("user_id", &message.user_id)?;
         let keep: Box<dyn Fn(&RecordedEvent) -> bool + Send> = match message.as_of {
@@ -213,6 +235,9 @@ impl QueryService for QueryGrpc {
                 if position > head.get() {
                     return Err(QueryError::PositionOutOfRange { requested: position, head: head.get() }.into());
                 }
+                // Answered once nothing can commit at or below the position any more: the same question then
+                // always gets the same answer.
+                wait_final(&self.store, Position::new(position), patience).await?;
                 Box::new(move |e| e.position.get() <= position)
             }
             Some(get_user_as_of_request::AsOf::AsOfTime(time)) => {

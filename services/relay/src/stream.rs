@@ -63,8 +63,9 @@ pub fn acl_rules(prefix: &str) -> AclRules {
                 "+xinfo|consumers",
                 "+xinfo|groups",
             ],
-            // A selector: the dead-letter stream, and only XADD on it.
-            &[format!("(~{dead} +xadd)")],
+            // A selector: the dead-letter stream, to add dead letters and to remove those of a replayed event or
+            // of a generation that was replaced.
+            &[format!("(~{dead} +xadd +xrange +xdel)")],
         ),
         query: rules(&[], &[], &[]),
     }
@@ -161,6 +162,8 @@ pub fn entry_position(fields: &HashMap<String, String>) -> Option<Position> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeadLetterEntry {
     pub projection: String,
+    /// The generation of the read models it failed in: a rebuild's dead letters go when its generation does.
+    pub generation: i32,
     pub event: RecordedEvent,
     pub attempts: i32,
     pub error: String,
@@ -172,6 +175,7 @@ impl DeadLetterEntry {
         let event = &self.event;
         vec![
             ("projection", self.projection.clone()),
+            ("generation", self.generation.to_string()),
             ("position", event.position.to_string()),
             ("event_id", event.event_id.to_string()),
             ("aggregate_id", event.aggregate_id.to_string()),

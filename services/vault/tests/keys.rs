@@ -99,7 +99,7 @@ async fn an_erased_owner_opens_as_erased_and_gets_no_new_key() {
         claims: vec![],
         idempotency: None,
         new_key: None,
-        erasure: Some(Erasure { owner: gone, redactions: vec![] }),
+        erasure: Some(Erasure { owner: gone, redactions: vec![], forget_callers: vec![] }),
     };
     store.append(&erase).await.unwrap();
 
