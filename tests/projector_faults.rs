@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::CommandApp;
-use common::direct::{cli, new_event, register_as, rename};
+use common::direct::{cli, new_event, refuse_rows, register_as, rename};
 use fred::prelude::*;
 use kiroku::v1::ListUsersRequest;
 use kiroku_domain::{Auth0Subject, GitHubId, GitHubProfile, RegisterUser, User, UserCommand};
@@ -382,15 +382,7 @@ async fn an_erasure_applies_to_a_user_parked_behind_a_dead_letter_and_a_replay_b
     common::get_user(&client, &user.user_id, user.position).await;
 
     // The read model refuses the user's deactivation: it is dead-lettered, and the user parked behind it.
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_deactivation() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
-         CREATE TRIGGER refuse_deactivation BEFORE UPDATE ON users_read_rows FOR EACH ROW \
-         WHEN (NEW.status = 'deactivated') EXECUTE FUNCTION refuse_deactivation();",
-    )
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
+    refuse_rows(&app, "refuse_deactivation", "UPDATE", "NEW.status = 'deactivated'").await;
     let mut commands = app.client.clone();
     commands
         .deactivate_user(DeactivateUserRequest {

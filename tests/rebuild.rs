@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::CommandApp;
-use common::direct::{cli, register_as, rename};
+use common::direct::{cli, refuse_rows, register_as, rename};
 use fred::prelude::*;
 use kiroku::v1::{EraseUserRequest, UserStatus};
 use kiroku_event_store::{EventStore, Position};
@@ -76,15 +76,7 @@ async fn a_poison_event_in_a_rebuild_is_dead_lettered_to_redis_and_the_fill_goes
     let ids = register_many(&store, 30_000, 2_500).await;
     let poison = ids[10];
     // The new generation refuses the poisoned user's row.
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
-         CREATE TRIGGER refuse_poison BEFORE INSERT ON users_read_rows FOR EACH ROW \
-         WHEN (NEW.generation = 2 AND NEW.github_username = 'user30010') EXECUTE FUNCTION refuse_poison();",
-    )
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
+    refuse_rows(&app, "refuse_poison", "INSERT", "NEW.generation = 2 AND NEW.github_username = 'user30010'").await;
     wait_final(&store).await;
 
     let dead_letters = app.dead_letter_stream().await;
@@ -172,15 +164,7 @@ async fn a_rebuild_under_concurrent_appends_with_a_parked_user_flips_to_what_a_f
     let app = CommandApp::spawn().await;
     let store = EventStore::new(app.db.pool.clone());
     // A user whose first rename no generation of the read model takes: dead-lettered, the next one parked.
-    sqlx::raw_sql(
-        "CREATE FUNCTION refuse_rename() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
-         CREATE TRIGGER refuse_rename BEFORE UPDATE ON users_read_rows FOR EACH ROW \
-         WHEN (NEW.github_username = 'poisoned') EXECUTE FUNCTION refuse_rename();",
-    )
-    .execute(&app.db.pool)
-    .await
-    .unwrap();
+    refuse_rows(&app, "refuse_rename", "UPDATE", "NEW.github_username = 'poisoned'").await;
     let parked = Uuid::now_v7();
     register_as(&store, parked, 50_000).await;
     rename(&store, parked, 1, "poisoned").await;

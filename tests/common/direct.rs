@@ -95,3 +95,15 @@ pub async fn cli(app: &CommandApp, args: &[&str]) -> Vec<serde_json::Value> {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8(output.stdout).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect()
 }
+
+/// Makes the read model refuse rows: a trigger named `name` that raises on `operation` (`INSERT`, `UPDATE`) of a
+/// row of `users_read_rows` for which `when` holds (over `NEW`), so that the event writing it cannot apply.
+pub async fn refuse_rows(app: &CommandApp, name: &str, operation: &str, when: &str) {
+    let sql = format!(
+        "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
+         CREATE TRIGGER {name} BEFORE {operation} ON users_read_rows FOR EACH ROW \
+         WHEN ({when}) EXECUTE FUNCTION {name}();"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&app.db.pool).await.unwrap();
+}
