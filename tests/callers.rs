@@ -12,6 +12,7 @@ use kiroku_dev_identity::unix_now;
 use kiroku_platform::caller::{READ, REGISTER, WATCH};
 use kiroku_testkit::with_caller;
 use serde_json::json;
+use std::time::Duration;
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
@@ -31,9 +32,21 @@ async fn a_call_without_a_valid_caller_token_is_unauthenticated_and_writes_nothi
     let now = unix_now();
     let claims = |audience: &str, exp: u64| {
         json!({
-            "iss": app.issuer(), "aud": audience, "sub": "svc@clients", "azp": "svc",
+            "iss": app.issuer(), "aud": audience, "sub": "svc@clients", "azp": "svc", "gty": "client-credentials",
             "permissions": ["kiroku:register"], "iat": now - 600, "exp": exp,
         })
+    };
+    // What a signed-in user can get from a tenant without RBAC on the API: the API's audience, any scope, but a
+    // user's grant (no `gty: client-credentials`).
+    let user_for_the_api = |grant: Option<&str>| {
+        let mut claims = json!({
+            "iss": app.issuer(), "aud": API_AUDIENCE, "sub": "github|6001", "azp": "spa-client",
+            "scope": "openid kiroku:register kiroku:read kiroku:admin", "iat": now, "exp": now + 600,
+        });
+        if let Some(grant) = grant {
+            claims["gty"] = json!(grant);
+        }
+        app.key.sign(&claims).unwrap()
     };
     let refusals = [
         ("no token", None),
@@ -43,6 +56,8 @@ async fn a_call_without_a_valid_caller_token_is_unauthenticated_and_writes_nothi
         ("a token for another API", Some(app.key.sign(&claims("https://elsewhere/api", now + 600)).unwrap())),
         ("an expired token", Some(app.key.sign(&claims(API_AUDIENCE, now - 120)).unwrap())),
         ("a token of another key", Some(common::other_key().sign(&claims(API_AUDIENCE, now + 600)).unwrap())),
+        ("an end user's token for the API", Some(user_for_the_api(None))),
+        ("an end user's refreshed token for the API", Some(user_for_the_api(Some("refresh_token")))),
     ];
     for (what, token) in refusals {
         let channel = channel(app.address).await;
@@ -96,7 +111,7 @@ async fn each_rpc_needs_its_permission_from_permissions_or_scope() {
         .key
         .sign(&json!({
             "iss": app.issuer(), "aud": [API_AUDIENCE, "https://other/api"], "sub": "svc@clients", "azp": "svc",
-            "scope": "kiroku:read kiroku:register", "iat": now, "exp": now + 600,
+            "gty": "client-credentials", "scope": "kiroku:read kiroku:register", "iat": now, "exp": now + 600,
         }))
         .unwrap();
     let registered = commands(scoped.clone()).await.register_user(register_request(&app, 6101)).await.unwrap();
@@ -170,8 +185,47 @@ async fn past_a_cap_a_call_is_resource_exhausted_with_retry_info_never_a_stall()
     let shed = client.clone().list_users(ListUsersRequest::default()).await.unwrap_err();
     assert_eq!((shed.code(), reason(&shed)), (Code::ResourceExhausted, "LIMIT_REACHED".to_owned()));
     assert!(shed.get_details_retry_info().is_some());
+    // A call without a valid caller is refused before it can take a place: at the limit it is still told why.
+    let stranger = QueryServiceClient::new(channel(query.address).await)
+        .list_users(ListUsersRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!((stranger.code(), reason(&stranger)), (Code::Unauthenticated, "CALLER_UNAUTHENTICATED".to_owned()));
     let waited = waiting.await.unwrap().unwrap_err();
     assert_eq!(reason(&waited), "PROJECTION_BEHIND");
+    client.clone().list_users(ListUsersRequest::default()).await.unwrap();
+    query.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn one_caller_cannot_take_every_place_in_flight() {
+    let app = CommandApp::spawn().await;
+    let (query, client) = app.start_query(&[("KIROKU_MAX_IN_FLIGHT_PER_CALLER", "1")]).await;
+    app.github_knows(6401, "waiting", None).await;
+    let registered = app.register(6401, "").await.unwrap();
+    // The caller's one place: a GetUser that waits for a position no projector will reach.
+    let waiting = {
+        let mut client = client.clone();
+        let mut request = tonic::Request::new(kiroku::v1::GetUserRequest {
+            user_id: registered.user_id.clone(),
+            min_position: registered.position,
+        });
+        request.set_timeout(std::time::Duration::from_secs(3));
+        tokio::spawn(async move { client.get_user(request).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let shed = client.clone().list_users(ListUsersRequest::default()).await.unwrap_err();
+    assert_eq!((shed.code(), reason(&shed)), (Code::ResourceExhausted, "LIMIT_REACHED".to_owned()), "{shed:?}");
+    assert!(shed.message().contains("this caller"), "{shed:?}");
+    // Another caller still gets in.
+    let other = app.key.mint_caller(&app.issuer(), API_AUDIENCE, "other-service", &[READ], Duration::from_secs(600));
+    QueryServiceClient::new(with_caller(channel(query.address).await, &other.unwrap()))
+        .list_users(ListUsersRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(reason(&waiting.await.unwrap().unwrap_err()), "PROJECTION_BEHIND");
+    // The place is given back when the call ends.
     client.clone().list_users(ListUsersRequest::default()).await.unwrap();
     query.stop().await;
     app.stop().await;

@@ -36,6 +36,20 @@ pub struct Settings {
     pub master_keys: std::sync::Arc<kiroku_vault::MasterKeys>,
 }
 
+/// `KIROKU_API_AUDIENCE`, which must differ from `KIROKU_AUTH0_AUDIENCE`: with one audience for both, an end
+/// user's token would pass as a caller's (up to its grant) and a caller's as an end user's.
+fn distinct_audience(source: &dyn Source) -> Result<String, ConfigError> {
+    let api = config::required(source, &config::API_AUDIENCE)?;
+    let user = config::required(source, &AUTH0_AUDIENCE)?;
+    if api.trim_end_matches('/') == user.trim_end_matches('/') {
+        return Err(ConfigError::new(
+            config::API_AUDIENCE.name,
+            "must differ from KIROKU_AUTH0_AUDIENCE (callers' tokens and end users' tokens are for different audiences)",
+        ));
+    }
+    Ok(api)
+}
+
 /// Where GitHub profiles come from.
 #[derive(Clone)]
 pub struct GitHubSettings {
@@ -117,6 +131,7 @@ pub const SETTINGS: &[Setting] = &[
     config::TLS_CLIENT_CA,
     config::ALLOW_PLAINTEXT,
     config::MAX_IN_FLIGHT,
+    config::MAX_IN_FLIGHT_PER_CALLER,
     config::REQUEST_TIMEOUT_MS,
     config::MAX_STREAMS_PER_CONNECTION,
     REDIS_MAXLEN,
@@ -148,7 +163,7 @@ impl Settings {
             limits: config::server_limits(source)?,
             tenant,
             user_audience: config::required(source, &AUTH0_AUDIENCE)?,
-            api_audience: config::required(source, &config::API_AUDIENCE)?,
+            api_audience: distinct_audience(source)?,
             github: GitHubSettings {
                 api_url: config::web_url(GITHUB_API_URL.name, &config::required(source, &GITHUB_API_URL)?)?,
                 token: GITHUB_TOKEN.get(source).map(Secret::new),
@@ -209,6 +224,21 @@ mod tests {
         for name in read.into_inner().unwrap() {
             assert!(SETTINGS.iter().any(|s| s.name == name), "{name} is read but not in SETTINGS");
         }
+    }
+
+    #[test]
+    fn one_audience_for_callers_and_end_users_is_refused_naming_both() {
+        let same: &'static [(&'static str, &'static str)] = Box::leak(
+            [
+                &BASE[..3],
+                &[("KIROKU_AUTH0_AUDIENCE", "https://kiroku/api"), ("KIROKU_API_AUDIENCE", "https://kiroku/api/")],
+            ]
+            .concat()
+            .into_boxed_slice(),
+        );
+        let error = from(same).err().unwrap();
+        assert_eq!(error.name, "KIROKU_API_AUDIENCE");
+        assert!(error.to_string().contains("KIROKU_AUTH0_AUDIENCE"), "{error}");
     }
 
     #[test]

@@ -100,6 +100,8 @@ impl SigningKey {
             "aud": audience,
             "sub": format!("{client}@clients"),
             "azp": client,
+            // What Auth0 writes into a token of the client-credentials grant, which kiroku requires of callers.
+            "gty": "client-credentials",
             "permissions": permissions,
             "iat": now,
             "nbf": now,

@@ -52,6 +52,9 @@ pub struct VerifiedToken {
     pub permissions: Vec<String>,
     /// `exp`, in seconds since the epoch.
     pub expires_at: u64,
+    /// `gty`, the grant that issued the token: Auth0 writes `client-credentials` into a machine-to-machine token,
+    /// and nothing (or another grant) into a user's.
+    pub grant_type: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -65,6 +68,8 @@ struct Claims {
     permissions: Option<Vec<String>>,
     #[serde(default)]
     scope: Option<String>,
+    #[serde(default)]
+    gty: Option<String>,
 }
 
 /// The signing keys of the last JWKS fetched.
@@ -160,7 +165,13 @@ impl TokenVerifier {
             (None, Some(scope)) => scope.split_whitespace().map(str::to_owned).collect(),
             (None, None) => Vec::new(),
         };
-        Ok(VerifiedToken { subject: claims.sub, authorized_party: claims.azp, permissions, expires_at: claims.exp })
+        Ok(VerifiedToken {
+            subject: claims.sub,
+            authorized_party: claims.azp,
+            permissions,
+            expires_at: claims.exp,
+            grant_type: claims.gty,
+        })
     }
 }
 

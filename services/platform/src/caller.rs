@@ -6,7 +6,10 @@
 //! `CALLER_UNAUTHENTICATED`, a missing permission PERMISSION_DENIED `PERMISSION_MISSING` (metadata `permission`).
 //! The verified [`Caller`] goes into the request's extensions, for the handlers (event metadata) and into the
 //! RPC's span (the access log). The end user's token in RegisterUser's body is a different token, for another
-//! audience: a user token is never a caller token, nor the reverse.
+//! audience: a user token is never a caller token, nor the reverse. A caller is a machine: its token must be one
+//! that Auth0 issued by the client-credentials grant (`gty: client-credentials`). In a tenant without RBAC on the
+//! API, any signed-in user could otherwise ask Auth0 for a token of the API's audience with any scope, and call
+//! kiroku as an administrator.
 //!
 //! A service calls with the same token for as long as it lives (Auth0's machine-to-machine tokens last hours), so
 //! a verified caller token is remembered for up to a minute (never past its `exp`): the signature is checked
@@ -45,6 +48,9 @@ pub const ADMIN: &str = "kiroku:admin";
 pub const ALL: [&str; 4] = [REGISTER, READ, WATCH, ADMIN];
 
 const ERROR_DOMAIN: &str = "kiroku.v1";
+
+/// The `gty` of a token that Auth0 issued to a machine-to-machine client.
+pub const MACHINE_GRANT: &str = "client-credentials";
 
 /// A verified caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,6 +126,9 @@ impl CallerAuth {
                     unauthenticated("the caller token is invalid")
                 }
             })?;
+        if verified.grant_type.as_deref() != Some(MACHINE_GRANT) {
+            return Err(unauthenticated("the caller token is not a machine-to-machine token (gty client-credentials)"));
+        }
         let needed = (self.permission)(path);
         if !verified.permissions.iter().any(|p| p == needed) {
             let metadata: HashMap<String, String> = [("permission".to_owned(), needed.to_owned())].into();

@@ -110,6 +110,11 @@ pub const MAX_IN_FLIGHT: Setting = Setting::new(
     Some("1024"),
     "calls a server handles at once; past it, RESOURCE_EXHAUSTED LIMIT_REACHED (never a queue)",
 );
+pub const MAX_IN_FLIGHT_PER_CALLER: Setting = Setting::new(
+    "KIROKU_MAX_IN_FLIGHT_PER_CALLER",
+    Some("256"),
+    "calls one caller (a token's subject) may have in flight at once; past it, LIMIT_REACHED",
+);
 pub const REQUEST_TIMEOUT_MS: Setting =
     Setting::new("KIROKU_REQUEST_TIMEOUT_MS", Some("30000"), "the longest a unary call may take, in milliseconds");
 pub const MAX_STREAMS_PER_CONNECTION: Setting =
@@ -163,6 +168,7 @@ pub fn transport(
 #[derive(Clone, Copy, Debug)]
 pub struct ServerLimits {
     pub in_flight: usize,
+    pub in_flight_per_caller: usize,
     pub request_timeout: std::time::Duration,
     pub streams_per_connection: u32,
 }
@@ -170,6 +176,7 @@ pub struct ServerLimits {
 pub fn server_limits(source: &dyn Source) -> Result<ServerLimits, ConfigError> {
     Ok(ServerLimits {
         in_flight: positive(source, &MAX_IN_FLIGHT)?,
+        in_flight_per_caller: positive(source, &MAX_IN_FLIGHT_PER_CALLER)?,
         request_timeout: std::time::Duration::from_millis(positive(source, &REQUEST_TIMEOUT_MS)?),
         streams_per_connection: positive(source, &MAX_STREAMS_PER_CONNECTION)?,
     })

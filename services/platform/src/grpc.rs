@@ -95,6 +95,7 @@ impl GrpcServer {
         let GrpcServer { mut routes, services, health_entries, callers, limits, tls } = self;
         let limits = limits.unwrap_or(ServerLimits {
             in_flight: 1024,
+            in_flight_per_caller: 256,
             request_timeout: Duration::from_secs(30),
             streams_per_connection: 256,
         });
@@ -111,8 +112,10 @@ impl GrpcServer {
             // Unary calls only: a stream's handler returns once its response starts.
             .timeout(limits.request_timeout)
             .layer(AccessLogLayer::new(served_methods(&listed)?))
-            .layer(ShedLayer::new(limits.in_flight))
+            // The caller first: a call without a valid caller token is refused before it can take a place in
+            // flight, so that unauthenticated calls cannot crowd out the callers'.
             .layer(CallerLayer::new(callers))
+            .layer(ShedLayer::new(limits.in_flight, limits.in_flight_per_caller))
             .add_routes(routes.routes());
         let served = match tls {
             Some(tls) => {

@@ -63,6 +63,7 @@ pub const SETTINGS: &[Setting] = &[
     config::TLS_CLIENT_CA,
     config::ALLOW_PLAINTEXT,
     config::MAX_IN_FLIGHT,
+    config::MAX_IN_FLIGHT_PER_CALLER,
     config::REQUEST_TIMEOUT_MS,
     config::MAX_STREAMS_PER_CONNECTION,
     WATCH_BUFFER,
