@@ -271,3 +271,114 @@ async fn no_log_line_of_any_service_holds_personal_data() {
         assert!(found.is_empty(), "a log line holds {needle:?}: {found:#?}");
     }
 }
+
+/// Bytes as they are: to send a request that is not a valid protobuf message.
+#[derive(Clone, Copy, Default)]
+struct Raw;
+
+impl tonic::codec::Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl tonic::codec::Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let remaining = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, remaining).to_vec()))
+    }
+}
+
+/// Hostile input, from a campaign of them: a malformed message is INTERNAL (as the gRPC status guide says) but is
+/// told apart from kiroku's own failures in the access log and the metrics; input echoed back (an unknown filter
+/// field, an unknown event type, a path) is cut to ~128 characters in statuses and in logs.
+#[tokio::test]
+async fn malformed_requests_are_told_apart_and_echoed_input_is_bounded() {
+    let db = TestDb::create().await.unwrap();
+    let redis = TestRedis::acquire().await.unwrap();
+    let key = kiroku_dev_identity::SigningKey::generate().unwrap();
+    let auth0 = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::path("/.well-known/jwks.json"))
+        .respond_with(wiremock::ResponseTemplate::new(200).set_body_json(kiroku_dev_identity::jwks(&[&key])))
+        .mount(&auth0)
+        .await;
+    let issuer = format!("{}/", auth0.uri());
+    let caller = key
+        .mint_caller(&issuer, "kiroku-callers", "tests", &kiroku_platform::caller::ALL, Duration::from_secs(600))
+        .unwrap();
+    let metrics = kiroku_testkit::free_address();
+    let mut query_env = env(&db, &redis, &issuer);
+    query_env.push(("KIROKU_METRICS_ADDR", metrics.to_string()));
+    let query = Logged::start("kiroku-query", query_env);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", query.address().await)).unwrap();
+    let channel = kiroku_testkit::with_caller(channel.connect().await.unwrap(), &caller);
+
+    // A truncated varint where ListUsersRequest's first field should be.
+    let mut raw = tonic::client::Grpc::new(channel.clone());
+    raw.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/kiroku.v1.QueryService/ListUsers");
+    let malformed = raw.unary(tonic::Request::new(vec![0x08, 0x80]), path, Raw).await.unwrap_err();
+    assert_eq!(malformed.code(), Code::Internal, "{malformed:?}");
+    // A path of 12 KB.
+    let long = format!("/kiroku.v1.QueryService/{}", "x".repeat(12_000));
+    raw.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::try_from(long.as_str()).unwrap();
+    let unknown = raw.unary(tonic::Request::new(Vec::new()), path, Raw).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::Unimplemented, "{unknown:?}");
+
+    // A megabyte where a name should be: refused, and echoed in a few hundred bytes at most.
+    let mut queries = QueryServiceClient::new(channel);
+    let huge = "y".repeat(1 << 20);
+    let filter = ListUsersRequest { filter: format!("{huge} = \"x\""), ..Default::default() };
+    let refused = queries.list_users(filter).await.unwrap_err();
+    let watch = WatchEventsRequest { event_types: vec![huge.clone()], ..Default::default() };
+    let unknown_type = queries.watch_events(watch).await.unwrap_err();
+    let many = WatchEventsRequest { event_types: vec!["UserRegistered".to_owned(); 65], ..Default::default() };
+    let too_many = queries.watch_events(many).await.unwrap_err();
+    for status in [&refused, &unknown_type, &too_many] {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().len() < 400, "{} bytes", status.message().len());
+        assert!(status.details().len() < 1_000, "{} bytes of details", status.details().len());
+    }
+
+    let scraped = eventually(Duration::from_secs(10), "the counted calls", || async {
+        let text = kiroku_testkit::scrape(metrics).await?;
+        let labels = [("method", "ListUsers"), ("code", "INTERNAL"), ("malformed", "true")];
+        Ok(kiroku_testkit::metric(&text, "kiroku_grpc_server_handled_total", &labels).map(|_| text))
+    })
+    .await
+    .unwrap();
+    let internal = [("code", "INTERNAL"), ("malformed", "false")];
+    assert_eq!(
+        kiroku_testkit::metric(&scraped, "kiroku_grpc_server_handled_total", &internal),
+        None,
+        "no fault of kiroku's"
+    );
+    let lines = query.stop().await;
+    let malformed_line = lines_of(&lines, "/kiroku.v1.QueryService/ListUsers");
+    assert!(
+        malformed_line.iter().any(|line| line.contains("code=INTERNAL") && line.contains("malformed=true")),
+        "{lines:#?}"
+    );
+    for line in &lines {
+        assert!(line.len() < 1_000, "an access-log line of {} bytes", line.len());
+    }
+}

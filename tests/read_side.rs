@@ -509,3 +509,129 @@ async fn a_rebuild_yields_identical_users_read_while_queries_keep_answering() {
     projector.stop().await;
     app.stop().await;
 }
+
+/// GitHub recycles logins: a user renames away from one, another account takes it and registers while the first
+/// user's row still shows it (they have not synced). LookupUser by login used to answer whichever row came first;
+/// it answers the user who took the login last, and nobody once no user holds it.
+#[tokio::test]
+async fn a_recycled_login_finds_the_user_who_holds_it_now_and_nobody_once_it_is_gone() {
+    let app = CommandApp::spawn().await;
+    let projector = app.start_projector(&[]).await;
+    let (query, client) = app.start_query(&[]).await;
+    let profile = |id: u64, login: &str, priority: u8| {
+        Mock::given(method("GET"))
+            .and(path(format!("/user/{id}")))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .insert_header("ETag", format!("\"{login}\""))
+                    .set_body_json(json!({ "id": id, "login": login, "name": null, "avatar_url": null })),
+            )
+            .with_priority(priority)
+    };
+    let sync = |github_id: u64| {
+        let (mut commands, token) = (app.client.clone(), app.token(github_id));
+        async move {
+            let request =
+                SyncGitHubProfileRequest { auth0_token: token, request_id: String::new(), expected_version: 0 };
+            commands.sync_git_hub_profile(request).await.unwrap().into_inner()
+        }
+    };
+    let by_login = |login: &str| {
+        let (mut client, login) = (client.clone(), login.to_owned());
+        async move {
+            let key = Some(lookup_user_request::Key::GithubUsername(login));
+            client.lookup_user(LookupUserRequest { key }).await.map(|r| r.into_inner().user.unwrap().user_id)
+        }
+    };
+    // Ids in this order: the later registration gets the smaller id, so that neither id order nor insertion order
+    // could pass for "who took the login last".
+    profile(9001, "Recycled", 5).mount(&app.github).await;
+    let first = app.register(9001, "").await.unwrap();
+    // The first account renames on GitHub (kiroku does not know yet); another takes the login and registers.
+    profile(9001, "first-renamed", 1).mount(&app.github).await;
+    profile(9002, "recycled", 5).mount(&app.github).await;
+    let second = app.register(9002, "").await.unwrap();
+    common::get_user(&client, &second.user_id, second.position).await;
+    for asked in ["recycled", "RECYCLED", "Recycled"] {
+        assert_eq!(by_login(asked).await.unwrap(), second.user_id, "{asked}");
+    }
+    // The first user syncs: still the second holds it.
+    let synced = sync(9001).await;
+    common::get_user(&client, &first.user_id, synced.position).await;
+    assert_eq!(by_login("recycled").await.unwrap(), second.user_id);
+    assert_eq!(by_login("first-renamed").await.unwrap(), first.user_id);
+    // The second renames too: nobody holds it now.
+    profile(9002, "second-renamed", 1).mount(&app.github).await;
+    let synced = sync(9002).await;
+    common::get_user(&client, &second.user_id, synced.position).await;
+    assert_eq!(by_login("recycled").await.unwrap_err().code(), Code::NotFound);
+    query.stop().await;
+    projector.stop().await;
+    app.stop().await;
+}
+
+/// GitHub logins are case-insensitive: LookupUser by login and ListUsers' filter on it compare them the same way
+/// (PostgreSQL's `lower` on both sides; the filter used Rust's lower-casing, which differs from a database's for
+/// letters outside ASCII).
+#[tokio::test]
+async fn lookup_by_login_and_the_login_filter_agree_on_case() {
+    let app = CommandApp::spawn().await;
+    let projector = app.start_projector(&[]).await;
+    let (query, client) = app.start_query(&[]).await;
+    app.github_knows(9101, "OctoCat", None).await;
+    app.github_knows(9102, "ÄrgerLich", None).await;
+    // Rust lower-cases a word's last Σ to ς; PostgreSQL's `lower` (character by character) to σ.
+    app.github_knows(9103, "ΟΔΟΣ", None).await;
+    app.register(9101, "").await.unwrap();
+    app.register(9102, "").await.unwrap();
+    let last = app.register(9103, "").await.unwrap();
+    common::get_user(&client, &last.user_id, last.position).await;
+    for asked in ["octocat", "OCTOCAT", "OctoCat", "ärgerlich", "ÄRGERLICH", "ÄrgerLich", "ΟΔΟΣ", "οδοσ", "οδος"]
+    {
+        let looked_up = client
+            .clone()
+            .lookup_user(LookupUserRequest { key: Some(lookup_user_request::Key::GithubUsername(asked.to_owned())) })
+            .await
+            .ok()
+            .map(|r| r.into_inner().user.unwrap().user_id);
+        let filter = format!("github_username = \"{asked}\"");
+        let listed = client
+            .clone()
+            .list_users(ListUsersRequest { page_size: 10, page_token: String::new(), filter })
+            .await
+            .unwrap()
+            .into_inner()
+            .users;
+        assert_eq!(looked_up, listed.first().map(|u| u.user_id.clone()), "{asked}: lookup and filter disagree");
+        assert!(listed.len() <= 1, "{asked}");
+    }
+    query.stop().await;
+    projector.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_history_page_token_of_an_id_that_is_no_users_is_not_found() {
+    use base64::Engine;
+    let app = CommandApp::spawn().await;
+    let (query, client) = app.start_query(&[]).await;
+    app.github_knows(9201, "paged", None).await;
+    let user = app.register(9201, "").await.unwrap();
+    let history = |user_id: String, page_token: String| {
+        let mut client = client.clone();
+        async move { client.get_user_history(GetUserHistoryRequest { user_id, page_size: 1, page_token }).await }
+    };
+    // Tokens are the client's to send; one for an unknown id is as unknown as its first page.
+    let nobody = uuid::Uuid::new_v4().to_string();
+    let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(&json!({ "k": "history", "f": nobody, "a": 1 })).unwrap());
+    let refused = history(nobody.clone(), forged).await.unwrap_err();
+    assert_eq!((refused.code(), reason(&refused).as_str()), (Code::NotFound, "NOT_FOUND"), "{refused:?}");
+    // A user's page past their last event is an empty page.
+    let past = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(&json!({ "k": "history", "f": user.user_id, "a": 5 })).unwrap());
+    let page = history(user.user_id.clone(), past).await.unwrap().into_inner();
+    assert!(page.events.is_empty() && page.next_page_token.is_empty());
+    query.stop().await;
+    app.stop().await;
+}

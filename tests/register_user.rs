@@ -432,6 +432,71 @@ async fn a_registered_identity_asking_again_costs_no_github_call_and_is_told_to_
     app.stop().await;
 }
 
+/// The limit used to be checked before an await and counted after it: 60 concurrent calls of one registered
+/// subject all passed the check, and wrote 60 audit events with a limit of 10 a minute.
+#[tokio::test]
+async fn concurrent_calls_of_one_subject_cannot_pass_its_limit_together() {
+    let app = CommandApp::spawn_with(&[("KIROKU_REFUSALS_PER_MINUTE", "10")]).await;
+    app.github_knows(8101, "crowded", None).await;
+    app.register(8101, "").await.unwrap();
+    let calls: Vec<_> = (0..60)
+        .map(|_| {
+            let (mut client, token) = (app.client.clone(), app.token(8101));
+            tokio::spawn(async move {
+                client.register_user(RegisterUserRequest { auth0_token: token, request_id: String::new() }).await
+            })
+        })
+        .collect();
+    let mut answers: HashMap<String, usize> = HashMap::new();
+    for call in calls {
+        *answers.entry(reason(&call.await.unwrap().unwrap_err())).or_default() += 1;
+    }
+    assert_eq!(answers.get("USER_ALREADY_EXISTS"), Some(&10), "{answers:?}");
+    assert_eq!(answers.get("LIMIT_REACHED"), Some(&50), "{answers:?}");
+    assert_eq!(app.count_events("UserRegistrationFailed").await, 10, "no more audit events than the limit");
+    app.stop().await;
+}
+
+/// Calls to GitHub share one budget (60 an hour without a token): a subject whose registrations keep failing at
+/// GitHub, and one that syncs again and again, are limited like refused registrations.
+#[tokio::test]
+async fn github_failures_and_syncs_count_toward_the_subjects_limit() {
+    let app = CommandApp::spawn_with(&[("KIROKU_REFUSALS_PER_MINUTE", "3")]).await;
+    Mock::given(method("GET"))
+        .and(path("/user/8201"))
+        .respond_with(ResponseTemplate::new(502))
+        .expect(3)
+        .mount(&app.github)
+        .await;
+    for _ in 0..3 {
+        assert_eq!(reason(&app.register(8201, "").await.unwrap_err()), "GITHUB_UNAVAILABLE");
+    }
+    assert_eq!(reason(&app.register(8201, "").await.unwrap_err()), "LIMIT_REACHED");
+    app.github.verify().await;
+
+    app.github_knows(8202, "syncing", None).await;
+    app.register(8202, "").await.unwrap();
+    let sync = || {
+        let mut client = app.client.clone();
+        let token = app.token(8202);
+        async move {
+            client
+                .sync_git_hub_profile(kiroku::v1::SyncGitHubProfileRequest {
+                    auth0_token: token,
+                    request_id: String::new(),
+                    expected_version: 0,
+                })
+                .await
+        }
+    };
+    for _ in 0..3 {
+        sync().await.unwrap();
+    }
+    let limited = sync().await.unwrap_err();
+    assert_eq!((limited.code(), reason(&limited)), (Code::ResourceExhausted, "LIMIT_REACHED".to_owned()));
+    app.stop().await;
+}
+
 /// A start-up hashes the claims an older kiroku wrote in clear. One whose keyed hash is held already (the identity
 /// registered twice, by versions on either side of keyed hashes) used to fail the start-up on a unique violation,
 /// at every restart; it is left as it is (and logged with its two owners), and the rest is hashed.

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::error::CommandError;
 use crate::github::{GitHubClient, GitHubError};
-use crate::limits::{RefusalLimit, Sampler};
+use crate::limits::{Sampler, SubjectLimit};
 use tracing::Instrument;
 
 /// The command side's dependencies. Use cases are methods on it, one file each.
@@ -28,8 +28,8 @@ pub(crate) struct Commands {
     pub(crate) index: BlindIndex,
     pub(crate) verifier: TokenVerifier,
     pub(crate) github: GitHubClient,
-    /// Refused registrations per subject (a signed-in user retrying in a loop).
-    pub(crate) refusals: RefusalLimit,
+    /// Costly attempts per subject (a signed-in user retrying in a loop): refused registrations, GitHub calls.
+    pub(crate) attempts: SubjectLimit,
     /// Lines about refused tokens.
     refused_tokens: Sampler,
 }
@@ -134,7 +134,7 @@ impl Commands {
             index,
             verifier,
             github,
-            refusals: RefusalLimit::new(refusals_per_minute, Duration::from_secs(60)),
+            attempts: SubjectLimit::new(refusals_per_minute, Duration::from_secs(60)),
             refused_tokens: Sampler::new(Duration::from_secs(10)),
         }
     }

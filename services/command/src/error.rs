@@ -174,6 +174,11 @@ pub(crate) enum FinalRefusal {
 }
 
 impl CommandError {
+    /// A failure of kiroku's own (its database, a bug), which costs the caller nothing of its per-subject budget.
+    pub(crate) fn is_kirokus_own(&self) -> bool {
+        matches!(self, CommandError::StoreUnavailable | CommandError::StoreFenced | CommandError::Internal(_))
+    }
+
     /// The refusal to store for this error, if it is final. A version conflict is final only when the caller
     /// named the version (`explicit_version`): one met while expecting "any" version lost a race, and a retry
     /// reads the version again.

@@ -1,41 +1,50 @@
-//! Limits that keep one caller from costing everyone: refused registrations per subject, and log lines about
-//! refused tokens (a flood of bad tokens must not become a flood of log lines).
+//! Limits that keep one caller from costing everyone: costly attempts per subject (refused registrations, calls to
+//! GitHub), and log lines about refused tokens (a flood of bad tokens must not become a flood of log lines).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// At most `max` refused registrations per subject per `window`, in this process.
-pub(crate) struct RefusalLimit {
+/// At most `max` costly attempts per subject per `window`, in this process: refused registrations, and every call
+/// that asks GitHub (a sync, a registration whose GitHub call failed). An attempt takes its place before it starts
+/// ([`SubjectLimit::take`]), so that concurrent calls of one subject cannot all pass a check made before any of
+/// them was counted; an attempt that turns out to cost nothing gives its place back ([`Attempt::free`]).
+pub(crate) struct SubjectLimit {
     max: u32,
     window: Duration,
-    /// Subject → (start of its window, refusals in it).
+    /// Subject → (start of its window, attempts in it).
     seen: Mutex<HashMap<String, (Instant, u32)>>,
 }
 
 /// How many subjects are remembered before old windows are swept (memory stays bounded under a flood).
 const SWEEP_AT: usize = 10_000;
 
-impl RefusalLimit {
-    pub(crate) fn new(max: u32, window: Duration) -> Self {
-        RefusalLimit { max, window, seen: Mutex::default() }
-    }
+/// A subject's place in its window, taken by [`SubjectLimit::take`]: it counts unless [`Attempt::free`]d.
+pub(crate) struct Attempt<'a> {
+    limit: &'a SubjectLimit,
+    subject: String,
+}
 
-    /// `Err(wait)` when `subject` has used up its refusals: it may try again after `wait`.
-    pub(crate) fn check(&self, subject: &str) -> Result<(), Duration> {
-        let Ok(seen) = self.seen.lock() else { return Ok(()) };
-        match seen.get(subject) {
-            Some((start, count)) if *count >= self.max && start.elapsed() < self.window => {
-                Err(self.window.saturating_sub(start.elapsed()))
-            }
-            _ => Ok(()),
+impl Attempt<'_> {
+    /// The attempt cost nothing (a registration that went through): its place is given back.
+    pub(crate) fn free(self) {
+        let Ok(mut seen) = self.limit.seen.lock() else { return };
+        if let Some((_, count)) = seen.get_mut(&self.subject) {
+            *count = count.saturating_sub(1);
         }
     }
+}
 
-    /// Counts one refusal of `subject`.
-    pub(crate) fn refused(&self, subject: &str) {
-        let Ok(mut seen) = self.seen.lock() else { return };
+impl SubjectLimit {
+    pub(crate) fn new(max: u32, window: Duration) -> Self {
+        SubjectLimit { max, window, seen: Mutex::default() }
+    }
+
+    /// A place for one more attempt of `subject`, counted at once; `Err(wait)` when its window is full: it may
+    /// try again after `wait`.
+    pub(crate) fn take(&self, subject: &str) -> Result<Attempt<'_>, Duration> {
+        let Ok(mut seen) = self.seen.lock() else { return Ok(Attempt { limit: self, subject: subject.to_owned() }) };
         if seen.len() >= SWEEP_AT {
             let window = self.window;
             seen.retain(|_, (start, _)| start.elapsed() < window);
@@ -44,7 +53,11 @@ impl RefusalLimit {
         if entry.0.elapsed() >= self.window {
             *entry = (Instant::now(), 0);
         }
+        if entry.1 >= self.max {
+            return Err(self.window.saturating_sub(entry.0.elapsed()));
+        }
         entry.1 += 1;
+        Ok(Attempt { limit: self, subject: subject.to_owned() })
     }
 }
 
@@ -89,18 +102,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_subject_is_limited_after_its_refusals_and_others_are_not() {
-        let limit = RefusalLimit::new(3, Duration::from_secs(60));
-        for _ in 0..3 {
-            assert!(limit.check("github|1").is_ok());
-            limit.refused("github|1");
-        }
-        let wait = limit.check("github|1").unwrap_err();
+    fn a_subject_is_limited_after_its_attempts_and_others_are_not() {
+        let limit = SubjectLimit::new(3, Duration::from_secs(60));
+        let taken: Vec<_> = (0..3).map(|_| limit.take("github|1").unwrap()).collect();
+        let wait = limit.take("github|1").err().unwrap();
         assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60));
-        assert!(limit.check("github|2").is_ok());
-        let short = RefusalLimit::new(1, Duration::ZERO);
-        short.refused("x");
-        assert!(short.check("x").is_ok(), "a window that has passed limits nothing");
+        assert!(limit.take("github|2").is_ok());
+        // An attempt that cost nothing gives its place back.
+        taken.into_iter().next().unwrap().free();
+        assert!(limit.take("github|1").is_ok());
+        assert!(limit.take("github|1").is_err());
+        let short = SubjectLimit::new(1, Duration::ZERO);
+        let _ = short.take("x").unwrap();
+        assert!(short.take("x").is_ok(), "a window that has passed limits nothing");
     }
 
     #[test]

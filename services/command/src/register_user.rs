@@ -40,8 +40,27 @@ impl Commands {
             Admitted::Repeat(stored) => return replay(stored),
         };
         let subject = github_subject(&subject)?;
-        // A subject refused again and again is told to wait, before it costs a read, an audit event or a call.
-        self.refusals.check(&subject.to_string()).map_err(|retry_after| CommandError::LimitReached { retry_after })?;
+        // A subject refused again and again is told to wait, before it costs a read, an audit event or a call. Its
+        // place is taken now, before any await, so that concurrent calls cannot all pass; a registration that goes
+        // through gives it back.
+        let attempt = self
+            .attempts
+            .take(&subject.to_string())
+            .map_err(|retry_after| CommandError::LimitReached { retry_after })?;
+        let registered = self.register_new(&subject, key, call).await;
+        if registered.is_ok() || registered.as_ref().is_err_and(CommandError::is_kirokus_own) {
+            attempt.free();
+        }
+        registered
+    }
+
+    async fn register_new(
+        &self,
+        subject: &Auth0Subject,
+        key: Option<Idempotency>,
+        call: &Call,
+    ) -> Result<Registered, CommandError> {
+        let subject = subject.clone();
         let claims: Vec<_> = User::claims(&subject).iter().map(|(kind, value)| self.claim(*kind, value)).collect();
         // Who owns the identity is known before GitHub is asked: a registered user who calls again costs kiroku
         // one indexed read, not a share of its GitHub rate limit. (The claims in the append still decide a race.)
@@ -137,7 +156,6 @@ impl Commands {
             erasure: None,
             idempotency: idempotency_record(&key, &Outcome::AlreadyExists { user_id: existing })?,
         };
-        self.refusals.refused(&subject.to_string());
         match self.store.append(&append).await {
             Ok(AppendOutcome::Appended(_)) => {
                 tracing::info!(existing_user = %existing, ?reason, "duplicate registration refused");

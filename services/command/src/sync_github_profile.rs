@@ -49,7 +49,12 @@ impl Commands {
             Admitted::New { subject, key } => (subject, key),
             Admitted::Repeat(stored) => return replay(stored),
         };
+        // Every sync asks GitHub: limited per subject like refused registrations, its place taken before any await.
+        let attempt = self.attempts.take(&subject).map_err(|retry_after| CommandError::LimitReached { retry_after })?;
         let result = self.sync_new(&subject, expected_version, &key, call).await;
+        if result.as_ref().is_err_and(CommandError::is_kirokus_own) {
+            attempt.free();
+        }
         let error = match result {
             Ok(Synced { user_id, version, position, changed: false }) => {
                 let outcome = Outcome { user_id, changed: false, refused: None };

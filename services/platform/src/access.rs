@@ -85,11 +85,14 @@ where
             .and_then(|v| v.to_str().ok())
             .filter(|v| v.len() <= 128)
             .map(str::to_owned);
+        let known = self.known.contains(&method);
+        // A path this port does not serve is the client's text: quoted up to a bound, like any input.
+        let shown = if known { std::borrow::Cow::Borrowed(method.as_str()) } else { crate::echo::clip(&method) };
         // The span shares the access log's target, so that whatever shows the line shows its fields too.
         let span = tracing::info_span!(
             target: "kiroku::access",
             "rpc",
-            method = %method,
+            method = %shown,
             request_id = tracing::field::Empty,
             command_id = tracing::field::Empty,
             caller = tracing::field::Empty,
@@ -97,7 +100,7 @@ where
             trace_id = tracing::field::Empty,
             span_id = tracing::field::Empty,
             // The span's name is a label in trace stores too: a path this port does not serve is "unknown".
-            otel.name = if self.known.contains(&method) { method.as_str() } else { "unknown" },
+            otel.name = if known { method.as_str() } else { "unknown" },
             otel.kind = "server",
             rpc.system = "grpc",
         );
@@ -105,12 +108,12 @@ where
         span.record("trace_id", trace.trace_id.as_str()).record("span_id", trace.span_id.as_str());
         let mut request = request;
         request.extensions_mut().insert(trace.traceparent);
-        let known = self.known.contains(&method);
-        let mut record = Record { span: span.clone(), method, known, started: Instant::now(), code: None };
+        let mut record =
+            Record { span: span.clone(), method, known, started: Instant::now(), code: None, malformed: false };
         Box::pin(
             async move {
                 let response = inner.call(request).await?;
-                record.code = grpc_status(response.headers());
+                record.note(response.headers());
                 Ok(response.map(|body| Logged { inner: body, record }))
             }
             .instrument(span),
@@ -137,9 +140,8 @@ where
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(trailers) = frame.trailers_ref()
-            && let Some(code) = grpc_status(trailers)
         {
-            this.record.code = Some(code);
+            this.record.note(trailers);
         }
         polled
     }
@@ -162,6 +164,31 @@ struct Record {
     known: bool,
     started: Instant,
     code: Option<tonic::Code>,
+    /// INTERNAL because the request could not be read (malformed protobuf or framing), not because kiroku failed.
+    malformed: bool,
+}
+
+/// How tonic (and prost, through it) words the INTERNAL of a request it cannot read: the gRPC status guide makes
+/// that INTERNAL, but it is the client's fault, and must not look like kiroku's.
+const MALFORMED_REQUEST: [&str; 5] = [
+    "failed to decode Protobuf message",
+    "protocol error:",
+    "Error decompressing:",
+    "Unexpected EOF decoding stream",
+    "Message compressed, compression support not enabled",
+];
+
+impl Record {
+    /// The status of a response's headers (trailers-only) or trailers, when they carry one.
+    fn note(&mut self, headers: &HeaderMap) {
+        let Some(code) = grpc_status(headers) else { return };
+        self.code = Some(code);
+        if code == tonic::Code::Internal {
+            // grpc-message is percent-encoded; the status reads it back.
+            let message = tonic::Status::from_header_map(headers).map(|s| s.message().to_owned()).unwrap_or_default();
+            self.malformed = MALFORMED_REQUEST.iter().any(|prefix| message.starts_with(prefix));
+        }
+    }
 }
 
 impl Drop for Record {
@@ -172,7 +199,8 @@ impl Drop for Record {
             Some((service, method)) if self.known => (service.to_owned(), method.to_owned()),
             _ => ("unknown".to_owned(), "unknown".to_owned()),
         };
-        metrics::counter!("kiroku_grpc_server_handled_total", "service" => service.clone(), "method" => method.clone(), "code" => code)
+        let malformed = if self.malformed { "true" } else { "false" };
+        metrics::counter!("kiroku_grpc_server_handled_total", "service" => service.clone(), "method" => method.clone(), "code" => code, "malformed" => malformed)
             .increment(1);
         metrics::histogram!("kiroku_grpc_server_handling_seconds", "service" => service, "method" => method)
             .record(elapsed.as_secs_f64());
@@ -180,7 +208,9 @@ impl Drop for Record {
         let _entered = self.span.enter();
         // Health probes (every few seconds from orchestrators) and reflection (grpcurl) are plumbing: they log
         // at debug, so that the info log is kiroku's own API.
-        if self.method.starts_with("/kiroku.") {
+        if self.malformed {
+            tracing::info!(target: "kiroku::access", %code, %latency_ms, malformed = true, "rpc finished: malformed request");
+        } else if self.method.starts_with("/kiroku.") {
             tracing::info!(target: "kiroku::access", %code, %latency_ms, "rpc finished");
         } else {
             tracing::debug!(target: "kiroku::access", %code, %latency_ms, "rpc finished");

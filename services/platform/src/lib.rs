@@ -8,6 +8,7 @@ pub mod auth;
 pub mod caller;
 pub mod config;
 mod connect;
+pub mod echo;
 mod failpoint;
 pub mod grpc;
 pub mod health;

@@ -164,9 +164,10 @@ impl UserRows {
         macro_rules! insert {
             () => {
                 "INSERT INTO users_read_rows (generation, id, auth0_id, github_id, github_username, \
-                 display_name, avatar_url, status, created_at, updated_at, version, position, registered_position) \
+                 display_name, avatar_url, status, created_at, updated_at, version, position, registered_position, \
+                 login_position) \
                  SELECT $1, u.id, u.auth0_id, u.github_id, u.login, u.name, u.avatar, 'active', u.at, u.at, \
-                        u.version, u.position, u.position \
+                        u.version, u.position, u.position, u.position \
                  FROM unnest($2::uuid[], $3::varchar[], $4::varchar[], $5::varchar[], $6::varchar[], \
                              $7::varchar[], $8::timestamptz[], $9::integer[], $10::bigint[]) \
                       AS u(id, auth0_id, github_id, login, name, avatar, at, version, position)"
@@ -280,7 +281,8 @@ async fn profile_updated(
     let changed = sqlx::query(
         "UPDATE users_read_rows SET github_username = coalesce($4, github_username), \
          display_name = coalesce($5, display_name), avatar_url = coalesce($6, avatar_url), \
-         updated_at = $7, version = $3, position = $8 \
+         updated_at = $7, version = $3, position = $8, \
+         login_position = CASE WHEN $4::varchar IS NULL THEN login_position ELSE $8 END \
          WHERE generation = $1 AND id = $2 AND version = $3 - 1 AND status <> 'erased'",
     )
     .bind(generation)

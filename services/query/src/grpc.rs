@@ -124,6 +124,14 @@ pub(crate) async fn log_head(store: &EventStore) -> Result<Position, QueryError>
     Ok(committed.max(horizon))
 }
 
+impl QueryGrpc {
+    /// Whether `id` is a user's: its stream starts with a User's event.
+    async fn is_user(&self, id: Uuid) -> Result<bool, QueryError> {
+        let first = self.store.read_stream(id, 0, 1).await?;
+        Ok(first.first().is_some_and(|e| e.aggregate_type == UserEvent::AGGREGATE_TYPE))
+    }
+}
+
 #[tonic::async_trait]
 impl QueryService for QueryGrpc {
     async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<GetUserResponse>, Status> {
@@ -206,7 +214,10 @@ impl QueryService for QueryGrpc {
             .map_err(QueryError::from)?;
         // Ids are unique across aggregates; only a User's stream is a user's history.
         let another_aggregate = events.first().is_some_and(|e| e.aggregate_type != UserEvent::AGGREGATE_TYPE);
-        if another_aggregate || (events.is_empty() && after == 0) {
+        // A page past the end is empty; but the page token of an id that is no user's (tokens are the client's to
+        // send) is NOT_FOUND, as its first page is.
+        let unknown = events.is_empty() && (after == 0 || !self.is_user(id).await?);
+        if another_aggregate || unknown {
             return Err(QueryError::NotFound("user").into());
         }
         let next_page_token = if events.len() as i64 > limit {

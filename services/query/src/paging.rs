@@ -72,9 +72,10 @@ pub(crate) enum LoginMatch {
 }
 
 impl UserFilter {
-    /// A LIKE pattern for the login (lower-cased, with `%`, `_` and `\` escaped).
+    /// A LIKE pattern for the login (with `%`, `_` and `\` escaped), which the query lower-cases as it does the
+    /// logins: PostgreSQL's `lower`, the same as LookupUser's, so that the two agree on every login.
     pub(crate) fn login_pattern(&self) -> Option<String> {
-        let escape = |s: &str| s.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+        let escape = |s: &str| s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
         match &self.login {
             None => None,
             Some(LoginMatch::Exact(login)) => Some(escape(login)),
@@ -121,7 +122,10 @@ pub(crate) fn parse_user_filter(filter: &str) -> Result<UserFilter, QueryError> 
                 parsed.login = Some(login);
             }
             "github_username" => return Err(invalid("github_username may appear once")),
-            other => return Err(invalid(&format!("unknown field {other:?}; supported: status, github_username"))),
+            other => {
+                let other = kiroku_platform::echo::clip(other);
+                return Err(invalid(&format!("unknown field {other:?}; supported: status, github_username")));
+            }
         }
     }
     Ok(parsed)

@@ -81,9 +81,12 @@ impl ReadModels {
             UserKey::Id(id) => sqlx::query(select_users!("WHERE id = $1")).bind(id),
             UserKey::Auth0Id(value) => sqlx::query(select_users!("WHERE auth0_id = $1")).bind(value.to_owned()),
             UserKey::GitHubId(value) => sqlx::query(select_users!("WHERE github_id = $1")).bind(value.to_owned()),
-            UserKey::GitHubUsername(value) => {
-                sqlx::query(select_users!("WHERE lower(github_username) = lower($1)")).bind(value.to_owned())
-            }
+            // GitHub recycles logins: of the users whose row shows it (one may not have synced since they renamed),
+            // the one who took it last holds it now. Compared as ListUsers' filter compares (`lower` on both sides).
+            UserKey::GitHubUsername(value) => sqlx::query(select_users!(
+                "WHERE lower(github_username) = lower($1) ORDER BY login_position DESC LIMIT 1"
+            ))
+            .bind(value.to_owned()),
         };
         let row = query.fetch_optional(&self.pool).await?;
         row.as_ref().map(user).transpose()
@@ -103,7 +106,7 @@ impl ReadModels {
     ) -> Result<Vec<(User, Position)>, QueryError> {
         let rows = sqlx::query(select_users!(
             "WHERE ($1::bigint IS NULL OR registered_position > $1) AND ($2::text IS NULL OR status = $2) \
-             AND ($3::text IS NULL OR lower(github_username) LIKE $3) ORDER BY registered_position LIMIT $4"
+             AND ($3::text IS NULL OR lower(github_username) LIKE lower($3)) ORDER BY registered_position LIMIT $4"
         ))
         .bind(after)
         .bind(filter.status)

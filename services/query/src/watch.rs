@@ -274,17 +274,28 @@ async fn pump(
     }
 }
 
+/// The most entries a WatchEvents filter list takes (there are far fewer event types than that).
+const MAX_FILTER_ENTRIES: usize = 64;
+
 /// Which events a subscriber wants, checked against the event and aggregate types the domain has.
 fn filter(request: &WatchEventsRequest) -> Result<LogFilter, QueryError> {
     let known_events: HashSet<&str> = UserEvent::TYPES.iter().chain(AuditEvent::TYPES).copied().collect();
     let known_aggregates = [UserEvent::AGGREGATE_TYPE, AuditEvent::AGGREGATE_TYPE];
+    // Bounded before anything else looks at them: each filter list is matched in PostgreSQL on every replay read.
+    for (field, list) in [("event_types", &request.event_types), ("aggregate_types", &request.aggregate_types)] {
+        if list.len() > MAX_FILTER_ENTRIES {
+            return Err(QueryError::invalid(field, format!("takes at most {MAX_FILTER_ENTRIES} entries")));
+        }
+    }
     for name in &request.event_types {
         if !known_events.contains(name.as_str()) {
+            let name = kiroku_platform::echo::clip(name);
             return Err(QueryError::invalid("event_types", format!("unknown event type {name:?}")));
         }
     }
     for name in &request.aggregate_types {
         if !known_aggregates.contains(&name.as_str()) {
+            let name = kiroku_platform::echo::clip(name);
             return Err(QueryError::invalid("aggregate_types", format!("unknown aggregate type {name:?}")));
         }
     }
