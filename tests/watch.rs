@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{CommandApp, Queries, reason};
+use common::{CommandApp, Queries, QueryServiceClient, reason};
 use kiroku::v1::{Event, WatchEventsRequest, WatchEventsResponse, watch_events_request, watch_events_response};
 use kiroku_event_store::{EventStore, Position};
 use tonic::{Code, Streaming};
@@ -403,6 +403,69 @@ async fn a_filtered_catch_up_sends_progress_through_stretches_it_filters_out() {
     assert!(marks.len() >= 2, "progress through the filtered stretches: {marks:?}");
     assert!(marks.windows(2).all(|w| w[0] < w[1]), "{marks:?}");
     assert!(marks.iter().all(|m| *m < caught_up) && caught_up >= last.get(), "{marks:?} then {caught_up}");
+    query.stop().await;
+    app.stop().await;
+}
+
+/// Replays share a few database connections (`KIROKU_WATCH_REPLAY_CONNECTIONS`), and one caller's replays at most
+/// a share of those: many subscribers catching up at once used to be able to take every connection of the pool,
+/// so that GetUser and the rest waited. Replays are held in the middle of their reads by a lock on the data keys
+/// (which every replay of sealed events reads), and the test counts how many wait.
+#[tokio::test]
+async fn replays_share_a_few_connections_and_one_caller_cannot_take_them_all() {
+    let app = CommandApp::spawn().await;
+    let (query, client) = app
+        .start_query(&[("KIROKU_WATCH_REPLAY_CONNECTIONS", "3"), ("KIROKU_WATCH_REPLAY_CONNECTIONS_PER_CALLER", "2")])
+        .await;
+    for id in 1..=3 {
+        app.github_knows(id, &format!("u{id}"), None).await;
+        app.register(id, "").await.unwrap();
+    }
+    let mut lock = app.db.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE data_keys IN ACCESS EXCLUSIVE MODE").execute(&mut *lock).await.unwrap();
+    let waiting = || async {
+        let count: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE relation = 'data_keys'::regclass AND NOT granted")
+                .fetch_one(&app.db.pool)
+                .await
+                .unwrap();
+        count
+    };
+    // Whatever waits already (the feed's pump, should it have new events to open).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = waiting().await;
+    let settled = |more: i64| async move {
+        let expected = before + more;
+        let seen = kiroku_testkit::eventually(Duration::from_secs(20), &format!("{expected} replays waiting"), || async {
+            Ok((waiting().await == expected).then_some(()))
+        })
+        .await;
+        assert!(seen.is_ok(), "{} wait, not {expected}", waiting().await);
+        // And no more than that, a moment later.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(waiting().await, expected);
+    };
+
+    let mut streams = Vec::new();
+    for _ in 0..40 {
+        streams.push(watch(&client, from_beginning()).await);
+    }
+    settled(2).await;
+    let other =
+        app.key.mint_caller(&app.issuer(), common::API_AUDIENCE, "other", &["kiroku:watch"], Duration::from_secs(600));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", query.address)).unwrap();
+    let other = QueryServiceClient::new(kiroku_testkit::with_caller(channel.connect().await.unwrap(), &other.unwrap()));
+    let mut theirs = watch(&other, from_beginning()).await;
+    settled(3).await;
+    // The other queries still get connections.
+    let mut asked =
+        tonic::Request::new(kiroku::v1::GetUserRequest { user_id: uuid::Uuid::new_v4().to_string(), min_position: 0 });
+    asked.set_timeout(Duration::from_secs(5));
+    assert_eq!(client.clone().get_user(asked).await.unwrap_err().code(), Code::NotFound);
+
+    lock.rollback().await.unwrap();
+    assert_eq!(collect_events(&mut theirs, 3).await.len(), 3);
+    assert_eq!(collect_events(&mut streams[39], 3).await.len(), 3, "the last replay got its turn");
     query.stop().await;
     app.stop().await;
 }

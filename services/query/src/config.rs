@@ -30,6 +30,29 @@ pub struct Settings {
     pub master_keys: std::sync::Arc<kiroku_vault::MasterKeys>,
 }
 
+/// The replays' share of the pool's connections, and one caller's share of that: below the whole of it, so that
+/// one caller's catch-ups cannot hold every replay back; and below the pool, which the other queries need.
+fn replay_connections(source: &dyn Source) -> Result<(usize, usize), ConfigError> {
+    let total: usize = config::positive(source, &WATCH_REPLAY_CONNECTIONS)?;
+    let per_caller: usize = config::positive(source, &WATCH_REPLAY_CONNECTIONS_PER_CALLER)?;
+    if total >= POOL_CONNECTIONS as usize {
+        return Err(ConfigError::new(
+            WATCH_REPLAY_CONNECTIONS.name,
+            format!("must be below the query service's {POOL_CONNECTIONS} connections"),
+        ));
+    }
+    if per_caller > total || (per_caller == total && total > 1) {
+        return Err(ConfigError::new(
+            WATCH_REPLAY_CONNECTIONS_PER_CALLER.name,
+            "must be below KIROKU_WATCH_REPLAY_CONNECTIONS",
+        ));
+    }
+    Ok((total, per_caller))
+}
+
+/// The query service's pool of database connections.
+pub const POOL_CONNECTIONS: u32 = 32;
+
 pub const QUERY_ADDR: Setting =
     Setting::new("KIROKU_QUERY_ADDR", Some("127.0.0.1:50052"), "where QueryService listens");
 pub const WATCH_BUFFER: Setting =
@@ -44,6 +67,16 @@ pub const WATCH_MAX_STREAMS: Setting =
     Setting::new("KIROKU_WATCH_MAX_STREAMS", Some("10000"), "WatchEvents streams this process serves at once");
 pub const WATCH_MAX_STREAMS_PER_CALLER: Setting =
     Setting::new("KIROKU_WATCH_MAX_STREAMS_PER_CALLER", Some("100"), "WatchEvents streams one caller may hold at once");
+pub const WATCH_REPLAY_CONNECTIONS: Setting = Setting::new(
+    "KIROKU_WATCH_REPLAY_CONNECTIONS",
+    Some("8"),
+    "database connections WatchEvents replays share (of the query service's 32); a replay waits for one",
+);
+pub const WATCH_REPLAY_CONNECTIONS_PER_CALLER: Setting = Setting::new(
+    "KIROKU_WATCH_REPLAY_CONNECTIONS_PER_CALLER",
+    Some("4"),
+    "of those, the most one caller's replays hold at once (below KIROKU_WATCH_REPLAY_CONNECTIONS)",
+);
 
 /// Every setting of `kiroku-query`, as `--help` lists them.
 pub const SETTINGS: &[Setting] = &[
@@ -70,6 +103,8 @@ pub const SETTINGS: &[Setting] = &[
     WATCH_STALL_TIMEOUT_MS,
     WATCH_MAX_STREAMS,
     WATCH_MAX_STREAMS_PER_CALLER,
+    WATCH_REPLAY_CONNECTIONS,
+    WATCH_REPLAY_CONNECTIONS_PER_CALLER,
     METRICS_ADDR,
     config::LOG_FORMAT,
     config::RUST_LOG,
@@ -82,6 +117,7 @@ impl Settings {
     pub fn from_source(source: &dyn Source) -> Result<Settings, ConfigError> {
         let client_buffer: usize = config::positive(source, &WATCH_BUFFER)?;
         let listen_addr = config::socket_addr(source, &QUERY_ADDR)?;
+        let replay_connections = replay_connections(source)?;
         Ok(Settings {
             database_url: config::database_url(source)?,
             redis_url: config::redis_url(source)?,
@@ -100,6 +136,8 @@ impl Settings {
                 stall_timeout: Duration::from_millis(config::positive(source, &WATCH_STALL_TIMEOUT_MS)?),
                 max_streams: config::positive(source, &WATCH_MAX_STREAMS)?,
                 max_streams_per_caller: config::positive(source, &WATCH_MAX_STREAMS_PER_CALLER)?,
+                replay_connections: replay_connections.0,
+                replay_connections_per_caller: replay_connections.1,
             },
         })
     }

@@ -35,7 +35,8 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Application> {
         let metrics = MetricsEndpoint::bind(settings.metrics_addr).await?;
         crate::watch::describe_metrics();
-        let pool = open_database(&settings.database_url, 32, settings.migrate.as_deref()).await?;
+        let pool =
+            open_database(&settings.database_url, crate::config::POOL_CONNECTIONS, settings.migrate.as_deref()).await?;
         let redis = connect_redis(&settings.redis_url).await?;
         let listener = TcpListener::bind(settings.listen_addr)
             .await

@@ -25,7 +25,7 @@ use kiroku_domain::{AuditEvent, UserEvent};
 use kiroku_event_store::{Batch, EventStore, Follower, LogFilter, Position, RecordedEvent};
 use kiroku_platform::Shutdown;
 use kiroku_vault::Vault;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -80,6 +80,9 @@ pub struct WatchSettings {
     /// Open streams this process serves at most, and at most per caller (past either, LIMIT_REACHED).
     pub max_streams: usize,
     pub max_streams_per_caller: usize,
+    /// Database connections the replays share at most, and at most per caller (a replay read waits for one).
+    pub replay_connections: usize,
+    pub replay_connections_per_caller: usize,
 }
 
 impl Default for WatchSettings {
@@ -90,7 +93,40 @@ impl Default for WatchSettings {
             stall_timeout: Duration::from_secs(30),
             max_streams: 10_000,
             max_streams_per_caller: 100,
+            replay_connections: 8,
+            replay_connections_per_caller: 4,
         }
+    }
+}
+
+/// The database connections that replays may hold at once, in all and per caller. A replay read takes one place
+/// of each for as long as it reads (and opens) a batch: thousands of subscribers catching up at once then queue
+/// for a few connections instead of taking every one of the pool's, which GetUser and the rest need; and one
+/// caller's catch-ups leave room for other callers'.
+#[derive(Clone)]
+struct ReplayBudget {
+    total: Arc<Semaphore>,
+    per_caller: usize,
+    callers: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+}
+
+impl ReplayBudget {
+    fn new(settings: &WatchSettings) -> Self {
+        ReplayBudget {
+            total: Arc::new(Semaphore::new(settings.replay_connections.max(1))),
+            per_caller: settings.replay_connections_per_caller.max(1),
+            callers: Arc::default(),
+        }
+    }
+
+    /// `caller`'s share (the same one for every subscriber of the caller).
+    fn of(&self, caller: &str) -> Arc<Semaphore> {
+        let mut callers = self.callers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Callers that hold nothing are forgotten, so the map holds only callers replaying now.
+        if callers.len() > 1024 {
+            callers.retain(|_, share| Arc::strong_count(share) > 1);
+        }
+        callers.entry(caller.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(self.per_caller))).clone()
     }
 }
 
@@ -130,6 +166,7 @@ pub(crate) struct Watcher {
     scanned: watch::Receiver<Position>,
     settings: WatchSettings,
     open: Arc<Mutex<Open>>,
+    replays: ReplayBudget,
     shutdown: Shutdown,
 }
 
@@ -148,7 +185,8 @@ impl Watcher {
         let (scanned_tx, scanned) = watch::channel(head);
         let follower = store.follow(head, BATCH, POLL_EVERY).await;
         tokio::spawn(pump(follower, vault.clone(), items.clone(), scanned_tx, shutdown.clone()));
-        Ok(Watcher { store, vault, items, scanned, settings, open: Arc::default(), shutdown })
+        let replays = ReplayBudget::new(&settings);
+        Ok(Watcher { store, vault, items, scanned, settings, open: Arc::default(), replays, shutdown })
     }
 
     /// Validates the request and starts a subscriber.
@@ -174,6 +212,7 @@ impl Watcher {
             vault: self.vault.clone(),
             items: self.items.subscribe(),
             filter,
+            replays: (self.replays.total.clone(), self.replays.of(caller)),
             out,
             ending: ending.clone(),
             last: Position::ZERO,
@@ -331,6 +370,8 @@ struct Subscriber {
     vault: Vault,
     items: broadcast::Receiver<Item>,
     filter: LogFilter,
+    /// The replays' connections, in all and of this subscriber's caller (see `ReplayBudget`).
+    replays: (Arc<Semaphore>, Arc<Semaphore>),
     /// Messages are boxed: the channel allocates its first block of slots up front, for every subscriber, idle
     /// or not, so a slot is a pointer rather than a whole message. Measured with `cargo bench --bench watch`: the
     /// server's memory per idle subscriber went from 17.4 KB to 7.8–8.3 KB. What ends the stream goes through
@@ -499,7 +540,11 @@ impl Subscriber {
     /// The opened events after `after` that the subscriber wants (see `replay`).
     fn read(&self, after: Position) -> impl Future<Output = Result<Batch, End>> + use<> {
         let (store, vault, filter) = (self.store.clone(), self.vault.clone(), self.filter.clone());
+        let (total, caller) = self.replays.clone();
         async move {
+            // The caller's place first: a caller at its share waits without holding one of everyone's.
+            let _caller = caller.acquire_owned().await.map_err(|_| End::ShuttingDown)?;
+            let _total = total.acquire_owned().await.map_err(|_| End::ShuttingDown)?;
             let mut batch = if filter.is_empty() {
                 store.read_batch(after, BATCH).await
             } else {
