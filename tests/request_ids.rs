@@ -188,3 +188,35 @@ async fn an_erasure_forgets_the_answers_that_tied_the_person_to_their_user() {
     assert_ne!(again.user_id, first.user_id);
     app.stop().await;
 }
+
+/// Answers are kept 48 hours, then pruned however many came in: the relay used to prune ten thousand a minute at
+/// most (and none while it had a backlog), so that a busy day's records outgrew it.
+#[tokio::test]
+async fn old_answers_are_pruned_however_many_there_are() {
+    let app = CommandApp::spawn().await;
+    app.github_knows(5, "fresh", None).await;
+    app.register(5, "fresh").await.unwrap();
+    sqlx::query(
+        "INSERT INTO idempotency_records (caller, request_id, outcome, aggregate_id, version, position, created_at) \
+         SELECT 'RegisterUser:old', 'r' || n, '{}'::jsonb, gen_random_uuid(), 1, n, now() - interval '3 days' \
+         FROM generate_series(1, 25000) AS n",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    // Another command service: its first round runs as it starts.
+    let (running, _) = app.start_command().await;
+    kiroku_testkit::eventually(std::time::Duration::from_secs(30), "the old answers pruned", || async {
+        let old: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_records WHERE caller = 'RegisterUser:old'")
+            .fetch_one(&app.db.pool)
+            .await?;
+        Ok((old == 0).then_some(()))
+    })
+    .await
+    .unwrap();
+    let kept: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM idempotency_records").fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(kept, 1, "the fresh answer is kept");
+    running.stop().await;
+    app.stop().await;
+}

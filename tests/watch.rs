@@ -436,10 +436,11 @@ async fn replays_share_a_few_connections_and_one_caller_cannot_take_them_all() {
     let before = waiting().await;
     let settled = |more: i64| async move {
         let expected = before + more;
-        let seen = kiroku_testkit::eventually(Duration::from_secs(20), &format!("{expected} replays waiting"), || async {
-            Ok((waiting().await == expected).then_some(()))
-        })
-        .await;
+        let seen =
+            kiroku_testkit::eventually(Duration::from_secs(20), &format!("{expected} replays waiting"), || async {
+                Ok((waiting().await == expected).then_some(()))
+            })
+            .await;
         assert!(seen.is_ok(), "{} wait, not {expected}", waiting().await);
         // And no more than that, a moment later.
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -6,6 +6,7 @@ pub mod config;
 mod error;
 mod github;
 mod grpc;
+mod housekeeping;
 mod lifecycle;
 mod limits;
 mod register_user;

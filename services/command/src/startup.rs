@@ -115,6 +115,7 @@ impl Application {
             metrics.spawn(shutdown.clone());
             tokio::spawn(sample_pool(pool.clone(), Duration::from_secs(5), shutdown.clone()));
         }
+        tokio::spawn(crate::housekeeping::prune_idempotency_records(commands.store.clone(), shutdown.clone()));
         let relay = tokio::spawn(
             Relay::new(commands.store.clone(), redis.clone(), settings.relay.clone()).run(shutdown.clone()),
         );

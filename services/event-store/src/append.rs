@@ -358,30 +358,18 @@ impl EventStore {
         Ok(found.map(|(kind, value, owner)| (Claim { kind, value }, owner)))
     }
 
-    /// Deletes idempotency records older than `keep`, a thousand per short transaction (a long delete would hold
-    /// back every reader of the log), at most `max_batches` thousand per call; returns how many went.
-    pub async fn prune_idempotency_records(
-        &self,
-        keep: std::time::Duration,
-        max_batches: u32,
-    ) -> Result<u64, StoreError> {
-        let seconds = keep.as_secs_f64();
-        let mut pruned = 0;
-        for _ in 0..max_batches {
-            let deleted = sqlx::query(
-                "DELETE FROM idempotency_records WHERE ctid IN (SELECT ctid FROM idempotency_records \
-                 WHERE created_at < now() - make_interval(secs => $1::double precision) LIMIT 1000)",
-            )
-            .bind(seconds)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-            pruned += deleted;
-            if deleted < 1000 {
-                break;
-            }
-        }
-        Ok(pruned)
+    /// Deletes up to `limit` idempotency records older than `keep`, in one short statement of its own (a long
+    /// delete would hold back every reader of the log); returns how many went.
+    pub async fn prune_idempotency_records(&self, keep: std::time::Duration, limit: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "DELETE FROM idempotency_records WHERE ctid IN (SELECT ctid FROM idempotency_records \
+             WHERE created_at < now() - make_interval(secs => $1::double precision) LIMIT $2)",
+        )
+        .bind(keep.as_secs_f64())
+        .bind(limit)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 }
 

@@ -82,8 +82,6 @@ pub struct RelaySettings {
     pub chunk_size: usize,
     /// How often to look for events when no commit is announced.
     pub poll_interval: Duration,
-    /// How long idempotency records are kept (at least 24 h); the leader prunes older ones.
-    pub idempotency_retention: Duration,
 }
 
 impl RelaySettings {
@@ -95,7 +93,6 @@ impl RelaySettings {
             batch_size: 500,
             chunk_size: 100,
             poll_interval: Duration::from_millis(500),
-            idempotency_retention: Duration::from_secs(48 * 3600),
         }
     }
 
@@ -166,7 +163,6 @@ impl Relay {
         let mut published = self.store.load_checkpoint(&checkpoint).await.context("load the relay checkpoint")?;
         let mut follower: Follower =
             self.store.follow(published, self.settings.batch_size, self.settings.poll_interval).await;
-        let mut next_prune = tokio::time::Instant::now();
         let mut next_sample = tokio::time::Instant::now();
         metrics::gauge!("kiroku_relay_published_position").set(published.get() as f64);
         loop {
@@ -202,10 +198,6 @@ impl Relay {
                 self.sample_lag(published).await;
                 // Catching up (full batches), the figures change slowly and the reads matter more.
                 next_sample = tokio::time::Instant::now() + Duration::from_secs(if batch.full { 5 } else { 1 });
-            }
-            if !batch.full && tokio::time::Instant::now() >= next_prune {
-                self.prune_idempotency_records().await;
-                next_prune = tokio::time::Instant::now() + Duration::from_secs(60);
             }
         }
     }
@@ -308,15 +300,6 @@ impl Relay {
                 metrics::gauge!("kiroku_relay_lag_seconds").set(seconds);
             }
             Err(error) => tracing::debug!(%error, "could not sample the relay's lag"),
-        }
-    }
-
-    async fn prune_idempotency_records(&self) {
-        // Ten thousand at most per minute (600,000 an hour), so the relay never pauses long for it.
-        match self.store.prune_idempotency_records(self.settings.idempotency_retention, 10).await {
-            Ok(0) => {}
-            Ok(pruned) => tracing::info!(pruned, "pruned old idempotency records"),
-            Err(error) => tracing::warn!(%error, "could not prune idempotency records"),
         }
     }
 }
