@@ -588,15 +588,17 @@ async fn schema_1_rows_upcast_and_an_erasure_redacts_them_in_the_log_and_redis()
     app.stop().await;
 }
 
-/// The contract's settings alone still run kiroku on loopback: without `KIROKU_MASTER_KEY`, the services share a
-/// master key kept in the database, so what the command service seals, the query service and the projector open.
+/// Development on one machine: without `KIROKU_MASTER_KEY` and with `KIROKU_DEV_MASTER_KEY_IN_DATABASE=true` (what
+/// `kiroku dev` sets), the services share a master key the migrations keep in the database, so what the command
+/// service seals, the query service and the projector open.
 #[tokio::test]
-async fn without_a_master_key_services_on_loopback_share_one_kept_in_the_database() {
-    let app = CommandApp::spawn_with(&[("KIROKU_MASTER_KEY", "")]).await;
+async fn in_development_services_share_a_master_key_kept_in_the_database() {
+    const DEV: (&str, &str) = ("KIROKU_DEV_MASTER_KEY_IN_DATABASE", "true");
+    let app = CommandApp::spawn_with(&[("KIROKU_MASTER_KEY", ""), DEV]).await;
     app.github_knows(515_151_515, "kept-key-login", Some("Kept Key")).await;
     let registered = app.register(515_151_515, "").await.unwrap();
-    let (query, client) = app.start_query(&[("KIROKU_MASTER_KEY", "")]).await;
-    let projector = app.start_projector(&[("KIROKU_MASTER_KEY", "")]).await;
+    let (query, client) = app.start_query(&[("KIROKU_MASTER_KEY", ""), DEV]).await;
+    let projector = app.start_projector(&[("KIROKU_MASTER_KEY", ""), DEV]).await;
     let events = history(&client, &registered.user_id).await;
     let Some(Kind::StructValue(personal)) = field(events[0].data.as_ref().unwrap(), "personal") else {
         panic!("{:?}", events[0])

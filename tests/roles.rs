@@ -93,12 +93,16 @@ async fn each_service_role_can_do_its_work_and_nothing_else() {
     assert!(refused(&query, "DELETE FROM claims").await);
     assert!(!refused(&query, "SELECT * FROM users_read").await, "but it reads them");
     assert!(!refused(&query, "SELECT * FROM events").await);
+    // Nor any service the development master key, which the migrations make.
+    assert!(refused(&query, "DELETE FROM database_master_key").await);
+    assert!(refused(&query, "INSERT INTO database_master_key (id, key) VALUES (2, '\\x00')").await);
 
     let command = Member::of("kiroku_command", &db).await;
     assert!(refused(&command, "DELETE FROM users_read_rows").await, "the command role cannot write a read model");
     assert!(refused(&command, "UPDATE projection_checkpoints SET position = 0").await);
     assert!(refused(&command, "DELETE FROM events").await, "nobody rewrites the log");
     assert!(refused(&command, "UPDATE events SET event_data = '{}'").await);
+    assert!(refused(&command, "UPDATE database_master_key SET key = '\\x00'").await);
     // It appends, with claims and an idempotency record.
     let store = EventStore::new(command.pool.clone());
     assert!(matches!(store.append(&registration()).await.unwrap(), AppendOutcome::Appended(_)));

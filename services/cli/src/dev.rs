@@ -36,6 +36,8 @@ impl Source for DevSource {
             "KIROKU_AUTH0_JWKS_URL" => None,
             "KIROKU_GITHUB_API_URL" => Some(self.github_api_url.clone()),
             "KIROKU_GITHUB_TOKEN" => None,
+            // Without KIROKU_MASTER_KEY, the development key kept in the (local) database.
+            "KIROKU_DEV_MASTER_KEY_IN_DATABASE" => Some("true".to_owned()),
             "DATABASE_URL" => Some(Environment.get(name).unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned())),
             "REDIS_URL" => self.redis_url.clone().or_else(|| Some(redis_url())),
             _ => Environment.get(name),

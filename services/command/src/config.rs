@@ -121,6 +121,7 @@ pub const SETTINGS: &[Setting] = &[
     config::API_AUDIENCE,
     config::MASTER_KEY,
     config::PREVIOUS_MASTER_KEYS,
+    config::DEV_MASTER_KEY_IN_DATABASE,
     GITHUB_API_URL,
     GITHUB_TOKEN,
     GITHUB_TIMEOUT_MS,

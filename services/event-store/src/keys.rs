@@ -93,14 +93,9 @@ impl EventStore {
         })
     }
 
-    /// The master key kept in the database (development without `KIROKU_MASTER_KEY`): `candidate` if none was
-    /// kept yet, else the one the first service stored.
-    pub async fn database_master_key(&self, candidate: &[u8]) -> Result<Vec<u8>, StoreError> {
-        sqlx::query("INSERT INTO database_master_key (id, key) VALUES (1, $1) ON CONFLICT (id) DO NOTHING")
-            .bind(candidate)
-            .execute(&self.pool)
-            .await?;
-        Ok(sqlx::query_scalar("SELECT key FROM database_master_key WHERE id = 1").fetch_one(&self.pool).await?)
+    /// The development master key the migrations keep in the database (see `KIROKU_DEV_MASTER_KEY_IN_DATABASE`).
+    pub async fn development_master_key(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT key FROM database_master_key WHERE id = 1").fetch_optional(&self.pool).await?)
     }
 
     /// Stores live keys wrapped anew (a master key rotation), each only if it is still live and unchanged.

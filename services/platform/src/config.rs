@@ -87,7 +87,13 @@ pub const MASTER_KEY: Setting = Setting::new(
     "KIROKU_MASTER_KEY",
     None,
     "32 random bytes, base64: the master key that wraps the data keys sealing personal data (`kiroku keys new`; \
-     required unless DATABASE_URL is on loopback, where the services then share a key kept in the database)",
+     required unless KIROKU_DEV_MASTER_KEY_IN_DATABASE=true)",
+);
+pub const DEV_MASTER_KEY_IN_DATABASE: Setting = Setting::new(
+    "KIROKU_DEV_MASTER_KEY_IN_DATABASE",
+    Some("false"),
+    "development only: without KIROKU_MASTER_KEY, use a master key kept in the database itself (whoever reads the \
+     database can then open personal data at rest); refused unless the database is on this machine",
 );
 pub const PREVIOUS_MASTER_KEYS: Setting = Setting::new(
     "KIROKU_PREVIOUS_MASTER_KEYS",
@@ -281,6 +287,21 @@ pub fn redis_prefix(source: &dyn Source) -> Result<String, ConfigError> {
         return Err(ConfigError::new(REDIS_PREFIX.name, "must not contain spaces or braces"));
     }
     Ok(prefix)
+}
+
+/// Whether the connection sqlx will make for a PostgreSQL URL stays on this machine: a Unix socket, or a loopback
+/// address, as sqlx resolves it (the URL's host, its `host` and `hostaddr` parameters, `PGHOST` and `PGHOSTADDR`
+/// when the URL names none). The URL's host alone would call `postgres://127.0.0.1/db?hostaddr=10.0.0.5` local.
+pub fn database_is_local(url: &str) -> bool {
+    use std::str::FromStr;
+    let Ok(options) = sqlx::postgres::PgConnectOptions::from_str(url) else { return false };
+    if options.get_socket().is_some() {
+        return true;
+    }
+    let host = options.get_host();
+    host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// True for 127.0.0.0/8, ::1 and localhost. (A URL of a scheme the URL standard does not know, such as

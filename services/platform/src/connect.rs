@@ -21,12 +21,9 @@ fn postgres_options(url: &str) -> Result<PgConnectOptions> {
     let parsed = url::Url::parse(url).context("parse DATABASE_URL")?;
     let chosen = parsed.query_pairs().any(|(name, _)| name == "sslmode" || name == "ssl-mode")
         || std::env::var_os("PGSSLMODE").is_some();
-    // `postgres:` is not a scheme the URL standard knows, so its host comes back as text, addresses included.
-    let loopback = match parsed.host_str().map(|host| host.trim_start_matches('[').trim_end_matches(']')) {
-        Some(host) => host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()),
-        // No host: a Unix socket (`?host=/run/postgresql`), which TLS never covers.
-        None => true,
-    };
+    // Where the connection really goes (a `host` or `hostaddr` parameter, `PGHOST`), not the URL's host alone; a
+    // Unix socket, which TLS never covers, counts as local.
+    let loopback = crate::config::database_is_local(url);
     Ok(if loopback && !chosen { options.ssl_mode(PgSslMode::Disable) } else { options })
 }
 
@@ -111,5 +108,9 @@ mod tests {
         // Elsewhere the driver's default stands (libpq's `prefer`).
         assert!(matches!(mode("postgres://kiroku@db.internal/kiroku"), PgSslMode::Prefer));
         assert!(matches!(mode("postgres://kiroku@db.internal/kiroku?sslmode=verify-full"), PgSslMode::VerifyFull));
+        // Where sqlx really connects decides: a Unix socket is local, a `hostaddr` elsewhere is not.
+        assert!(matches!(mode("postgres://kiroku@db.internal/kiroku?host=/var/run/postgresql"), PgSslMode::Disable));
+        assert!(matches!(mode("postgres://kiroku@127.0.0.1/kiroku?hostaddr=10.0.0.5"), PgSslMode::Prefer));
+        assert!(matches!(mode("postgres://kiroku@localhost/kiroku?host=db.internal"), PgSslMode::Prefer));
     }
 }

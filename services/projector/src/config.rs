@@ -54,6 +54,7 @@ pub const SETTINGS: &[Setting] = &[
     HEALTH_ADDR,
     config::MASTER_KEY,
     config::PREVIOUS_MASTER_KEYS,
+    config::DEV_MASTER_KEY_IN_DATABASE,
     config::MIGRATE,
     config::MIGRATE_DATABASE_URL,
     config::TLS_CERT,

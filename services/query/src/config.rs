@@ -89,6 +89,7 @@ pub const SETTINGS: &[Setting] = &[
     config::API_AUDIENCE,
     config::MASTER_KEY,
     config::PREVIOUS_MASTER_KEYS,
+    config::DEV_MASTER_KEY_IN_DATABASE,
     config::MIGRATE,
     config::MIGRATE_DATABASE_URL,
     config::TLS_CERT,

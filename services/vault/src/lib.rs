@@ -68,21 +68,26 @@ pub struct Vault {
 /// The master keys from `KIROKU_MASTER_KEY` and `KIROKU_PREVIOUS_MASTER_KEYS`; a bad one is a [`ConfigError`]
 /// naming the setting (never its value).
 ///
-/// Without `KIROKU_MASTER_KEY`, a database on loopback (development, tests) lets the services share a key kept in
-/// the database ([`MasterKeys::in_database`]); any other database requires the setting.
+/// Without `KIROKU_MASTER_KEY`, and only with `KIROKU_DEV_MASTER_KEY_IN_DATABASE=true` (which `kiroku dev` sets)
+/// and a database on this machine, the services share a key kept in the database ([`MasterKeys::in_database`]):
+/// development only, since whoever reads the database (or a backup of it) can then open its personal data.
 pub fn master_keys(source: &dyn Source) -> Result<Arc<MasterKeys>, ConfigError> {
     let Some(current) = config::MASTER_KEY.get(source) else {
-        let loopback = config::DATABASE_URL
-            .get(source)
-            .and_then(|url| url::Url::parse(&url).ok())
-            .is_some_and(|url| config::is_loopback_host(&url));
-        if loopback {
-            return Ok(Arc::new(MasterKeys::in_database()));
+        if !config::bool(source, &config::DEV_MASTER_KEY_IN_DATABASE)? {
+            return Err(ConfigError::new(
+                config::MASTER_KEY.name,
+                "is required (`kiroku keys new` makes one; development alone may use \
+                 KIROKU_DEV_MASTER_KEY_IN_DATABASE=true instead)",
+            ));
         }
-        return Err(ConfigError::new(
-            config::MASTER_KEY.name,
-            "is required when the database is not on this machine (loopback)",
-        ));
+        let local = config::DATABASE_URL.get(source).is_some_and(|url| config::database_is_local(&url));
+        if !local {
+            return Err(ConfigError::new(
+                config::DEV_MASTER_KEY_IN_DATABASE.name,
+                "is for a database on this machine only; set KIROKU_MASTER_KEY",
+            ));
+        }
+        return Ok(Arc::new(MasterKeys::in_database()));
     };
     let previous = config::PREVIOUS_MASTER_KEYS.get(source);
     MasterKeys::parse(&current, previous.as_deref())
@@ -100,13 +105,14 @@ impl Vault {
     /// Without `KIROKU_MASTER_KEY`, it first loads (or, the first to start, makes) the key kept in the database.
     pub async fn check(&self) -> Result<(), VaultError> {
         if self.master.needs_loading() {
-            let candidate = DataKey::generate()?;
-            let key = self.store.database_master_key(candidate.bytes()).await?;
+            let key = self.store.development_master_key().await?.ok_or_else(|| {
+                VaultError::Corrupt("the database holds no development master key: apply the migrations".to_owned())
+            })?;
             self.master.load(&key)?;
             tracing::warn!(
-                "KIROKU_MASTER_KEY is not set: personal data is sealed under a master key kept in the (loopback) \
-                 database, readable by whoever can read the database; erasure still destroys what it erases. \
-                 Set KIROKU_MASTER_KEY (`kiroku keys new`) outside development"
+                "KIROKU_DEV_MASTER_KEY_IN_DATABASE: personal data is sealed under a master key kept in the database, \
+                 readable by whoever can read the database or a backup of it. Development only: set \
+                 KIROKU_MASTER_KEY (`kiroku keys new`) anywhere else"
             );
         }
         match self.store.keys(&[INDEX_KEY_OWNER]).await?.remove(&INDEX_KEY_OWNER) {

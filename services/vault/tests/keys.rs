@@ -116,6 +116,7 @@ async fn an_erased_owner_opens_as_erased_and_gets_no_new_key() {
 
 #[tokio::test]
 async fn without_a_configured_master_key_services_share_the_one_kept_in_the_database() {
+    // The migrations made it: no service role may write the table.
     let db = TestDb::create().await.unwrap();
     let store = EventStore::new(db.pool.clone());
     let first = Vault::new(store.clone(), Arc::new(MasterKeys::in_database()));
@@ -133,10 +134,32 @@ async fn without_a_configured_master_key_services_share_the_one_kept_in_the_data
 }
 
 #[test]
-fn a_master_key_is_required_unless_the_database_is_on_loopback() {
-    let source = |url: &'static str| move |name: &str| (name == "DATABASE_URL").then(|| url.to_owned());
-    assert!(kiroku_vault::master_keys(&source("postgres://postgres@127.0.0.1:5432/kiroku")).is_ok());
-    assert!(kiroku_vault::master_keys(&source("postgres://postgres@localhost/kiroku")).is_ok());
-    let error = kiroku_vault::master_keys(&source("postgres://kiroku@db.internal:5432/kiroku")).unwrap_err();
+fn a_master_key_is_required_unless_development_asks_for_the_one_in_a_local_database() {
+    let source = |url: &'static str, dev: bool| {
+        move |name: &str| match name {
+            "DATABASE_URL" => Some(url.to_owned()),
+            "KIROKU_DEV_MASTER_KEY_IN_DATABASE" => dev.then(|| "true".to_owned()),
+            _ => None,
+        }
+    };
+    // A database on loopback used to be enough; the development key is now asked for by name.
+    let error = kiroku_vault::master_keys(&source("postgres://postgres@127.0.0.1:5432/kiroku", false)).unwrap_err();
     assert_eq!(error.name, "KIROKU_MASTER_KEY");
+    for local in [
+        "postgres://postgres@127.0.0.1:5432/kiroku",
+        "postgres://postgres@localhost/kiroku",
+        "postgres://postgres@db.internal/kiroku?host=/var/run/postgresql",
+        "postgres://postgres@db.internal/kiroku?host=127.0.0.1",
+    ] {
+        assert!(kiroku_vault::master_keys(&source(local, true)).is_ok(), "{local}");
+    }
+    // Where sqlx really connects decides, not the URL's host alone.
+    for remote in [
+        "postgres://kiroku@db.internal:5432/kiroku",
+        "postgres://kiroku@127.0.0.1:5432/kiroku?hostaddr=10.0.0.5",
+        "postgres://kiroku@localhost/kiroku?host=db.internal",
+    ] {
+        let error = kiroku_vault::master_keys(&source(remote, true)).unwrap_err();
+        assert_eq!(error.name, "KIROKU_DEV_MASTER_KEY_IN_DATABASE", "{remote}");
+    }
 }
