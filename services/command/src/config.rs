@@ -246,8 +246,11 @@ mod tests {
     fn a_missing_audience_is_named() {
         let error = from(&BASE[..3]).err().unwrap();
         assert_eq!(error.name, "KIROKU_AUTH0_AUDIENCE");
-        // Without a master key: a key kept in the database on loopback, a refusal elsewhere.
-        assert!(from(&BASE[..5]).is_ok());
+        // Without a master key: refused, unless development asks for the key kept in a local database.
+        assert_eq!(from(&BASE[..5]).err().unwrap().name, "KIROKU_MASTER_KEY");
+        let dev: &'static [(&'static str, &'static str)] =
+            Box::leak([&BASE[..5], &[("KIROKU_DEV_MASTER_KEY_IN_DATABASE", "true")]].concat().into_boxed_slice());
+        assert!(from(dev).is_ok());
         let remote: &'static [(&'static str, &'static str)] = Box::leak(
             [&[("DATABASE_URL", "postgres://kiroku@db.internal:5432/kiroku")], &BASE[1..5]].concat().into_boxed_slice(),
         );

@@ -75,6 +75,30 @@ impl EventStore {
             .collect()
     }
 
+    /// Up to `limit` live data keys: the newest few (the likeliest to be wrapped by a master key just rotated in)
+    /// and some from a random place of the table, each read through the primary key's order.
+    pub async fn sample_keys(&self, limit: i64) -> Result<Vec<WrappedKey>, StoreError> {
+        let rows = sqlx::query(
+            "(SELECT owner_id, master_key_id, wrapped FROM data_keys WHERE wrapped IS NOT NULL \
+              ORDER BY created_at DESC LIMIT $1) \
+             UNION \
+             (SELECT owner_id, master_key_id, wrapped FROM data_keys WHERE wrapped IS NOT NULL \
+              AND owner_id >= gen_random_uuid() ORDER BY owner_id LIMIT $1)",
+        )
+        .bind(limit / 2)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(WrappedKey {
+                    owner: row.try_get("owner_id")?,
+                    master_key_id: row.try_get("master_key_id")?,
+                    wrapped: row.try_get("wrapped")?,
+                })
+            })
+            .collect()
+    }
+
     /// Stores `key` unless its owner already has one (or a tombstone), and returns what the owner has now: the
     /// first of two concurrent callers wins, and both then seal under the winner's key.
     pub async fn create_key(&self, key: &WrappedKey) -> Result<StoredKey, StoreError> {

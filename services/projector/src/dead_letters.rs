@@ -137,7 +137,15 @@ pub async fn replay(pool: &PgPool, projection: &Projection, dead_letters: &DeadL
                 continue;
             }
             let Some(event) = projection.store().read_event(row.position).await? else { continue };
-            let Some(event) = projection.vault().open(vec![event]).await?.pop() else { continue };
+            let mut opened = vec![event];
+            if let Some(unopened) = projection.vault().open_what_opens(&mut opened).await?.pop() {
+                // Its data key still does not unwrap: it stays a dead letter, with why.
+                note_still_failing(pool, row.position, &unopened.reason).await?;
+                stuck.insert(row.aggregate_id);
+                failed += 1;
+                continue;
+            }
+            let Some(event) = opened.pop() else { continue };
             // Locked like a live step (the generation, then its checkpoint row): a step that read the parked
             // aggregates before this replay finishes first, and one after it sees the aggregate unparked.
             let mut tx = pool.begin().await?;
@@ -169,16 +177,7 @@ pub async fn replay(pool: &PgPool, projection: &Projection, dead_letters: &DeadL
                 }
                 Err(error) => {
                     tx.rollback().await?;
-                    sqlx::query(
-                        "UPDATE projection_failures SET last_error = $4, updated_at = now() \
-                         WHERE projection = $1 AND generation = $2 AND position = $3",
-                    )
-                    .bind(PROJECTION)
-                    .bind(generation)
-                    .bind(row.position)
-                    .bind(error.to_string())
-                    .execute(pool)
-                    .await?;
+                    note_still_failing(pool, row.position, &error.to_string()).await?;
                     stuck.insert(row.aggregate_id);
                     failed += 1;
                 }
@@ -190,4 +189,18 @@ pub async fn replay(pool: &PgPool, projection: &Projection, dead_letters: &DeadL
         }
         failed = 0;
     }
+}
+
+/// Records why a replayed dead letter (of the active generation) still fails.
+async fn note_still_failing(pool: &PgPool, position: Position, error: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE projection_failures f SET last_error = $3, updated_at = now() FROM projections p \
+         WHERE f.projection = $1 AND p.name = f.projection AND f.generation = p.active_generation AND f.position = $2",
+    )
+    .bind(PROJECTION)
+    .bind(position)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
 }

@@ -42,6 +42,10 @@ pub fn describe_metrics() {
     );
     describe_counter!("kiroku_projector_dead_lettered_total", "events dead-lettered");
     describe_counter!(
+        "kiroku_vault_unopenable_events_total",
+        "events whose data key did not unwrap (a corrupt key, a master key not given): set aside, the rest flowed"
+    );
+    describe_counter!(
         "kiroku_projector_autoclaim_takeovers_total",
         "stream entries taken over (XAUTOCLAIM) from a consumer that left them pending"
     );
@@ -50,6 +54,7 @@ pub fn describe_metrics() {
         metrics::counter!("kiroku_projector_events_applied_total", "source" => source).increment(0);
     }
     for counter in [
+        "kiroku_vault_unopenable_events_total",
         "kiroku_projector_events_batched_total",
         "kiroku_projector_events_parked_total",
         "kiroku_projector_dead_lettered_total",

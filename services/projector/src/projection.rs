@@ -12,7 +12,7 @@
 //! because each of them needs the one before; everything else flows on. `kiroku projector dead-letters replay`
 //! applies a parked aggregate's events again, in order.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::Utc;
 use kiroku_event_store::{Batch, EventStore, Lag, Position, RecordedEvent};
@@ -83,6 +83,9 @@ pub enum Target {
 /// A step's events, opened, and where they came from.
 struct Read {
     events: Vec<RecordedEvent>,
+    /// Events whose personal data does not open (their data key does not unwrap), by position, with why: they are
+    /// dead-lettered at once, rather than holding everyone's events back.
+    unopened: HashMap<Position, String>,
     /// Their rows, when they all go in as one run (see `Run::prepare`): built before the step's transaction.
     prepared: Option<Run>,
     /// How far a read from the store covered the log (see `Batch::through`); `None` for stream entries.
@@ -96,6 +99,7 @@ impl From<Batch> for Read {
     fn from(batch: Batch) -> Self {
         Read {
             events: batch.events,
+            unopened: HashMap::new(),
             prepared: None,
             through: Some(batch.through),
             more: batch.full,
@@ -195,7 +199,14 @@ impl Projection {
             return Ok(None);
         }
         let read = match self.authentic(&fresh, checkpoint).await? {
-            Some(events) => Read { events, prepared: None, through: None, more: false, source: Source::Stream },
+            Some(events) => Read {
+                events,
+                unopened: HashMap::new(),
+                prepared: None,
+                through: None,
+                more: false,
+                source: Source::Stream,
+            },
             None => {
                 let limit = if matches!(target, Target::Active) { BATCH } else { REBUILD_BATCH };
                 Read::from(self.store.read_batch(checkpoint, limit).await?)
@@ -206,8 +217,9 @@ impl Projection {
 
     /// Opens a read's events, then builds their rows where they all go in as one run (see `Run::prepare`).
     async fn open(&self, mut read: Read) -> anyhow::Result<Read> {
-        self.vault.open_in_place(&mut read.events).await?;
-        read.prepared = Run::prepare(&read.events);
+        let unopened = self.vault.open_what_opens(&mut read.events).await?;
+        read.unopened = unopened.into_iter().map(|u| (u.position, u.reason)).collect();
+        read.prepared = Run::prepare(&read.events).filter(|_| read.unopened.is_empty());
         Ok(read)
     }
 
@@ -245,7 +257,12 @@ impl Projection {
         checkpoint: Position,
         read: Read,
     ) -> anyhow::Result<Step> {
-        let Read { events, prepared, through, more, source } = read;
+        let Read { events, unopened, prepared, through, more, source } = read;
+        if !unopened.is_empty() {
+            // Some events cannot be applied as they are: the slow path dead-letters those, and applies the rest.
+            tx.rollback().await?;
+            return self.step_one_by_one(target, &events, &unopened, source, more).await;
+        }
         let parked = parked_aggregates(&mut tx, generation).await?;
         let mut step = Step {
             checkpoint,
@@ -302,7 +319,7 @@ impl Projection {
         if let Some(error) = failure {
             tx.rollback().await?;
             tracing::warn!(%error, "a batch failed; applying it event by event");
-            return self.step_one_by_one(target, &events, source, more).await;
+            return self.step_one_by_one(target, &events, &HashMap::new(), source, more).await;
         }
         step.checkpoint = events.last().map(|e| e.position).unwrap_or(checkpoint);
         if let Some(through) = through.filter(|_| !more) {
@@ -358,6 +375,7 @@ impl Projection {
         &self,
         target: Target,
         events: &[RecordedEvent],
+        unopened: &HashMap<Position, String>,
         source: Source,
         more: bool,
     ) -> anyhow::Result<Step> {
@@ -372,6 +390,18 @@ impl Projection {
                 step.parked += 1;
                 step.checkpoint = event.position;
                 taken += 1;
+                continue;
+            }
+            if let Some(reason) = unopened.get(&event.position) {
+                // Its sealed data would apply as empty fields: it is a dead letter at once, and its person's later
+                // events wait behind it until an operator repairs the key and replays it.
+                record_failure(&mut tx, generation, event, reason).await?;
+                tracing::error!(position = %event.position, aggregate_id = %event.aggregate_id, %reason, "event dead-lettered");
+                let letter = self.dead_letter(&mut tx, generation, event, self.max_attempts, reason).await?;
+                parked.insert(event.aggregate_id);
+                step.checkpoint = event.position;
+                taken += 1;
+                step.dead_lettered.push(letter);
                 continue;
             }
             let mut savepoint = sqlx::Connection::begin(&mut *tx).await?;
@@ -404,22 +434,11 @@ impl Projection {
                         %error,
                         "event dead-lettered; its aggregate's later events are parked until it is replayed"
                     );
-                    mark_dead(&mut tx, generation, event.position).await?;
+                    let letter = self.dead_letter(&mut tx, generation, event, attempts, &error.to_string()).await?;
                     parked.insert(event.aggregate_id);
                     step.checkpoint = event.position;
                     taken += 1;
-                    // Published as stored (sealed), never opened, so that no copy of a dead letter holds personal
-                    // data: read again, which a dead letter (rare) can afford and a step (every batch) could not.
-                    let stored =
-                        self.store.read_event(event.position).await?.ok_or_else(|| {
-                            anyhow::anyhow!("dead-lettered event {} is not in the log", event.position)
-                        })?;
-                    step.dead_lettered.push(DeadLetter {
-                        generation,
-                        event: stored,
-                        attempts,
-                        error: error.to_string(),
-                    });
+                    step.dead_lettered.push(letter);
                 }
             }
         }
@@ -428,6 +447,26 @@ impl Projection {
         }
         tx.commit().await?;
         Ok(step)
+    }
+
+    /// Marks `event` dead in the step's transaction, and the dead letter to publish: the event as stored (sealed),
+    /// never opened, so that no copy of a dead letter holds personal data. Read again, which a dead letter (rare)
+    /// can afford and a step (every batch) could not.
+    async fn dead_letter(
+        &self,
+        tx: &mut PgConnection,
+        generation: i32,
+        event: &RecordedEvent,
+        attempts: i32,
+        error: &str,
+    ) -> anyhow::Result<DeadLetter> {
+        mark_dead(tx, generation, event.position).await?;
+        let stored = self
+            .store
+            .read_event(event.position)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("dead-lettered event {} is not in the log", event.position))?;
+        Ok(DeadLetter { generation, event: stored, attempts, error: error.to_owned() })
     }
 
     /// The active generation's checkpoint, how far it is behind the log, and where its events came from.

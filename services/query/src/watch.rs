@@ -277,7 +277,7 @@ async fn pump(
             },
         };
         let opened = match batch {
-            Ok(mut batch) => match vault.open_in_place(&mut batch.events).await {
+            Ok(mut batch) => match open(&vault, &mut batch.events).await {
                 Ok(()) => Ok(batch),
                 Err(error) => {
                     // The follower has moved past this batch: keep it (unchanged: opening is all or nothing) and
@@ -311,6 +311,16 @@ async fn pump(
             }
         }
     }
+}
+
+/// Opens a batch for the feed: an event whose data key does not unwrap goes out without its personal data, marked
+/// `personal_unavailable`, rather than stopping the feed for every subscriber (see `Vault::open_what_opens`).
+async fn open(vault: &Vault, events: &mut [RecordedEvent]) -> Result<(), kiroku_vault::VaultError> {
+    let unopened = vault.open_what_opens(events).await?;
+    for event in events.iter_mut().filter(|e| unopened.iter().any(|u| u.position == e.position)) {
+        kiroku_vault::mark_unreadable(event);
+    }
+    Ok(())
 }
 
 /// The most entries a WatchEvents filter list takes (there are far fewer event types than that).
@@ -551,7 +561,7 @@ impl Subscriber {
                 store.read_filtered(after, BATCH, SCAN, &filter).await
             }
             .map_err(|e| End::Failed(e.into()))?;
-            vault.open_in_place(&mut batch.events).await.map_err(|e| End::Failed(e.into()))?;
+            open(&vault, &mut batch.events).await.map_err(|e| End::Failed(e.into()))?;
             Ok(batch)
         }
     }

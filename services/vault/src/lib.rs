@@ -100,8 +100,9 @@ impl Vault {
         Vault { store, master }
     }
 
-    /// Checks that the master keys open the keys already stored (the blind index's key, the first one made):
-    /// a service given the wrong master key stops at start-up instead of failing on every read.
+    /// Checks that the master keys open the keys already stored (the blind index's key, and a sample of the
+    /// people's): a service given the wrong master key, or not given one that a rotation half done still needs,
+    /// stops at start-up instead of failing on every read.
     /// Without `KIROKU_MASTER_KEY`, it first loads (or, the first to start, makes) the key kept in the database.
     pub async fn check(&self) -> Result<(), VaultError> {
         if self.master.needs_loading() {
@@ -115,10 +116,10 @@ impl Vault {
                  KIROKU_MASTER_KEY (`kiroku keys new`) anywhere else"
             );
         }
-        match self.store.keys(&[INDEX_KEY_OWNER]).await?.remove(&INDEX_KEY_OWNER) {
-            Some(StoredKey::Live(wrapped)) => self.master.unwrap(&wrapped).map(|_| ()),
-            _ => Ok(()),
+        if let Some(StoredKey::Live(wrapped)) = self.store.keys(&[INDEX_KEY_OWNER]).await?.remove(&INDEX_KEY_OWNER) {
+            self.master.unwrap(&wrapped)?;
         }
+        self.check_sample().await
     }
 
     /// The keyed hash of identities, its key made on first use.
@@ -180,6 +181,49 @@ impl Vault {
     /// [`Vault::open`] in place, all or nothing: on an error no event has changed, so a reader can keep the batch
     /// and try again without having copied it first.
     pub async fn open_in_place(&self, events: &mut [RecordedEvent]) -> Result<(), VaultError> {
+        let personal = self.personal_of(events).await?;
+        let personal: Vec<Option<Value>> = personal.into_iter().collect::<Result<_, _>>()?;
+        for (event, personal) in events.iter_mut().zip(personal) {
+            apply_opened(event, personal);
+        }
+        Ok(())
+    }
+
+    /// [`Vault::open_in_place`] for a reader that serves everyone (the projector, the live feed): an event whose
+    /// person's data key does not unwrap (a corrupt row; a master key this process was not given, a rotation half
+    /// done) is left as stored and listed, and every other event is opened. One bad key then stops one person's
+    /// events, not everyone's. Only a failure of the store is an error. Counted in
+    /// `kiroku_vault_unopenable_events_total`.
+    pub async fn open_what_opens(&self, events: &mut [RecordedEvent]) -> Result<Vec<Unopened>, VaultError> {
+        let personal = self.personal_of(events).await?;
+        let mut unopened = Vec::new();
+        for (event, personal) in events.iter_mut().zip(personal) {
+            match personal {
+                Ok(personal) => apply_opened(event, personal),
+                Err(error) => unopened.push(Unopened {
+                    position: event.position,
+                    owner: crypto::sealed_owner(&event.data).unwrap_or_default(),
+                    reason: format!("its personal data does not open: {error}"),
+                }),
+            }
+        }
+        if !unopened.is_empty() {
+            metrics::counter!("kiroku_vault_unopenable_events_total").increment(unopened.len() as u64);
+            tracing::error!(
+                events = unopened.len(),
+                reason = %unopened[0].reason,
+                "events whose data key does not unwrap were set aside (the rest opened)"
+            );
+        }
+        Ok(unopened)
+    }
+
+    /// The opened `personal` of each event (see [`open_personal`]), or why it does not open; a failure of the
+    /// store fails the whole.
+    async fn personal_of(
+        &self,
+        events: &[RecordedEvent],
+    ) -> Result<Vec<Result<Option<Value>, VaultError>>, VaultError> {
         let owners: Vec<Uuid> = {
             let mut owners: Vec<Uuid> = events.iter().filter_map(|e| crypto::sealed_owner(&e.data)).collect();
             owners.sort_unstable();
@@ -187,28 +231,32 @@ impl Vault {
             owners
         };
         let stored = self.store.keys(&owners).await?;
-        let mut keys: HashMap<Uuid, Option<DataKey>> = HashMap::with_capacity(stored.len());
+        let mut keys: HashMap<Uuid, Result<Option<DataKey>, String>> = HashMap::with_capacity(stored.len());
         for (owner, key) in stored {
             let key = match key {
-                StoredKey::Live(wrapped) => Some(self.master.unwrap(&wrapped)?),
-                StoredKey::Destroyed => None,
+                StoredKey::Live(wrapped) => self.master.unwrap(&wrapped).map(Some).map_err(|e| e.to_string()),
+                StoredKey::Destroyed => Ok(None),
             };
             keys.insert(owner, key);
         }
-        // Everything that can fail first (decryption), then the changes, which cannot.
-        let personal: Vec<Option<Value>> =
-            events.iter().map(|e| open_personal(&keys, &e.event_type, &e.data)).collect::<Result<_, _>>()?;
-        for (event, personal) in events.iter_mut().zip(personal) {
-            if let Value::Object(payload) = &mut event.data
-                && payload.remove(SEALED).is_some()
-            {
-                match personal {
-                    Some(personal) => payload.insert(PERSONAL.to_owned(), personal),
-                    None => payload.insert(ERASED.to_owned(), Value::Bool(true)),
-                };
+        Ok(events.iter().map(|e| open_personal(&keys, &e.event_type, &e.data)).collect())
+    }
+
+    /// Checks a sample of the stored data keys besides the blind index's (a master key that opens the index key
+    /// but not the people's, after a rotation half done, would otherwise start and then fail on every read).
+    ///
+    /// A key wrapped by a master key this process lacks refuses the start; one wrapped by a master key it has that
+    /// still does not unwrap is a corrupt row, one person's problem: it is logged, and readers set that person's
+    /// events aside (see [`Vault::open_what_opens`]).
+    async fn check_sample(&self) -> Result<(), VaultError> {
+        for wrapped in self.store.sample_keys(CHECKED_KEYS).await? {
+            match self.master.unwrap(&wrapped) {
+                Ok(_) => {}
+                Err(VaultError::Corrupt(why)) => {
+                    tracing::error!(owner = %wrapped.owner, why, "a data key does not unwrap; its person's events will be set aside");
+                }
+                Err(other) => return Err(other),
             }
-            let version = schema_version(&event.metadata);
-            event.data = upcast(&event.event_type, version, std::mem::take(&mut event.data));
         }
         Ok(())
     }
@@ -240,7 +288,7 @@ pub fn schema_version(metadata: &Value) -> u32 {
 /// The opened `personal` of a payload's sealed member: `None` when its key is destroyed (or, which only a
 /// hand-edited database can produce, was never stored) and when there is no sealed member.
 fn open_personal(
-    keys: &HashMap<Uuid, Option<DataKey>>,
+    keys: &HashMap<Uuid, Result<Option<DataKey>, String>>,
     event_type: &str,
     data: &Value,
 ) -> Result<Option<Value>, VaultError> {
@@ -248,7 +296,50 @@ fn open_personal(
     let owner = crypto::envelope_owner(sealed)
         .ok_or_else(|| VaultError::Corrupt(format!("a {event_type} event's sealed member names no key")))?;
     match keys.get(&owner) {
-        Some(Some(key)) => key.open(owner, event_type, sealed).map(Some),
+        Some(Ok(Some(key))) => key.open(owner, event_type, sealed).map(Some),
+        Some(Err(unwrapping)) => Err(VaultError::Corrupt(format!("the data key of {owner}: {unwrapping}"))),
         _ => Ok(None),
     }
 }
+
+/// An event opened: `sealed` replaced by `personal` (or, its key destroyed, by `"erased": true`), then upcast.
+fn apply_opened(event: &mut RecordedEvent, personal: Option<Value>) {
+    if let Value::Object(payload) = &mut event.data
+        && payload.remove(SEALED).is_some()
+    {
+        match personal {
+            Some(personal) => payload.insert(PERSONAL.to_owned(), personal),
+            None => payload.insert(ERASED.to_owned(), Value::Bool(true)),
+        };
+    }
+    let version = schema_version(&event.metadata);
+    event.data = upcast(&event.event_type, version, std::mem::take(&mut event.data));
+}
+
+/// An event left sealed by [`Vault::open_what_opens`], and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unopened {
+    pub position: kiroku_event_store::Position,
+    /// The person whose key it is sealed under.
+    pub owner: Uuid,
+    pub reason: String,
+}
+
+/// The member that marks an event whose personal data could not be opened, for a feed that must go on (its
+/// `sealed` member removed: the person's data is not erased, only unreadable here until an operator repairs the
+/// key).
+pub const UNREADABLE: &str = "personal_unavailable";
+
+/// Marks an event [`Vault::open_what_opens`] left sealed as [`UNREADABLE`], and upcasts it.
+pub fn mark_unreadable(event: &mut RecordedEvent) {
+    if let Value::Object(payload) = &mut event.data
+        && payload.remove(SEALED).is_some()
+    {
+        payload.insert(UNREADABLE.to_owned(), Value::Bool(true));
+    }
+    let version = schema_version(&event.metadata);
+    event.data = upcast(&event.event_type, version, std::mem::take(&mut event.data));
+}
+
+/// Data keys the start-up check unwraps besides the blind index's.
+const CHECKED_KEYS: i64 = 32;
