@@ -120,3 +120,156 @@ async fn a_start_up_finds_a_master_key_that_opens_the_index_key_but_not_the_peop
     both.check().await.unwrap();
     app.stop().await;
 }
+
+/// `kiroku <args>` with `env`, its output.
+async fn kiroku(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    tokio::process::Command::new(kiroku_testkit::binary_path("kiroku"))
+        .args(args)
+        .env_remove("KIROKU_MASTER_KEY")
+        .env_remove("KIROKU_PREVIOUS_MASTER_KEYS")
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap()
+}
+
+/// A plain-SQL dump of a database (as an operator's nightly backup would be), to restore with `restore`.
+async fn pg_dump(url: &str) -> Vec<u8> {
+    let output = tokio::process::Command::new("pg_dump")
+        .args(["--format=plain", "--no-owner", "--dbname", url])
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "pg_dump: {}", String::from_utf8_lossy(&output.stderr));
+    output.stdout
+}
+
+/// A fresh database holding `dump`.
+async fn restore(dump: &[u8]) -> kiroku_testkit::TestDb {
+    let restored = kiroku_testkit::TestDb::create_empty().await.unwrap();
+    let file = std::env::temp_dir().join(format!("kiroku-dump-{}.sql", Uuid::new_v4()));
+    std::fs::write(&file, dump).unwrap();
+    let output = tokio::process::Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &restored.url, "-f"])
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert!(output.status.success(), "psql: {}", String::from_utf8_lossy(&output.stderr));
+    restored
+}
+
+/// A user's events in `pool`, opened with the tests' master key.
+async fn opened(pool: &sqlx::PgPool, user_id: &str) -> Result<Vec<serde_json::Value>, String> {
+    let store = EventStore::new(pool.clone());
+    let vault = Vault::new(store.clone(), Arc::new(MasterKeys::parse(TEST_MASTER_KEY, None).unwrap()));
+    let events = store.read_stream(user_id.parse().unwrap(), 0, 100).await.unwrap();
+    vault.open(events).await.map(|events| events.into_iter().map(|e| e.data).collect()).map_err(|e| e.to_string())
+}
+
+/// The restore steps the README gives, run: a pg_dump taken before an erasure, restored into a fresh database
+/// after it, then `kiroku erasure reapply` with the erasure ledger: the person is unreadable there again, and
+/// everyone else reads as before.
+#[tokio::test]
+async fn a_backup_from_before_an_erasure_is_erased_again_from_the_ledger_after_a_restore() {
+    let ledger = std::env::temp_dir().join(format!("kiroku-ledger-{}.jsonl", Uuid::new_v4()));
+    let ledger_text = ledger.to_str().unwrap().to_owned();
+    let app = CommandApp::spawn_with(&[("KIROKU_ERASURE_LEDGER", &ledger_text)]).await;
+    app.github_knows(11, "restored-gone", Some("Gone Again")).await;
+    app.github_knows(12, "restored-kept", None).await;
+    let gone = app.register(11, "").await.unwrap();
+    app.register(11, "").await.unwrap_err(); // a refused attempt, which names them
+    let kept = app.register(12, "").await.unwrap();
+    let backup = pg_dump(&app.db.url).await;
+
+    let erase = kiroku::v1::EraseUserRequest { user_id: gone.user_id.clone(), request_id: "erase-1".to_owned() };
+    app.client.clone().erase_user(erase.clone()).await.unwrap();
+    app.client.clone().erase_user(erase).await.unwrap(); // a retry: its line again, which readers take once
+    let lines = std::fs::read_to_string(&ledger).unwrap();
+    assert_eq!(lines.lines().count(), 2);
+    assert!(lines.contains(&gone.user_id) && !lines.contains("restored-gone") && !lines.contains("github|11"));
+
+    // Restored, the backup opens the person's data again: that is what the ledger is for.
+    let restored = restore(&backup).await;
+    let before = opened(&restored.pool, &gone.user_id).await.unwrap();
+    assert_eq!(before[0]["personal"]["github_username"], "restored-gone");
+
+    let env = [
+        ("DATABASE_URL", restored.url.as_str()),
+        ("KIROKU_MASTER_KEY", TEST_MASTER_KEY),
+        ("KIROKU_ERASURE_LEDGER", ledger_text.as_str()),
+    ];
+    let output = kiroku(&["erasure", "reapply"], &env).await;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["erased"], serde_json::json!([gone.user_id]), "{report}");
+
+    let after = opened(&restored.pool, &gone.user_id).await.unwrap();
+    assert!(after.iter().all(|data| data.get("personal").is_none()), "{after:?}");
+    assert_eq!(after[0]["erased"], true);
+    let claims: i64 = sqlx::query_scalar("SELECT count(*) FROM claims WHERE owner_id = $1::uuid")
+        .bind(&gone.user_id)
+        .fetch_one(&restored.pool)
+        .await
+        .unwrap();
+    assert_eq!(claims, 0, "their identities are released there too");
+    let others = opened(&restored.pool, &kept.user_id).await.unwrap();
+    assert_eq!(others[0]["personal"]["github_username"], "restored-kept", "everyone else reads fine");
+    // Once is enough: run again, it finds them erased.
+    let again = kiroku(&["erasure", "reapply"], &env).await;
+    let report: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!((report["erased"].clone(), report["already_erased"].clone()), (serde_json::json!([]), 1.into()));
+    std::fs::remove_file(&ledger).unwrap();
+    app.stop().await;
+}
+
+/// Master-key epochs: `kiroku keys rotate` moves every data key to the new master key; `kiroku keys retire`
+/// refuses while a data key still needs the old one, then retires it. No service starts with it any more, and a
+/// backup from before the rotation, restored, cannot be opened at all with the keys in use.
+#[tokio::test]
+async fn a_retired_master_key_takes_the_backups_only_it_opens_with_it() {
+    let app = CommandApp::spawn().await;
+    app.github_knows(21, "epoch", None).await;
+    let user = app.register(21, "").await.unwrap();
+    let backup = pg_dump(&app.db.url).await;
+    let new = kiroku_vault::generate_master_key().unwrap();
+    let old_id = MasterKeys::parse(TEST_MASTER_KEY, None).unwrap().current_id().unwrap().to_owned();
+    let new_id = MasterKeys::parse(&new, None).unwrap().current_id().unwrap().to_owned();
+    let env = [
+        ("DATABASE_URL", app.db.url.as_str()),
+        ("KIROKU_MASTER_KEY", new.as_str()),
+        ("KIROKU_PREVIOUS_MASTER_KEYS", TEST_MASTER_KEY),
+    ];
+
+    let early = kiroku(&["keys", "retire", &old_id], &env).await;
+    assert!(!early.status.success(), "refused while data keys need it");
+    assert!(
+        String::from_utf8_lossy(&early.stderr).contains("still wraps"),
+        "{}",
+        String::from_utf8_lossy(&early.stderr)
+    );
+    let rotated = kiroku(&["keys", "rotate"], &env).await;
+    assert!(rotated.status.success(), "{}", String::from_utf8_lossy(&rotated.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&rotated.stdout).unwrap();
+    assert_eq!(report["data_keys_by_master_key"], serde_json::json!({ new_id.clone(): 2 }), "{report}");
+    let retired = kiroku(&["keys", "retire", &old_id], &env).await;
+    assert!(retired.status.success(), "{}", String::from_utf8_lossy(&retired.stderr));
+
+    // A service still given the retired key refuses to start; the new key alone opens everything.
+    let store = EventStore::new(app.db.pool.clone());
+    let with_old = Vault::new(store.clone(), Arc::new(MasterKeys::parse(&new, Some(TEST_MASTER_KEY)).unwrap()));
+    let refused = with_old.check().await.unwrap_err();
+    assert!(matches!(&refused, kiroku_vault::VaultError::Retired(id) if *id == old_id), "{refused}");
+    let current = Vault::new(store.clone(), Arc::new(MasterKeys::parse(&new, None).unwrap()));
+    current.check().await.unwrap();
+    let events = store.read_stream(user.user_id.parse().unwrap(), 0, 10).await.unwrap();
+    assert_eq!(current.open(events).await.unwrap()[0].data["personal"]["github_username"], "epoch");
+
+    // The backup from before the rotation: its keys are wrapped by the retired key alone.
+    let restored = restore(&backup).await;
+    let in_use = Vault::new(EventStore::new(restored.pool.clone()), Arc::new(MasterKeys::parse(&new, None).unwrap()));
+    let unopened = in_use.check().await.unwrap_err();
+    assert!(matches!(&unopened, kiroku_vault::VaultError::UnknownMasterKey(id) if *id == old_id), "{unopened}");
+    app.stop().await;
+}

@@ -36,6 +36,11 @@ enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// Erasure beyond the live database: the ledger of erasures (KIROKU_ERASURE_LEDGER).
+    Erasure {
+        #[command(subcommand)]
+        action: ErasureAction,
+    },
     /// Asks a kiroku server's grpc.health.v1 whether it is serving; exits 0 only if it is (for probes).
     Health {
         /// host:port of the server.
@@ -78,9 +83,26 @@ enum ProjectorAction {
 enum KeysAction {
     /// Prints a new master key (32 random bytes, base64), for KIROKU_MASTER_KEY.
     New,
-    /// Re-wraps every data key under KIROKU_MASTER_KEY; the old master key goes in KIROKU_PREVIOUS_MASTER_KEYS
-    /// until this has run (and can be dropped after).
-    Rewrap,
+    /// Makes KIROKU_MASTER_KEY current: re-wraps every data key under it (the old master key stays in
+    /// KIROKU_PREVIOUS_MASTER_KEYS until this has run) and prints how many data keys each master key wraps.
+    #[command(alias = "rewrap")]
+    Rotate,
+    /// Retires an old master key once no data key needs it: no service starts with it from then on, and once its
+    /// material is destroyed, no backup that only it opens can be opened.
+    Retire {
+        /// The master key's id (as `kiroku keys rotate` prints it).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ErasureAction {
+    /// After a restore: erases again everyone the erasure ledger names whom the database still holds readable.
+    Reapply {
+        /// The ledger [default: KIROKU_ERASURE_LEDGER].
+        #[arg(long)]
+        ledger: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -110,7 +132,9 @@ async fn main() -> ExitCode {
         Command::Keys { action: KeysAction::New } => {
             kiroku_vault::generate_master_key().map(|key| println!("{key}")).map_err(anyhow::Error::from)
         }
-        Command::Keys { action: KeysAction::Rewrap } => rewrap().await,
+        Command::Keys { action: KeysAction::Rotate } => rotate().await,
+        Command::Keys { action: KeysAction::Retire { id } } => retire(&id).await,
+        Command::Erasure { action: ErasureAction::Reapply { ledger } } => reapply(ledger).await,
         Command::Health { address } => health(&address).await,
     };
     match outcome {
@@ -130,14 +154,49 @@ async fn migrate() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn rewrap() -> anyhow::Result<()> {
-    let url = config::database_url(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku keys", &e));
-    let master = kiroku_vault::master_keys(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku keys", &e));
+/// The vault of DATABASE_URL with the configured master keys, checked.
+async fn vault(command: &str) -> anyhow::Result<kiroku_vault::Vault> {
+    let url = config::database_url(&Environment).unwrap_or_else(|e| exit_on_config_error(command, &e));
+    let master = kiroku_vault::master_keys(&Environment).unwrap_or_else(|e| exit_on_config_error(command, &e));
     let pool = kiroku_platform::connect_postgres(&url, 2).await?;
     let vault = kiroku_vault::Vault::new(kiroku_event_store::EventStore::new(pool), master);
     vault.check().await.context("KIROKU_MASTER_KEY does not open the data keys in the database")?;
-    let moved = vault.rewrap().await.context("re-wrap the data keys")?;
-    println!("{moved} data keys re-wrapped under the current master key");
+    Ok(vault)
+}
+
+async fn rotate() -> anyhow::Result<()> {
+    let (moved, by_key) = vault("kiroku keys").await?.rotate().await.context("re-wrap the data keys")?;
+    let by_key: serde_json::Map<String, serde_json::Value> =
+        by_key.into_iter().map(|(id, keys)| (id, serde_json::Value::from(keys))).collect();
+    println!("{}", serde_json::json!({ "rewrapped": moved, "data_keys_by_master_key": by_key }));
+    Ok(())
+}
+
+async fn retire(id: &str) -> anyhow::Result<()> {
+    vault("kiroku keys").await?.retire(id).await?;
+    println!(
+        "master key {id} retired: delete it from KIROKU_PREVIOUS_MASTER_KEYS and destroy every copy of it; \
+         services refuse to start with it from now on"
+    );
+    Ok(())
+}
+
+async fn reapply(ledger: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let ledger = match ledger.or_else(|| config::ERASURE_LEDGER.get(&Environment).map(Into::into)) {
+        Some(ledger) => ledger,
+        None => exit_on_config_error(
+            "kiroku erasure reapply",
+            &config::ConfigError::new(config::ERASURE_LEDGER.name, "is required (or --ledger)"),
+        ),
+    };
+    let url = config::database_url(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku erasure", &e));
+    let master = kiroku_vault::master_keys(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku erasure", &e));
+    let pool = kiroku_platform::connect_postgres(&url, 2).await?;
+    let store = kiroku_event_store::EventStore::new(pool);
+    let vault = kiroku_vault::Vault::new(store.clone(), master);
+    vault.check().await.context("KIROKU_MASTER_KEY does not open the data keys in the database")?;
+    let reapplied = kiroku_command::erasure::reapply(&store, &vault, &ledger).await?;
+    println!("{}", serde_json::to_string(&reapplied)?);
     Ok(())
 }
 

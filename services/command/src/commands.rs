@@ -32,6 +32,8 @@ pub(crate) struct Commands {
     pub(crate) attempts: SubjectLimit,
     /// Lines about refused tokens.
     refused_tokens: Sampler,
+    /// Where erasures are recorded outside the database (`KIROKU_ERASURE_LEDGER`), if anywhere.
+    pub(crate) ledger: Option<crate::erasure::ErasureLedger>,
 }
 
 /// A verified call: new (with its subject, unparsed, and its idempotency key), or a repeat of an answered one.
@@ -127,8 +129,10 @@ impl Commands {
         verifier: TokenVerifier,
         github: GitHubClient,
         refusals_per_minute: u32,
+        ledger: Option<crate::erasure::ErasureLedger>,
     ) -> Self {
         Commands {
+            ledger,
             store,
             vault,
             index,
@@ -203,17 +207,9 @@ impl Commands {
         Claim { kind: kind.as_str().to_owned(), value: self.index.hash(kind.as_str(), value) }
     }
 
-    /// A user's events as stored, and the user they build (opened and upcast); `UserNotFound` when there is none.
+    /// A user's events as stored, and the user they build (see [`load_user`]).
     pub(crate) async fn load_user(&self, user_id: UserId) -> Result<(User, Vec<RecordedEvent>), CommandError> {
-        let stored = self.store.read_stream(user_id.as_uuid(), 0, u32::MAX).await?;
-        let opened = self.vault.open(stored.clone()).await.map_err(vault_error)?;
-        let events = opened
-            .iter()
-            .filter_map(|e| UserEvent::decode(&e.event_type, &e.data))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| CommandError::Internal(e.into()))?;
-        let user = User::from_events(user_id, &events).ok_or(CommandError::UserNotFound)?;
-        Ok((user, stored))
+        load_user(&self.store, &self.vault, user_id).await
     }
 
     /// Verifies the token and returns its subject, still unparsed (any verified subject can own a request id).
@@ -230,6 +226,23 @@ impl Commands {
             Err(TokenError::JwksUnavailable) => Err(CommandError::JwksUnavailable),
         }
     }
+}
+
+/// A user's events as stored, and the user they build (opened and upcast); `UserNotFound` when there is none.
+pub(crate) async fn load_user(
+    store: &EventStore,
+    vault: &Vault,
+    user_id: UserId,
+) -> Result<(User, Vec<RecordedEvent>), CommandError> {
+    let stored = store.read_stream(user_id.as_uuid(), 0, u32::MAX).await?;
+    let opened = vault.open(stored.clone()).await.map_err(vault_error)?;
+    let events = opened
+        .iter()
+        .filter_map(|e| UserEvent::decode(&e.event_type, &e.data))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CommandError::Internal(e.into()))?;
+    let user = User::from_events(user_id, &events).ok_or(CommandError::UserNotFound)?;
+    Ok((user, stored))
 }
 
 pub(crate) fn github_subject(subject: &str) -> Result<Auth0Subject, CommandError> {

@@ -32,6 +32,8 @@ pub struct Settings {
     pub refusals_per_minute: u32,
     /// `GET /metrics`; `None`: off.
     pub metrics_addr: Option<SocketAddr>,
+    /// `KIROKU_ERASURE_LEDGER`: the file every erasure is recorded in, outside the database; `None`: none.
+    pub erasure_ledger: Option<std::path::PathBuf>,
     /// `KIROKU_MASTER_KEY` (and the previous ones): wrap the data keys that seal personal data.
     pub master_keys: std::sync::Arc<kiroku_vault::MasterKeys>,
 }
@@ -122,6 +124,7 @@ pub const SETTINGS: &[Setting] = &[
     config::MASTER_KEY,
     config::PREVIOUS_MASTER_KEYS,
     config::DEV_MASTER_KEY_IN_DATABASE,
+    config::ERASURE_LEDGER,
     GITHUB_API_URL,
     GITHUB_TOKEN,
     GITHUB_TIMEOUT_MS,
@@ -174,6 +177,7 @@ impl Settings {
             refusals_per_minute: config::positive(source, &REFUSALS_PER_MINUTE)?,
             metrics_addr: config::metrics_addr(source, &METRICS_ADDR)?,
             master_keys: kiroku_vault::master_keys(source)?,
+            erasure_ledger: config::ERASURE_LEDGER.get(source).map(std::path::PathBuf::from),
             redis_prefix,
         })
     }

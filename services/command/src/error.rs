@@ -44,6 +44,10 @@ pub enum CommandError {
     /// The event store refuses appends: its next positions would go backwards (an operator must act).
     #[error("the event store refuses appends until an operator repairs it")]
     StoreFenced,
+    /// An erasure committed, but its line in the erasure ledger could not be written: a retry (with the same
+    /// request id) writes it.
+    #[error("the erasure is recorded, but not yet in the erasure ledger; retry with the same request id")]
+    LedgerUnavailable,
     /// Past a limit (refused registrations of one subject): retry after a while.
     #[error("too many attempts; retry later")]
     LimitReached { retry_after: Duration },
@@ -142,6 +146,11 @@ impl From<CommandError> for Status {
                 details.set_retry_info(Some(Duration::from_secs(1)));
                 Status::with_error_details(Code::Unavailable, error.to_string(), details)
             }
+            CommandError::LedgerUnavailable => {
+                let mut details = info("ERASURE_LEDGER_UNAVAILABLE");
+                details.set_retry_info(Some(Duration::from_secs(1)));
+                Status::with_error_details(Code::Unavailable, error.to_string(), details)
+            }
             CommandError::LimitReached { retry_after } => {
                 let mut details = info("LIMIT_REACHED");
                 details.set_retry_info(Some(retry_after));
@@ -176,7 +185,13 @@ pub(crate) enum FinalRefusal {
 impl CommandError {
     /// A failure of kiroku's own (its database, a bug), which costs the caller nothing of its per-subject budget.
     pub(crate) fn is_kirokus_own(&self) -> bool {
-        matches!(self, CommandError::StoreUnavailable | CommandError::StoreFenced | CommandError::Internal(_))
+        matches!(
+            self,
+            CommandError::StoreUnavailable
+                | CommandError::StoreFenced
+                | CommandError::LedgerUnavailable
+                | CommandError::Internal(_)
+        )
     }
 
     /// The refusal to store for this error, if it is final. A version conflict is final only when the caller

@@ -3,6 +3,7 @@
 
 mod commands;
 pub mod config;
+pub mod erasure;
 mod error;
 mod github;
 mod grpc;

@@ -5,13 +5,13 @@
 
 use kiroku_domain::{User, UserCommand, UserEvent, UserId, redact};
 use kiroku_event_store::{
-    Append, AppendError, AppendOutcome, Erasure, ExpectedVersion, Position, RecordedEvent, StoredOutcome,
+    Append, AppendError, AppendOutcome, Erasure, EventStore, ExpectedVersion, Position, RecordedEvent, StoredOutcome,
 };
-use kiroku_vault::schema_version;
+use kiroku_vault::{Vault, schema_version};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::commands::{Call, Commands, Idempotency, idempotency_record, replayed, rpc, vault_error};
+use crate::commands::{Call, Commands, Idempotency, idempotency_record, load_user, replayed, rpc, vault_error};
 use crate::error::{CommandError, FinalRefusal};
 
 /// The user after an administrator's command.
@@ -68,9 +68,20 @@ impl Commands {
         };
         let key = self.idempotency(call, rpc, caller, &content);
         if let Some(stored) = self.stored(&key).await? {
-            return answer(stored);
+            let answered = answer(stored);
+            // A retry of an erasure whose ledger line could not be written writes it now.
+            if let (Administer::Erase, Some(ledger), Ok(changed)) = (&what, &self.ledger, &answered) {
+                ledger.record(user_id, changed.position).await?;
+            }
+            return answered;
         }
-        let result = self.administer_new(user_id, what, expected_version, &key, call).await;
+        let erasing = matches!(what, Administer::Erase);
+        let result = Lifecycle { store: &self.store, vault: &self.vault }
+            .apply(user_id, what, expected_version, &key, call)
+            .await;
+        if let (true, Some(ledger), Ok(changed)) = (erasing, &self.ledger, &result) {
+            ledger.record(user_id, changed.position).await?;
+        }
         let Err(error) = result else { return result };
         let Some(refusal) = error.final_refusal(expected_version != 0) else { return Err(error) };
         let outcome = Outcome { user_id, refused: Some(refusal) };
@@ -79,8 +90,17 @@ impl Commands {
             None => Err(error),
         }
     }
+}
 
-    async fn administer_new(
+/// An administrator's command on a user, once its stored answer is known to be absent: what the store and the
+/// vault alone can do, so that `kiroku erasure reapply` erases as EraseUser does.
+pub(crate) struct Lifecycle<'a> {
+    pub(crate) store: &'a EventStore,
+    pub(crate) vault: &'a Vault,
+}
+
+impl Lifecycle<'_> {
+    pub(crate) async fn apply(
         &self,
         user_id: UserId,
         what: Administer,
@@ -88,7 +108,7 @@ impl Commands {
         key: &Option<Idempotency>,
         call: &Call,
     ) -> Result<Changed, CommandError> {
-        let (user, recorded) = self.load_user(user_id).await?;
+        let (user, recorded) = load_user(self.store, self.vault, user_id).await?;
         if expected_version != 0 && expected_version != u64::from(user.version) {
             return Err(CommandError::VersionConflict { expected: expected_version, actual: u64::from(user.version) });
         }

@@ -89,7 +89,14 @@ impl Application {
             TokenVerifier::new(jwks.clone(), issuer.clone(), settings.user_audience.clone()),
             GitHubClient::new(settings.github.clone(), http),
             settings.refusals_per_minute,
+            settings.erasure_ledger.clone().map(crate::erasure::ErasureLedger::new),
         );
+        if settings.erasure_ledger.is_none() {
+            tracing::warn!(
+                "KIROKU_ERASURE_LEDGER is not set: erasures are not recorded outside the database, and a restored \
+                 backup would hold the erased people's data again (see `kiroku erasure reapply`)"
+            );
+        }
         let listener = TcpListener::bind(settings.listen_addr)
             .await
             .with_context(|| format!("listen on {}", settings.listen_addr))?;

@@ -75,6 +75,61 @@ impl EventStore {
             .collect()
     }
 
+    /// Records `id` as the master key that wraps new data keys from now on (a rotation).
+    pub async fn record_current_master_key(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO master_keys (id, current_since) VALUES ($1, now()) \
+             ON CONFLICT (id) DO UPDATE SET current_since = coalesce(master_keys.current_since, now())",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks master key `id` retired, unless a live data key is still wrapped by it: then nothing changes and the
+    /// count of those keys is returned. Data keys are held still meanwhile (`SHARE` on the table), so that none is
+    /// wrapped by it between the count and the mark.
+    pub async fn retire_master_key(&self, id: &str) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("LOCK TABLE data_keys IN SHARE MODE").execute(&mut *tx).await?;
+        let needing: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM data_keys WHERE master_key_id = $1 AND wrapped IS NOT NULL")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if needing > 0 {
+            tx.rollback().await?;
+            return Ok(u64::try_from(needing).unwrap_or(u64::MAX));
+        }
+        sqlx::query(
+            "INSERT INTO master_keys (id, retired_at) VALUES ($1, now()) \
+             ON CONFLICT (id) DO UPDATE SET retired_at = coalesce(master_keys.retired_at, now())",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(0)
+    }
+
+    /// Those of `ids` that are retired.
+    pub async fn retired_master_keys(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT id FROM master_keys WHERE id = ANY($1) AND retired_at IS NOT NULL")
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// How many live data keys each master key wraps.
+    pub async fn keys_by_master_key(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT master_key_id, count(*) FROM data_keys WHERE wrapped IS NOT NULL GROUP BY 1 ORDER BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Up to `limit` live data keys: the newest few (the likeliest to be wrapped by a master key just rotated in)
     /// and some from a random place of the table, each read through the primary key's order.
     pub async fn sample_keys(&self, limit: i64) -> Result<Vec<WrappedKey>, StoreError> {

@@ -89,6 +89,12 @@ pub const MASTER_KEY: Setting = Setting::new(
     "32 random bytes, base64: the master key that wraps the data keys sealing personal data (`kiroku keys new`; \
      required unless KIROKU_DEV_MASTER_KEY_IN_DATABASE=true)",
 );
+pub const ERASURE_LEDGER: Setting = Setting::new(
+    "KIROKU_ERASURE_LEDGER",
+    None,
+    "a file outside the database and its backups where every erasure is recorded (user id and position, nothing \
+     personal), for `kiroku erasure reapply` after a restore [default: none]",
+);
 pub const DEV_MASTER_KEY_IN_DATABASE: Setting = Setting::new(
     "KIROKU_DEV_MASTER_KEY_IN_DATABASE",
     Some("false"),

@@ -40,6 +40,15 @@ pub enum VaultError {
     /// A sealed member or a wrapped key that does not open with its key: tampering or corruption.
     #[error("{0}")]
     Corrupt(String),
+    /// A master key given to this process was retired (`kiroku keys retire`): its material must go.
+    #[error("master key {0} is retired: delete it from KIROKU_MASTER_KEY / KIROKU_PREVIOUS_MASTER_KEYS and destroy it")]
+    Retired(String),
+    /// The current master key cannot be retired.
+    #[error("master key {0} is KIROKU_MASTER_KEY, the current one: make another current and rotate first")]
+    Current(String),
+    /// A master key cannot be retired while data keys are wrapped by it.
+    #[error("master key {id} still wraps {keys} data keys: rotate first (`kiroku keys rotate`)")]
+    StillNeeded { id: String, keys: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -115,6 +124,9 @@ impl Vault {
                  readable by whoever can read the database or a backup of it. Development only: set \
                  KIROKU_MASTER_KEY (`kiroku keys new`) anywhere else"
             );
+        }
+        if let Some(retired) = self.store.retired_master_keys(&self.master.ids()?).await?.pop() {
+            return Err(VaultError::Retired(retired));
         }
         if let Some(StoredKey::Live(wrapped)) = self.store.keys(&[INDEX_KEY_OWNER]).await?.remove(&INDEX_KEY_OWNER) {
             self.master.unwrap(&wrapped)?;
@@ -261,6 +273,26 @@ impl Vault {
         Ok(())
     }
 
+    /// A rotation: every live data key wrapped under the current master key, which is recorded as current; then
+    /// how many data keys each master key wraps (the old ones at zero may be retired).
+    pub async fn rotate(&self) -> Result<(u64, Vec<(String, i64)>), VaultError> {
+        let moved = self.rewrap().await?;
+        self.store.record_current_master_key(self.master.current_id()?).await?;
+        Ok((moved, self.store.keys_by_master_key().await?))
+    }
+
+    /// Retires master key `id` (see `kiroku keys retire`): refused for the current key, and while a data key is
+    /// wrapped by it.
+    pub async fn retire(&self, id: &str) -> Result<(), VaultError> {
+        if id == self.master.current_id()? {
+            return Err(VaultError::Current(id.to_owned()));
+        }
+        match self.store.retire_master_key(id).await? {
+            0 => Ok(()),
+            keys => Err(VaultError::StillNeeded { id: id.to_owned(), keys }),
+        }
+    }
+
     /// Wraps every live key under the current master key (after a rotation); returns how many moved.
     pub async fn rewrap(&self) -> Result<u64, VaultError> {
         let mut moved = 0;
@@ -297,7 +329,7 @@ fn open_personal(
         .ok_or_else(|| VaultError::Corrupt(format!("a {event_type} event's sealed member names no key")))?;
     match keys.get(&owner) {
         Some(Ok(Some(key))) => key.open(owner, event_type, sealed).map(Some),
-        Some(Err(unwrapping)) => Err(VaultError::Corrupt(format!("the data key of {owner}: {unwrapping}"))),
+        Some(Err(unwrapping)) => Err(VaultError::Corrupt(unwrapping.clone())),
         _ => Ok(None),
     }
 }

@@ -97,6 +97,12 @@ impl MasterKeys {
         })
     }
 
+    /// The ids of every key given (the current one first).
+    pub fn ids(&self) -> Result<Vec<String>, VaultError> {
+        let loaded = self.loaded()?;
+        Ok(std::iter::once(&loaded.current).chain(&loaded.previous).map(|k| k.id.clone()).collect())
+    }
+
     /// The id of the key that wraps new data keys.
     pub fn current_id(&self) -> Result<&str, VaultError> {
         Ok(&self.loaded()?.current.id)
