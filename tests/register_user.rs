@@ -497,6 +497,33 @@ async fn github_failures_and_syncs_count_toward_the_subjects_limit() {
     app.stop().await;
 }
 
+/// GitHub's rate limit is one budget for every caller (60 an hour without a token): once GitHub says it is spent
+/// (`x-ratelimit-remaining: 0`), calls are answered UNAVAILABLE with the time left until its reset, without
+/// asking GitHub again.
+#[tokio::test]
+async fn a_spent_github_rate_limit_is_answered_until_its_reset_without_calling_github() {
+    let app = CommandApp::spawn().await;
+    let reset = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 120;
+    Mock::given(method("GET"))
+        .and(wiremock::matchers::path_regex("^/user/"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("x-ratelimit-remaining", "0")
+                .insert_header("x-ratelimit-reset", reset.to_string())
+                .set_body_json(json!({ "id": 8301, "login": "last-one", "name": null })),
+        )
+        .expect(1)
+        .mount(&app.github)
+        .await;
+    app.register(8301, "").await.unwrap();
+    let spent = app.register(8302, "").await.unwrap_err();
+    assert_eq!((spent.code(), reason(&spent)), (Code::Unavailable, "GITHUB_UNAVAILABLE".to_owned()), "{spent:?}");
+    let wait = spent.get_details_retry_info().and_then(|r| r.retry_delay).unwrap();
+    assert!(wait > Duration::from_secs(100) && wait <= Duration::from_secs(120), "until the reset: {wait:?}");
+    app.github.verify().await;
+    app.stop().await;
+}
+
 /// A start-up hashes the claims an older kiroku wrote in clear. One whose keyed hash is held already (the identity
 /// registered twice, by versions on either side of keyed hashes) used to fail the start-up on a unique violation,
 /// at every restart; it is left as it is (and logged with its two owners), and the rest is hashed.

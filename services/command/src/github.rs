@@ -44,11 +44,58 @@ struct UserResponse {
 pub(crate) struct GitHubClient {
     http: reqwest::Client,
     settings: GitHubSettings,
+    /// What GitHub last said of kiroku's rate limit (`x-ratelimit-remaining`, `x-ratelimit-reset`): a budget
+    /// shared by every caller (60 an hour without `KIROKU_GITHUB_TOKEN`). Once spent, calls are answered at once
+    /// until the reset, without asking GitHub.
+    budget: std::sync::Mutex<Option<Budget>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Budget {
+    remaining: u64,
+    reset: SystemTime,
 }
 
 impl GitHubClient {
     pub(crate) fn new(settings: GitHubSettings, http: reqwest::Client) -> Self {
-        GitHubClient { http, settings }
+        GitHubClient { http, settings, budget: std::sync::Mutex::default() }
+    }
+
+    /// `Err` with the time left until GitHub's reset while the budget is spent.
+    fn spent(&self) -> Result<(), GitHubError> {
+        let budget = self.budget.lock().ok().and_then(|b| *b);
+        match budget {
+            Some(Budget { remaining: 0, reset }) => match reset.duration_since(SystemTime::now()) {
+                Ok(left) if !left.is_zero() => Err(GitHubError::Unavailable {
+                    cause: "rate limit spent".to_owned(),
+                    retry_after: left.max(Duration::from_secs(1)),
+                }),
+                _ => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    /// Remembers what a response said of the budget, and shows it in `kiroku_github_ratelimit_remaining`.
+    fn note_budget(&self, headers: &HeaderMap, rate_limited: bool) {
+        let header = |name| headers.get(name).and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok());
+        let remaining = header("x-ratelimit-remaining").and_then(|v| v.trim().parse::<u64>().ok());
+        let reset = header("x-ratelimit-reset")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|epoch| UNIX_EPOCH + Duration::from_secs(epoch));
+        let budget = match (remaining, reset, rate_limited) {
+            (Some(remaining), Some(reset), _) => Budget { remaining, reset },
+            // Refused for the rate without the headers: spent until Retry-After (or a minute).
+            (_, _, true) => Budget {
+                remaining: 0,
+                reset: SystemTime::now() + retry_after(headers).unwrap_or(Duration::from_secs(60)),
+            },
+            _ => return,
+        };
+        metrics::gauge!("kiroku_github_ratelimit_remaining").set(budget.remaining as f64);
+        if let Ok(mut kept) = self.budget.lock() {
+            *kept = Some(budget);
+        }
     }
 
     /// Fetches an account's profile; with `etag`, a 304 answer is [`Fetched::NotModified`]. Each call is counted
@@ -62,6 +109,7 @@ impl GitHubClient {
             Err(GitHubError::NotFound) => "not_found",
             Err(GitHubError::Unavailable { cause, .. }) if cause == "timeout" => "timeout",
             Err(GitHubError::Unavailable { cause, .. }) if cause == "rate limited" => "rate_limited",
+            Err(GitHubError::Unavailable { cause, .. }) if cause == "rate limit spent" => "budget_spent",
             Err(GitHubError::Unavailable { .. }) => "unavailable",
             Err(GitHubError::Refused(_)) => "refused",
         };
@@ -70,6 +118,7 @@ impl GitHubClient {
     }
 
     async fn fetch_user_once(&self, id: GitHubId, etag: Option<&str>) -> Result<Fetched, GitHubError> {
+        self.spent()?;
         let url = format!("{}/user/{id}", self.settings.api_url.as_str().trim_end_matches('/'));
         let mut request = self
             .http
@@ -89,6 +138,9 @@ impl GitHubClient {
             retry_after: DEFAULT_RETRY,
         })?;
         let status = response.status();
+        let limited = status == StatusCode::TOO_MANY_REQUESTS
+            || (status == StatusCode::FORBIDDEN && rate_limited(response.headers()));
+        self.note_budget(response.headers(), limited);
         match status {
             StatusCode::NOT_MODIFIED => Ok(Fetched::NotModified),
             StatusCode::NOT_FOUND => Err(GitHubError::NotFound),
@@ -106,14 +158,10 @@ impl GitHubClient {
                     etag,
                 }))
             }
-            s if s == StatusCode::TOO_MANY_REQUESTS
-                || (s == StatusCode::FORBIDDEN && rate_limited(response.headers())) =>
-            {
-                Err(GitHubError::Unavailable {
-                    cause: "rate limited".to_owned(),
-                    retry_after: retry_after(response.headers()).unwrap_or(Duration::from_secs(60)),
-                })
-            }
+            _ if limited => Err(GitHubError::Unavailable {
+                cause: "rate limited".to_owned(),
+                retry_after: retry_after(response.headers()).unwrap_or(Duration::from_secs(60)),
+            }),
             s if s.is_server_error() => Err(GitHubError::Unavailable {
                 cause: format!("status {}", s.as_u16()),
                 retry_after: retry_after(response.headers()).unwrap_or(DEFAULT_RETRY),

@@ -166,6 +166,10 @@ fn describe() {
     describe_gauge!("kiroku_postgres_up", "1 when PostgreSQL answered the last health probe");
     describe_gauge!("kiroku_redis_up", "1 when Redis answered the last health probe");
     describe_counter!("kiroku_dependency_requests_total", "calls to GitHub and the JWKS endpoint, by outcome");
+    describe_gauge!(
+        "kiroku_github_ratelimit_remaining",
+        "GitHub calls left in its rate-limit window, as GitHub last said (x-ratelimit-remaining)"
+    );
     describe_histogram!(
         "kiroku_dependency_request_seconds",
         Unit::Seconds,
