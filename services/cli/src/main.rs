@@ -148,8 +148,9 @@ async fn main() -> ExitCode {
 
 async fn migrate() -> anyhow::Result<()> {
     let url = config::database_url(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku migrate", &e));
+    let prefix = config::role_prefix(&Environment).unwrap_or_else(|e| exit_on_config_error("kiroku migrate", &e));
     let pool = kiroku_platform::connect_postgres(&url, 2).await?;
-    kiroku_event_store::migrate(&pool).await.context("apply migrations")?;
+    kiroku_event_store::migrate_with_roles(&pool, &prefix).await.context("apply migrations")?;
     println!("migrations applied");
     Ok(())
 }

@@ -16,7 +16,7 @@ pub struct Settings {
     pub redis_prefix: String,
     pub listen_addr: SocketAddr,
     /// The schema owner's URL, to migrate with at start-up (`KIROKU_MIGRATE`, `KIROKU_MIGRATE_DATABASE_URL`).
-    pub migrate: Option<String>,
+    pub migrate: Option<config::Migration>,
     /// TLS for the gRPC listener (`KIROKU_TLS_*`); `None`: plaintext.
     pub tls: Option<kiroku_platform::tls::TlsSettings>,
     /// What the gRPC server lets its clients take.
@@ -130,6 +130,7 @@ pub const SETTINGS: &[Setting] = &[
     GITHUB_TIMEOUT_MS,
     config::MIGRATE,
     config::MIGRATE_DATABASE_URL,
+    config::DATABASE_ROLE_PREFIX,
     config::TLS_CERT,
     config::TLS_KEY,
     config::TLS_CLIENT_CA,
@@ -208,7 +209,7 @@ mod tests {
         assert_eq!(settings.listen_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(settings.relay.stream_key, "kiroku:events");
         assert_eq!(settings.github.api_url.as_str(), "https://api.github.com/");
-        assert_eq!(settings.migrate.as_deref(), Some("postgres://postgres@127.0.0.1:5432/kiroku"));
+        assert_eq!(settings.migrate.map(|m| m.url).as_deref(), Some("postgres://postgres@127.0.0.1:5432/kiroku"));
     }
 
     #[test]

@@ -44,7 +44,7 @@ impl Application {
         let metrics = MetricsEndpoint::bind(settings.metrics_addr).await?;
         kiroku_event_store::describe_metrics();
         kiroku_relay::describe_metrics();
-        let pool = open_database(&settings.database_url, 32, settings.migrate.as_deref()).await?;
+        let pool = open_database(&settings.database_url, 32, settings.migrate.as_ref()).await?;
         let redis = connect_redis(&settings.redis_url).await?;
         let http = http_client()?;
         // One key cache for both kinds of token kiroku accepts from this tenant.

@@ -31,7 +31,7 @@ pub use event::{CallerRef, EventMetadata, NewEvent, Position, RecordedEvent};
 pub use follow::Follower;
 pub use keys::{ClearClaims, ClearDuplicate, Erasure, StoredKey, WrappedKey};
 pub use leader::LeaderLock;
-pub use migrate::migrate;
+pub use migrate::{DEFAULT_ROLE_PREFIX, migrate, migrate_with_roles};
 pub use read::{Batch, LAG_COUNT_LIMIT, Lag, LogFilter};
 
 use std::sync::Arc;

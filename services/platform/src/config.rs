@@ -83,6 +83,12 @@ pub const MIGRATE_DATABASE_URL: Setting = Setting::new(
     "the schema's owner, who migrates (services log in as members of kiroku_command, kiroku_query, \
      kiroku_projector) [default: DATABASE_URL]",
 );
+pub const DATABASE_ROLE_PREFIX: Setting = Setting::new(
+    "KIROKU_DATABASE_ROLE_PREFIX",
+    Some("kiroku"),
+    "the deployment's database roles, <prefix>_command, <prefix>_query, <prefix>_projector: the migrations give them \
+     this database (and no other role may connect to it), so that deployments sharing a cluster stay apart",
+);
 pub const MASTER_KEY: Setting = Setting::new(
     "KIROKU_MASTER_KEY",
     None,
@@ -344,16 +350,38 @@ pub fn database_url(source: &dyn Source) -> Result<String, ConfigError> {
     postgres_url(&DATABASE_URL, required(source, &DATABASE_URL)?)
 }
 
-/// The URL to migrate with at start-up, if `KIROKU_MIGRATE` says to: `KIROKU_MIGRATE_DATABASE_URL`, else
-/// `DATABASE_URL`.
-pub fn migration(source: &dyn Source) -> Result<Option<String>, ConfigError> {
+/// How a process migrates: as the schema's owner (`url`), for the deployment's roles (`role_prefix`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Migration {
+    pub url: String,
+    pub role_prefix: String,
+}
+
+/// How to migrate at start-up, if `KIROKU_MIGRATE` says to: as `KIROKU_MIGRATE_DATABASE_URL`, else `DATABASE_URL`.
+pub fn migration(source: &dyn Source) -> Result<Option<Migration>, ConfigError> {
     if !bool(source, &MIGRATE)? {
         return Ok(None);
     }
-    match MIGRATE_DATABASE_URL.get(source) {
-        Some(url) => postgres_url(&MIGRATE_DATABASE_URL, url).map(Some),
-        None => database_url(source).map(Some),
+    let url = match MIGRATE_DATABASE_URL.get(source) {
+        Some(url) => postgres_url(&MIGRATE_DATABASE_URL, url)?,
+        None => database_url(source)?,
+    };
+    Ok(Some(Migration { url, role_prefix: role_prefix(source)? }))
+}
+
+/// `KIROKU_DATABASE_ROLE_PREFIX`: a lower-case letter, then letters, digits and `_` (roles `<prefix>_command`, …).
+pub fn role_prefix(source: &dyn Source) -> Result<String, ConfigError> {
+    let prefix = DATABASE_ROLE_PREFIX.get(source).unwrap_or_else(|| "kiroku".to_owned());
+    let valid = prefix.len() <= 41
+        && prefix.starts_with(|c: char| c.is_ascii_lowercase())
+        && prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !valid {
+        return Err(ConfigError::new(
+            DATABASE_ROLE_PREFIX.name,
+            "must be a lower-case letter, then lower-case letters, digits and _ (at most 41)",
+        ));
     }
+    Ok(prefix)
 }
 
 fn postgres_url(setting: &Setting, value: String) -> Result<String, ConfigError> {

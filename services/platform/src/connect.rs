@@ -50,10 +50,14 @@ pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool>
 
 /// A pool on `url` (retried like [`connect_postgres`]), after pending migrations were applied as `migrate` (the
 /// schema owner's URL, when `KIROKU_MIGRATE` says so; see `config::migration`).
-pub async fn open_database(url: &str, max_connections: u32, migrate: Option<&str>) -> Result<PgPool> {
-    if let Some(owner) = migrate {
-        let owner = connect_postgres(owner, 1).await?;
-        kiroku_event_store::migrate(&owner).await.context("apply migrations")?;
+pub async fn open_database(
+    url: &str,
+    max_connections: u32,
+    migrate: Option<&crate::config::Migration>,
+) -> Result<PgPool> {
+    if let Some(migration) = migrate {
+        let owner = connect_postgres(&migration.url, 1).await?;
+        kiroku_event_store::migrate_with_roles(&owner, &migration.role_prefix).await.context("apply migrations")?;
         owner.close().await;
     }
     connect_postgres(url, max_connections).await

@@ -11,7 +11,7 @@ pub struct Settings {
     pub redis_url: String,
     pub redis_prefix: String,
     /// The schema owner's URL, to migrate with at start-up (`KIROKU_MIGRATE`, `KIROKU_MIGRATE_DATABASE_URL`).
-    pub migrate: Option<String>,
+    pub migrate: Option<config::Migration>,
     /// TLS for the gRPC listener (`KIROKU_TLS_*`); `None`: plaintext.
     pub tls: Option<kiroku_platform::tls::TlsSettings>,
     /// Where `grpc.health.v1` answers (compose probes it with `kiroku health`).
@@ -57,6 +57,7 @@ pub const SETTINGS: &[Setting] = &[
     config::DEV_MASTER_KEY_IN_DATABASE,
     config::MIGRATE,
     config::MIGRATE_DATABASE_URL,
+    config::DATABASE_ROLE_PREFIX,
     config::TLS_CERT,
     config::TLS_KEY,
     config::TLS_CLIENT_CA,

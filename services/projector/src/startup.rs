@@ -33,7 +33,7 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Application> {
         let metrics = MetricsEndpoint::bind(settings.metrics_addr).await?;
         crate::describe_metrics();
-        let pool = open_database(&settings.database_url, 8, settings.migrate.as_deref()).await?;
+        let pool = open_database(&settings.database_url, 8, settings.migrate.as_ref()).await?;
         let redis = connect_redis(&settings.redis_url).await?;
         let reader = connect_redis(&settings.redis_url).await?;
         let listener = TcpListener::bind(settings.health_addr)

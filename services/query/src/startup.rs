@@ -36,7 +36,7 @@ impl Application {
         let metrics = MetricsEndpoint::bind(settings.metrics_addr).await?;
         crate::watch::describe_metrics();
         let pool =
-            open_database(&settings.database_url, crate::config::POOL_CONNECTIONS, settings.migrate.as_deref()).await?;
+            open_database(&settings.database_url, crate::config::POOL_CONNECTIONS, settings.migrate.as_ref()).await?;
         let redis = connect_redis(&settings.redis_url).await?;
         let listener = TcpListener::bind(settings.listen_addr)
             .await
