@@ -100,6 +100,7 @@ async fn main() {
                 // The append's own steps (BEGIN, claims, events, COMMIT) are debug spans: in the breakdown too.
                 ("RUST_LOG", "info,kiroku_event_store=debug".to_owned()),
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}")),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_owned()),
                 ("OTEL_SERVICE_NAME", "kiroku-command".to_owned()),
             ];
             let source = move |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());

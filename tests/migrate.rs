@@ -64,3 +64,33 @@ async fn a_missing_setting_stops_a_service_with_one_line_and_exit_code_64() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("REDIS_URL") || stderr.contains("KIROKU_AUTH0_ISSUER"), "{stderr}");
 }
+
+/// Settings that the operator's tools set, read strictly: an OTLP protocol kiroku cannot speak, and a master key
+/// left unset outside development, stop the service at once with one line naming the variable.
+#[tokio::test]
+async fn an_unsupported_otlp_protocol_or_a_missing_master_key_stops_a_service_with_exit_code_64() {
+    let base = [
+        ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/x"),
+        ("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        ("KIROKU_AUTH0_ISSUER", "https://tenant.example/"),
+        ("KIROKU_API_AUDIENCE", "kiroku-callers"),
+    ];
+    for (extra, named) in [
+        (
+            vec![("KIROKU_MASTER_KEY", kiroku_testkit::TEST_MASTER_KEY), ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")],
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
+        (vec![], "KIROKU_MASTER_KEY"),
+    ] {
+        let output = tokio::process::Command::new(binary_path("kiroku-query"))
+            .env_clear()
+            .envs(base.iter().chain(&extra).copied())
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(named), "{stderr}");
+    }
+}

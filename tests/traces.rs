@@ -56,11 +56,12 @@ async fn one_registration_is_one_trace_from_grpc_to_the_projector_and_its_logs_c
         .mount(&github)
         .await;
     let receiver = OtlpReceiver::default();
-    let otlp = receiver.start().await.unwrap();
+    // The command service exports over OTLP/gRPC, the projector over OTLP/HTTP (the specification's default).
+    let (otlp_grpc, otlp_http) = (receiver.start().await.unwrap(), receiver.start_http().await.unwrap());
     let issuer = format!("{}/", auth0.uri());
     let (command_addr, query_addr) = (free_address(), free_address());
     let logs = tempfile_dir();
-    let env = |otlp: Option<SocketAddr>| {
+    let env = |otlp: Option<(&str, SocketAddr)>| {
         let mut env = vec![
             ("DATABASE_URL", db.url.clone()),
             ("REDIS_URL", redis.url.clone()),
@@ -79,14 +80,18 @@ async fn one_registration_is_one_trace_from_grpc_to_the_projector_and_its_logs_c
             // Spans leave the batch every 100 ms rather than every 5 s.
             ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
         ];
-        if let Some(otlp) = otlp {
+        if let Some((protocol, otlp)) = otlp {
             env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}")));
+            if protocol == "grpc" {
+                env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_owned()));
+            }
         }
         env
     };
     let (command_log, query_log) = (logs.join("command.log"), logs.join("query.log"));
-    let _command = ServiceProcess::spawn_logging_to("kiroku-command", &env(Some(otlp)), &command_log).unwrap();
-    let _projector = ServiceProcess::spawn("kiroku-projector", &env(Some(otlp))).unwrap();
+    let _command =
+        ServiceProcess::spawn_logging_to("kiroku-command", &env(Some(("grpc", otlp_grpc))), &command_log).unwrap();
+    let _projector = ServiceProcess::spawn("kiroku-projector", &env(Some(("http/protobuf", otlp_http)))).unwrap();
     // The query service exports nothing: its logs still carry the caller's trace id.
     let _query = ServiceProcess::spawn_logging_to("kiroku-query", &env(None), &query_log).unwrap();
 

@@ -1,5 +1,5 @@
-//! An OTLP/gRPC trace receiver on loopback, standing in for an OpenTelemetry collector: it keeps every span it is
-//! sent, with the name of the service that sent it.
+//! An OTLP trace receiver on loopback (gRPC, and HTTP with protobuf bodies), standing in for an OpenTelemetry
+//! collector: it keeps every span it is sent, with the name of the service that sent it.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -19,8 +19,15 @@ impl TraceService for OtlpReceiver {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.0.lock().map_err(|_| tonic::Status::internal("poisoned"))?;
-        for resource in request.into_inner().resource_spans {
+        self.keep(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl OtlpReceiver {
+    fn keep(&self, request: ExportTraceServiceRequest) {
+        let Ok(mut spans) = self.0.lock() else { return };
+        for resource in request.resource_spans {
             let service = resource
                 .resource
                 .iter()
@@ -35,11 +42,37 @@ impl TraceService for OtlpReceiver {
                 spans.extend(scope.spans.into_iter().map(|span| (service.clone(), span)));
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
-}
 
-impl OtlpReceiver {
+    /// Serves OTLP/HTTP (`POST /v1/traces`, protobuf) on a free loopback port until the process ends; returns the
+    /// address.
+    pub async fn start_http(&self) -> anyhow::Result<SocketAddr> {
+        use prost::Message;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let receiver = self.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let receiver = receiver.clone();
+                async move {
+                    match ExportTraceServiceRequest::decode(body) {
+                        Ok(request) => {
+                            receiver.keep(request);
+                            let answer = ExportTraceServiceResponse::default().encode_to_vec();
+                            (axum::http::StatusCode::OK, [("content-type", "application/x-protobuf")], answer)
+                        }
+                        Err(_) => {
+                            (axum::http::StatusCode::BAD_REQUEST, [("content-type", "text/plain")], b"bad".to_vec())
+                        }
+                    }
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(address)
+    }
+
     /// Serves on a free loopback port until the process ends; returns the address.
     pub async fn start(&self) -> anyhow::Result<SocketAddr> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

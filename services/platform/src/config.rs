@@ -256,6 +256,28 @@ pub enum LogFormat {
 
 pub const RUST_LOG: Setting = Setting::new("RUST_LOG", Some("info"), "log filter, e.g. info,kiroku_projector=debug");
 
+// OpenTelemetry's own variables, read as its specification says (see `telemetry.rs`).
+pub const OTLP_ENDPOINT: Setting = Setting::new(
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    None,
+    "the OTLP collector (HTTP: a base URL, /v1/traces appended); spans are exported only with it, a traces \
+     endpoint or a protocol [default: none]",
+);
+pub const OTLP_TRACES_ENDPOINT: Setting = Setting::new(
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    None,
+    "the OTLP endpoint of traces, taken as it is [default: none]",
+);
+pub const OTLP_PROTOCOL: Setting =
+    Setting::new("OTEL_EXPORTER_OTLP_PROTOCOL", Some("http/protobuf"), "grpc or http/protobuf");
+pub const OTLP_TRACES_PROTOCOL: Setting = Setting::new(
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    None,
+    "grpc or http/protobuf, for traces [default: OTEL_EXPORTER_OTLP_PROTOCOL]",
+);
+pub const OTEL_SERVICE_NAME: Setting =
+    Setting::new("OTEL_SERVICE_NAME", None, "the service name on exported spans [default: the program's name]");
+
 pub fn required(source: &dyn Source, setting: &Setting) -> Result<String, ConfigError> {
     setting.get(source).ok_or_else(|| ConfigError::new(setting.name, "is required but not set"))
 }

@@ -68,6 +68,11 @@ pub const SETTINGS: &[Setting] = &[
     METRICS_ADDR,
     config::LOG_FORMAT,
     config::RUST_LOG,
+    config::OTLP_ENDPOINT,
+    config::OTLP_TRACES_ENDPOINT,
+    config::OTLP_PROTOCOL,
+    config::OTLP_TRACES_PROTOCOL,
+    config::OTEL_SERVICE_NAME,
 ];
 
 /// Where `GET /metrics` is served.
