@@ -94,3 +94,42 @@ async fn an_unsupported_otlp_protocol_or_a_missing_master_key_stops_a_service_wi
         assert!(stderr.contains(named), "{stderr}");
     }
 }
+
+/// A service that cannot reach PostgreSQL or Redis says why in its last line and names the setting, at once
+/// when waiting cannot help (authentication refused, a TLS handshake refused).
+#[tokio::test]
+async fn an_unreachable_dependency_is_named_with_why_in_the_last_line() {
+    let db = kiroku_testkit::TestDb::create().await.unwrap();
+    let base = [
+        ("KIROKU_AUTH0_ISSUER", "https://tenant.example/"),
+        ("KIROKU_API_AUDIENCE", "kiroku-callers"),
+        ("KIROKU_MASTER_KEY", kiroku_testkit::TEST_MASTER_KEY),
+        ("KIROKU_MIGRATE", "false"),
+        ("KIROKU_QUERY_ADDR", "127.0.0.1:0"),
+        ("KIROKU_METRICS_ADDR", "off"),
+    ];
+    let no_such_user = db.url.replacen("postgres://postgres@", "postgres://kiroku_nobody_at_all@", 1);
+    // The local server's certificate is no public CA's: verification refuses the handshake.
+    let unverified = format!("{}?sslmode=verify-full", db.url.replacen("127.0.0.1", "localhost", 1));
+    for (database, redis, named, why) in [
+        (no_such_user.as_str(), "redis://127.0.0.1:6379/0", "DATABASE_URL", "authentication refused"),
+        (unverified.as_str(), "redis://127.0.0.1:6379/0", "DATABASE_URL", "TLS handshake failed"),
+        (db.url.as_str(), "redis://nobody:wrong@127.0.0.1:6379/0", "REDIS_URL", "authentication refused"),
+    ] {
+        let started = std::time::Instant::now();
+        let output = tokio::process::Command::new(binary_path("kiroku-query"))
+            .env_clear()
+            .envs(base)
+            .env("DATABASE_URL", database)
+            .env("REDIS_URL", redis)
+            .output()
+            .await
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let last = stderr.trim().lines().last().unwrap_or_default();
+        assert!(last.contains(named) && last.contains(why), "{named}, {why}: {last}");
+        assert!(!last.contains("wrong"), "no password in the line: {last}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "at once, not after 30 s of retries");
+    }
+}

@@ -27,9 +27,14 @@ fn postgres_options(url: &str) -> Result<PgConnectOptions> {
     Ok(if loopback && !chosen { options.ssl_mode(PgSslMode::Disable) } else { options })
 }
 
-/// A pool on `url`, retried until PostgreSQL answers or 30 s have passed.
+/// A pool on `url`, retried until PostgreSQL answers or 30 s have passed. A refusal that waiting will not change
+/// (authentication, TLS) ends it at once. The error names `DATABASE_URL`, where it is, and why in plain words.
 pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool> {
     let options = postgres_options(url)?;
+    let place = options
+        .get_socket()
+        .map(|socket| socket.display().to_string())
+        .unwrap_or_else(|| format!("{}:{}", options.get_host(), options.get_port()));
     let started = Instant::now();
     loop {
         let attempt = PgPoolOptions::new()
@@ -37,14 +42,69 @@ pub async fn connect_postgres(url: &str, max_connections: u32) -> Result<PgPool>
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options.clone())
             .await;
-        match attempt {
+        let error = match attempt {
             Ok(pool) => return Ok(pool),
-            Err(error) if started.elapsed() < STARTUP_PATIENCE => {
-                tracing::warn!(%error, "PostgreSQL is not reachable yet; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(error) => return Err(error).context("connect to PostgreSQL (gave up after 30 s)"),
+            Err(error) => error,
+        };
+        let (why, lasting) = postgres_refusal(&error);
+        if lasting || started.elapsed() >= STARTUP_PATIENCE {
+            let after = if lasting { String::new() } else { " (gave up after 30 s)".to_owned() };
+            bail!("DATABASE_URL: cannot connect to PostgreSQL at {place}{after}: {why}");
         }
+        tracing::warn!(%error, "PostgreSQL is not reachable yet; retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Why a connection to PostgreSQL failed, in plain words (never a password), and whether retrying cannot help.
+fn postgres_refusal(error: &sqlx::Error) -> (String, bool) {
+    match error {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("28P01" | "28000") => (format!("authentication refused ({})", db.message()), true),
+            Some("3D000") => (format!("no such database ({})", db.message()), true),
+            Some("53300") => ("too many connections".to_owned(), false),
+            Some("57P03") => ("the server is starting up".to_owned(), false),
+            _ => (db.message().to_owned(), false),
+        },
+        sqlx::Error::Tls(tls) => (format!("the TLS handshake failed ({tls})"), true),
+        sqlx::Error::Io(io) => io_refusal(io),
+        sqlx::Error::PoolTimedOut => ("no answer within 5 s".to_owned(), false),
+        other => (other.to_string(), false),
+    }
+}
+
+/// An I/O failure in plain words (a name that does not resolve, a port nobody listens on, a TLS handshake that a
+/// certificate or a protocol refused), and whether retrying cannot help (TLS).
+fn io_refusal(io: &std::io::Error) -> (String, bool) {
+    let text = io.to_string();
+    if text.contains("lookup address") || text.contains("not known") || text.contains("No address associated") {
+        return (format!("the host name was not found ({text})"), false);
+    }
+    let tls = ["certificate", "Certificate", "TLS", "tls", "handshake", "CertificateRequired"];
+    if tls.iter().any(|word| text.contains(word)) {
+        return (format!("the TLS handshake failed ({text})"), true);
+    }
+    match io.kind() {
+        std::io::ErrorKind::ConnectionRefused => {
+            (format!("the connection was refused: nothing listens there ({text})"), false)
+        }
+        std::io::ErrorKind::TimedOut => (format!("no answer ({text})"), false),
+        _ => (text, false),
+    }
+}
+
+/// Why a connection to Redis failed, in plain words (never a password), and whether retrying cannot help.
+fn redis_refusal(error: &fred::error::Error) -> (String, bool) {
+    use fred::error::ErrorKind;
+    let details = error.details().to_owned();
+    match error.kind() {
+        ErrorKind::Auth => (format!("authentication refused ({details})"), true),
+        ErrorKind::Tls => (format!("the TLS handshake failed ({details})"), true),
+        _ if details.contains("WRONGPASS") || details.contains("NOAUTH") || details.contains("NOPERM") => {
+            (format!("authentication refused ({details})"), true)
+        }
+        ErrorKind::IO => io_refusal(&std::io::Error::other(details)),
+        _ => (details, false),
     }
 }
 
@@ -67,6 +127,10 @@ pub async fn open_database(
 /// itself whenever Redis goes away; meanwhile commands fail after 3 s rather than waiting for it.
 pub async fn connect_redis(url: &str) -> Result<Client> {
     let config = Config::from_url(url).context("parse REDIS_URL")?;
+    let place = match &config.server {
+        fred::types::config::ServerConfig::Centralized { server } => format!("{}:{}", server.host, server.port),
+        _ => "its servers".to_owned(),
+    };
     let started = Instant::now();
     loop {
         let client = Builder::from_config(config.clone())
@@ -81,19 +145,37 @@ pub async fn connect_redis(url: &str) -> Result<Client> {
             .build()
             .context("configure Redis client")?;
         // The first connection is made by hand: with a reconnect policy, `init` would retry forever.
+        // The errors of the connection attempts, which a timed-out `init` would otherwise not tell.
+        let mut errors = client.error_rx();
         let connected = tokio::time::timeout(Duration::from_secs(5), client.init()).await;
-        match connected {
+        let failed = match connected {
             Ok(Ok(_)) => match client.ping::<String>(None).await {
                 Ok(_) => return Ok(client),
-                Err(error) => tracing::warn!(%error, "Redis does not answer yet; retrying"),
+                Err(error) => redis_refusal(&error),
             },
-            Ok(Err(error)) => tracing::warn!(%error, "Redis is not reachable yet; retrying"),
-            Err(_) => tracing::warn!("Redis connection timed out; retrying"),
-        }
+            Ok(Err(error)) => redis_refusal(&error),
+            Err(_) => {
+                let mut last = None;
+                while let Ok((error, _)) = errors.try_recv() {
+                    last = Some(error);
+                }
+                match last {
+                    Some(error) => redis_refusal(&error),
+                    // A plaintext server waits for the rest of what it takes for an inline command.
+                    None if url.starts_with("rediss:") => {
+                        ("no answer to the TLS handshake within 5 s: is that port TLS?".to_owned(), false)
+                    }
+                    None => ("no answer within 5 s".to_owned(), false),
+                }
+            }
+        };
         let _ = client.quit().await;
-        if started.elapsed() >= STARTUP_PATIENCE {
-            bail!("connect to Redis (gave up after 30 s)");
+        let (why, lasting) = failed;
+        if lasting || started.elapsed() >= STARTUP_PATIENCE {
+            let after = if lasting { String::new() } else { " (gave up after 30 s)".to_owned() };
+            bail!("REDIS_URL: cannot connect to Redis at {place}{after}: {why}");
         }
+        tracing::warn!(why, "Redis is not reachable yet; retrying");
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
@@ -101,6 +183,21 @@ pub async fn connect_redis(url: &str) -> Result<Client> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_connection_says_why_in_plain_words() {
+        let unknown = std::io::Error::other("failed to lookup address information: Name or service not known");
+        assert!(io_refusal(&unknown).0.starts_with("the host name was not found"));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(io_refusal(&refused).0.starts_with("the connection was refused"));
+        let tls = std::io::Error::other("invalid peer certificate: UnknownIssuer");
+        assert_eq!(
+            io_refusal(&tls),
+            ("the TLS handshake failed (invalid peer certificate: UnknownIssuer)".into(), true)
+        );
+        let (why, lasting) = postgres_refusal(&sqlx::Error::Io(unknown));
+        assert!(why.starts_with("the host name was not found") && !lasting, "a name may resolve later: retried");
+    }
 
     #[test]
     fn loopback_without_an_sslmode_is_plaintext_and_a_chosen_sslmode_is_kept() {
