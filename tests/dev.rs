@@ -123,3 +123,49 @@ async fn the_printed_grpcurl_line_registers_a_user_once() {
     let status = dev.terminate(Duration::from_secs(10)).await.unwrap();
     assert!(status.success(), "kiroku dev exits cleanly on SIGTERM: {status:?}");
 }
+
+/// `kiroku dev` starts quietly: no `NOPERM … 'info'` lines from the Redis users it makes, one line at most about
+/// the development master key (its three services share one process), and no other warning.
+#[tokio::test]
+async fn kiroku_dev_starts_without_warnings() {
+    let db = TestDb::create_empty().await.unwrap();
+    let redis = TestRedis::acquire().await.unwrap();
+    let log = std::env::temp_dir().join(format!("kiroku-dev-{}.log", uuid::Uuid::new_v4()));
+    let mut dev = tokio::process::Command::new(binary_path("kiroku"))
+        .arg("dev")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs([
+            ("DATABASE_URL", db.url.clone()),
+            ("REDIS_URL", redis.url.clone()),
+            ("KIROKU_REDIS_PREFIX", redis.prefix.clone()),
+            ("KIROKU_COMMAND_ADDR", "127.0.0.1:0".to_owned()),
+            ("KIROKU_QUERY_ADDR", "127.0.0.1:0".to_owned()),
+            ("KIROKU_PROJECTOR_HEALTH_ADDR", "127.0.0.1:0".to_owned()),
+            ("KIROKU_DEV_IDENTITY_ADDR", free_address().to_string()),
+            ("KIROKU_METRICS_ADDR", free_address().to_string()),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await.unwrap().unwrap().unwrap();
+    // Everything has started once the line is printed; a moment for the projector's first reads.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = dev.id().unwrap();
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    let _ = tokio::time::timeout(Duration::from_secs(10), dev.wait()).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(!text.contains("NOPERM"), "{text}");
+    let key_lines = text.lines().filter(|line| line.contains("KIROKU_DEV_MASTER_KEY_IN_DATABASE")).count();
+    assert!(key_lines <= 1, "{text}");
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
+        .filter(|line| !line.contains("KIROKU_DEV_MASTER_KEY_IN_DATABASE"))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
+}

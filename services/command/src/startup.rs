@@ -91,7 +91,8 @@ impl Application {
             settings.refusals_per_minute,
             settings.erasure_ledger.clone().map(crate::erasure::ErasureLedger::new),
         );
-        if settings.erasure_ledger.is_none() {
+        // Development (the key kept in the database) has no backups to speak of.
+        if settings.erasure_ledger.is_none() && !settings.master_keys.kept_in_database() {
             tracing::warn!(
                 "KIROKU_ERASURE_LEDGER is not set: erasures are not recorded outside the database, and a restored \
                  backup would hold the erased people's data again (see `kiroku erasure reapply`)"

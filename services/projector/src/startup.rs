@@ -100,7 +100,10 @@ impl Application {
         .await;
         pool.close().await;
         let _ = redis.quit().await;
-        let _ = reader.quit().await;
+        // The consumer closed its reader when it left (see `Consumer::run`), unless it never got that far.
+        if reader.is_connected() {
+            let _ = reader.quit().await;
+        }
         Ok(())
     }
 }

@@ -21,7 +21,10 @@ pub fn dead_letters_key(prefix: &str) -> String {
 }
 
 /// What a Redis user needs to connect and nothing more (ACL rules).
-const CONNECT: [&str; 7] = ["+ping", "+auth", "+hello", "+select", "+client|setname", "+client|id", "+quit"];
+/// What the client does on every connection: among it, `INFO server` (fred reads the server's version, and warns
+/// when it may not), and no other section of INFO.
+const CONNECT: [&str; 8] =
+    ["+ping", "+auth", "+hello", "+select", "+client|setname", "+client|id", "+info|server", "+quit"];
 
 /// The Redis ACL rules (the arguments after `ACL SETUSER <name> on ><password>`) of each kind of user of the
 /// stream of `prefix`: least privilege on Redis as on PostgreSQL.

@@ -119,11 +119,13 @@ impl Vault {
                 VaultError::Corrupt("the database holds no development master key: apply the migrations".to_owned())
             })?;
             self.master.load(&key)?;
-            tracing::warn!(
+            // Once per process (`kiroku dev` runs three services in one).
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| tracing::warn!(
                 "KIROKU_DEV_MASTER_KEY_IN_DATABASE: personal data is sealed under a master key kept in the database, \
                  readable by whoever can read the database or a backup of it. Development only: set \
                  KIROKU_MASTER_KEY (`kiroku keys new`) anywhere else"
-            );
+            ));
         }
         if let Some(retired) = self.store.retired_master_keys(&self.master.ids()?).await?.pop() {
             return Err(VaultError::Retired(retired));

@@ -21,6 +21,8 @@ struct MasterKey {
 pub struct MasterKeys {
     /// Set when configured; for a key kept in the database, once loaded (until then, empty).
     keys: std::sync::OnceLock<Loaded>,
+    /// The development key kept in the database, rather than a configured one.
+    in_database: bool,
 }
 
 struct Loaded {
@@ -69,12 +71,17 @@ impl MasterKeys {
             .filter(|k| !k.trim().is_empty())
             .map(|k| parse_key(k).map_err(|e| format!("a previous key {e}")))
             .collect::<Result<_, _>>()?;
-        Ok(MasterKeys { keys: Loaded { current, previous }.into() })
+        Ok(MasterKeys { keys: Loaded { current, previous }.into(), in_database: false })
     }
 
     /// A master key kept in the database, to be loaded (or made) by [`crate::Vault::check`].
     pub fn in_database() -> MasterKeys {
-        MasterKeys { keys: std::sync::OnceLock::new() }
+        MasterKeys { keys: std::sync::OnceLock::new(), in_database: true }
+    }
+
+    /// Whether this is the development key kept in the database (see [`MasterKeys::in_database`]).
+    pub fn kept_in_database(&self) -> bool {
+        self.in_database
     }
 
     /// Whether the key is the one kept in the database, and not loaded yet (configured keys are set from the start).
