@@ -39,8 +39,8 @@ fn compose_environments() -> BTreeMap<String, BTreeMap<String, String>> {
 fn substituted(value: &str) -> String {
     let Some(inner) = value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) else { return value.to_owned() };
     let (name, rule) = inner.split_once(":").unwrap_or((inner, ""));
-    if rule.starts_with('-') {
-        return rule[1..].to_owned();
+    if let Some(default) = rule.strip_prefix('-') {
+        return default.to_owned();
     }
     match name {
         "KIROKU_MASTER_KEY" => kiroku_testkit::TEST_MASTER_KEY.to_owned(),
