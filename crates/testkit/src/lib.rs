@@ -362,7 +362,10 @@ pub fn free_address() -> std::net::SocketAddr {
 /// The path of a command-line tool that the project installs itself (`scripts/install-<name>`, cached under
 /// `target/tools/`): grpcurl, buf.
 pub fn tool(name: &str) -> std::path::PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("testkit/ is in the repository");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("crates/testkit/ is in the repository");
     let output = std::process::Command::new(root.join("scripts").join(format!("install-{name}")))
         .stderr(std::process::Stdio::inherit())
         .output()
