@@ -326,30 +326,48 @@ impl User {
 
     /// Decides which events a command produces, given the user's state (`None`: not registered).
     /// Uniqueness of identities is not decided here: the event store's claims do it (see [`ClaimKind`]).
+    /// Whether the user's state admits the command at all, whatever it carries (a profile yet to be fetched, the
+    /// redactions yet to be found): the precondition [`User::decide`] starts with, so that a command can be refused
+    /// before it costs a call to GitHub or a search of the log.
+    pub fn admits(state: Option<&User>, command: &UserCommand) -> Result<(), UserError> {
+        let Some(user) = state else {
+            return match command {
+                UserCommand::Register(_) => Ok(()),
+                _ => Err(UserError::NotRegistered),
+            };
+        };
+        if user.status == UserStatus::Erased {
+            return Err(UserError::Erased);
+        }
+        match (command, user.status) {
+            (UserCommand::Register(_), _) => Err(UserError::AlreadyRegistered),
+            (UserCommand::SyncProfile(_), UserStatus::Deactivated) => Err(UserError::Deactivated),
+            (UserCommand::Deactivate { .. }, status) if status != UserStatus::Active => {
+                Err(UserError::InvalidState { status, action: DEACTIVATED })
+            }
+            (UserCommand::Reactivate { .. }, status) if status != UserStatus::Deactivated => {
+                Err(UserError::InvalidState { status, action: REACTIVATED })
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub fn decide(state: Option<&User>, command: &UserCommand) -> Result<Vec<UserEvent>, UserError> {
+        User::admits(state, command)?;
         if let UserCommand::Register(command) = command {
             return register(state, command).map(|event| vec![event]);
         }
         let user = state.ok_or(UserError::NotRegistered)?;
-        if user.status == UserStatus::Erased {
-            return Err(UserError::Erased);
-        }
         match command {
             UserCommand::Register(_) => Err(UserError::AlreadyRegistered),
             UserCommand::SyncProfile(command) => sync_profile(user, command).map(Vec::from_iter),
-            UserCommand::Deactivate { reason, now } => match user.status {
-                UserStatus::Active => Ok(vec![UserEvent::UserDeactivated(UserDeactivated {
-                    deactivated_at: *now,
-                    personal: Some(DeactivationReason { reason: reason.clone() }),
-                })]),
-                status => Err(UserError::InvalidState { status, action: DEACTIVATED }),
-            },
-            UserCommand::Reactivate { now } => match user.status {
-                UserStatus::Deactivated => {
-                    Ok(vec![UserEvent::UserReactivated(UserReactivated { reactivated_at: *now })])
-                }
-                status => Err(UserError::InvalidState { status, action: REACTIVATED }),
-            },
+            UserCommand::Deactivate { reason, now } => Ok(vec![UserEvent::UserDeactivated(UserDeactivated {
+                deactivated_at: *now,
+                personal: Some(DeactivationReason { reason: reason.clone() }),
+            })]),
+            UserCommand::Reactivate { now } => {
+                Ok(vec![UserEvent::UserReactivated(UserReactivated { reactivated_at: *now })])
+            }
             UserCommand::Erase { redacted_positions, now } => Ok(vec![UserEvent::UserErased(UserErased {
                 erased_at: *now,
                 redacted_positions: redacted_positions.clone(),
@@ -388,9 +406,6 @@ fn register(state: Option<&User>, command: &RegisterUser) -> Result<UserEvent, U
 
 /// Nothing, or one `UserProfileUpdated` with the changed fields (login, name, avatar).
 fn sync_profile(user: &User, command: &SyncProfile) -> Result<Option<UserEvent>, UserError> {
-    if user.status == UserStatus::Deactivated {
-        return Err(UserError::Deactivated);
-    }
     let current = user.personal.as_ref().ok_or(UserError::PersonalDataUnavailable)?;
     let Some(profile) = &command.profile else { return Ok(None) };
     if profile.id != current.github_id {

@@ -1,15 +1,12 @@
-//! What every command shares: the dependencies, authentication, idempotency keys and event metadata.
+//! What every command shares: the dependencies, the call and its event metadata, the signed-in user's token. How a
+//! command writes is `pipeline.rs`; what each one asks is its own file.
 
 use chrono::{DateTime, Utc};
-use kiroku_domain::{Auth0Subject, ClaimKind, EncodeError, SCHEMA_VERSION, User, UserEvent, UserId};
-use kiroku_event_store::{
-    CallerRef, Claim, EventMetadata, EventStore, IdempotencyKey, IdempotencyRecord, NewEvent, RecordedEvent,
-    StoredOutcome,
-};
+use kiroku_domain::{Auth0Subject, EncodeError, SCHEMA_VERSION, User, UserEvent, UserId};
+use kiroku_event_store::{CallerRef, EventMetadata, EventStore, NewEvent, RecordedEvent};
 use kiroku_platform::auth::{TokenError, TokenVerifier};
 use kiroku_platform::caller::Caller;
 use kiroku_vault::{BlindIndex, Vault};
-use serde::Serialize;
 use ulid::Ulid;
 
 use std::time::Duration;
@@ -17,6 +14,7 @@ use std::time::Duration;
 use crate::error::CommandError;
 use crate::github::{GitHubClient, GitHubError};
 use crate::limits::{Sampler, SubjectLimit};
+use crate::pipeline::Pipeline;
 use tracing::Instrument;
 
 /// The command side's dependencies. Use cases are methods on it, one file each.
@@ -36,32 +34,17 @@ pub(crate) struct Commands {
     pub(crate) ledger: Option<crate::erasure::ErasureLedger>,
 }
 
-/// A verified call: new (with its subject, unparsed, and its idempotency key), or a repeat of an answered one.
-pub(crate) enum Admitted {
-    New { subject: String, key: Option<Idempotency> },
-    Repeat(StoredOutcome),
-}
-
 /// The names of the RPCs, as idempotency keys carry them (one namespace per RPC).
 pub(crate) mod rpc {
     pub(crate) const REGISTER_USER: &str = "RegisterUser";
     pub(crate) const SYNC_GITHUB_PROFILE: &str = "SyncGitHubProfile";
+    pub(crate) const DEACTIVATE_USER: &str = "DeactivateUser";
+    pub(crate) const REACTIVATE_USER: &str = "ReactivateUser";
+    pub(crate) const ERASE_USER: &str = "EraseUser";
     /// The RPCs whose idempotency keys hold a person (a keyed hash of their subject) rather than a service: an
     /// erasure forgets their answers about that person.
     pub(crate) const KEYED_BY_PERSON: [&str; 2] = [REGISTER_USER, SYNC_GITHUB_PROFILE];
 }
-
-/// A call's idempotency key, and a keyed hash of what the request asked. A request id names one request (AIP-155):
-/// its stored answer holds the hash, and a reuse of the id with other content is refused rather than answered
-/// with the first request's answer.
-#[derive(Clone, Debug)]
-pub(crate) struct Idempotency {
-    key: IdempotencyKey,
-    digest: String,
-}
-
-/// The member of a stored answer that holds its request's digest (absent in answers stored before digests).
-const DIGEST_MEMBER: &str = "request_digest";
 
 /// One incoming call: its own id and what the caller said about it.
 #[derive(Clone, Debug)]
@@ -143,73 +126,22 @@ impl Commands {
         }
     }
 
-    /// The first steps of every command of a signed-in user, in this order: verify the token, then look up the
-    /// answer stored for (RPC, verified subject, request id). Only then may a command call GitHub. The subject is
-    /// personal data: the key holds its keyed hash. `content` is what else the request asks (see
-    /// [`Commands::idempotency`]).
-    pub(crate) async fn admit(
-        &self,
-        token: &str,
-        call: &Call,
-        rpc: &str,
-        content: &[&str],
-    ) -> Result<Admitted, CommandError> {
+    /// Who owns an administrator's request ids: the calling service (its verified token's subject), kept as it is.
+    pub(crate) fn service(call: &Call) -> String {
+        call.caller.as_ref().map_or("-", |caller| caller.subject.as_str()).to_owned()
+    }
+
+    /// The pipeline every command writes through (see `pipeline.rs`).
+    pub(crate) fn pipeline(&self) -> Pipeline<'_> {
+        Pipeline { store: &self.store, vault: &self.vault, index: &self.index }
+    }
+
+    /// The first step of a signed-in user's command: verify their token. Its subject is returned parsed as a GitHub
+    /// identity, and with who owns its request ids: the subject's keyed hash (the subject is personal data).
+    pub(crate) async fn signed_in(&self, token: &str) -> Result<(Auth0Subject, String), CommandError> {
         let subject = self.authenticate(token).instrument(tracing::info_span!("token.verify")).await?;
-        let key = self.idempotency(call, rpc, &self.index.hash("subject", &subject), content);
-        if let Some(stored) = self.stored(&key).await? {
-            return Ok(Admitted::Repeat(stored));
-        }
-        Ok(Admitted::New { subject, key })
-    }
-
-    /// The idempotency of this call for `rpc`: the key (`who` called, request_id), one namespace per RPC so that a
-    /// request id reused for another RPC cannot replay the wrong kind of answer; and the digest of `content`, the
-    /// request's fields besides its request id (and besides what `who` already says), each in a fixed order.
-    pub(crate) fn idempotency(&self, call: &Call, rpc: &str, who: &str, content: &[&str]) -> Option<Idempotency> {
-        let request_id = call.request_id.as_ref()?;
-        // A keyed hash, not a plain digest: a request's fields may be personal data (a deactivation's reason), and
-        // a short one would be found from a plain digest by trying candidates.
-        let digest = self.index.hash("request", &[rpc].iter().chain(content).copied().collect::<Vec<_>>().join("\0"));
-        Some(Idempotency {
-            key: IdempotencyKey { caller: format!("{rpc}:{who}"), request_id: request_id.clone() },
-            digest,
-        })
-    }
-
-    /// The answer stored for the call's key, if the call has a key and it was answered; `RequestIdReused` when that
-    /// answer was for another request.
-    pub(crate) async fn stored(&self, key: &Option<Idempotency>) -> Result<Option<StoredOutcome>, CommandError> {
-        let Some(idempotency) = key else { return Ok(None) };
-        let stored = self.store.stored_outcome(&idempotency.key).instrument(tracing::info_span!("idempotency.lookup"));
-        stored.await?.map(|stored| same_request(idempotency, stored)).transpose()
-    }
-
-    /// Stores `outcome` as the call's answer without appending anything (an answer of "no change", a refusal that
-    /// a retry would meet again), unless the key was used meanwhile: then that first answer is returned.
-    pub(crate) async fn record_answer(
-        &self,
-        key: &Option<Idempotency>,
-        outcome: &impl Serialize,
-        aggregate_id: uuid::Uuid,
-        version: u32,
-        position: kiroku_event_store::Position,
-    ) -> Result<Option<StoredOutcome>, CommandError> {
-        let Some(record) = idempotency_record(key, outcome)? else { return Ok(None) };
-        let Some(idempotency) = key else { return Ok(None) };
-        match self.store.record_answer(&record, aggregate_id, version, position).await? {
-            Some(first) => same_request(idempotency, first).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    /// The event store's claim of an identity: its keyed hash, never the identity.
-    pub(crate) fn claim(&self, kind: ClaimKind, value: &str) -> Claim {
-        Claim { kind: kind.as_str().to_owned(), value: self.index.hash(kind.as_str(), value) }
-    }
-
-    /// A user's events as stored, and the user they build (see [`load_user`]).
-    pub(crate) async fn load_user(&self, user_id: UserId) -> Result<(User, Vec<RecordedEvent>), CommandError> {
-        load_user(&self.store, &self.vault, user_id).await
+        let who = self.index.hash("subject", &subject);
+        Ok((github_subject(&subject)?, who))
     }
 
     /// Verifies the token and returns its subject, still unparsed (any verified subject can own a request id).
@@ -254,38 +186,6 @@ pub(crate) fn vault_error(error: kiroku_vault::VaultError) -> CommandError {
     match error {
         kiroku_vault::VaultError::Store(error) => error.into(),
         other => CommandError::Internal(other.into()),
-    }
-}
-
-/// The answer to store under the call's idempotency key, if it has one, with the digest of its request.
-pub(crate) fn idempotency_record(
-    key: &Option<Idempotency>,
-    outcome: &impl Serialize,
-) -> Result<Option<IdempotencyRecord>, CommandError> {
-    let Some(idempotency) = key else { return Ok(None) };
-    let mut outcome = serde_json::to_value(outcome)
-        .map_err(|e| CommandError::Internal(anyhow::Error::new(e).context("encode a command's answer")))?;
-    let Some(members) = outcome.as_object_mut() else {
-        return Err(CommandError::Internal(anyhow::anyhow!("a command's answer is not a JSON object")));
-    };
-    members.insert(DIGEST_MEMBER.to_owned(), serde_json::Value::String(idempotency.digest.clone()));
-    Ok(Some(IdempotencyRecord { key: idempotency.key.clone(), outcome }))
-}
-
-/// The answer an append replayed (its key was used meanwhile), if it answered the same request as this call's.
-pub(crate) fn replayed(key: &Option<Idempotency>, stored: StoredOutcome) -> Result<StoredOutcome, CommandError> {
-    match key {
-        Some(key) => same_request(key, stored),
-        None => Ok(stored),
-    }
-}
-
-/// A stored answer, if it answered the same request as this call's: an answer stored with another digest was for
-/// another request that used the same request id. Answers stored before digests carry none, and are taken.
-pub(crate) fn same_request(key: &Idempotency, stored: StoredOutcome) -> Result<StoredOutcome, CommandError> {
-    match stored.outcome.get(DIGEST_MEMBER).and_then(serde_json::Value::as_str) {
-        Some(digest) if digest != key.digest => Err(CommandError::RequestIdReused),
-        _ => Ok(stored),
     }
 }
 

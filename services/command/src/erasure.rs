@@ -21,8 +21,9 @@ use kiroku_vault::Vault;
 use serde::{Deserialize, Serialize};
 
 use crate::commands::Call;
+use crate::erase_user::erase;
 use crate::error::CommandError;
-use crate::lifecycle::{Administer, Lifecycle};
+use crate::pipeline::Pipeline;
 
 /// The ledger of erasures (see the module's comment).
 #[derive(Debug)]
@@ -98,9 +99,12 @@ pub struct Reapplied {
 /// is still readable there.
 pub async fn reapply(store: &EventStore, vault: &Vault, path: &Path) -> anyhow::Result<Reapplied> {
     let mut reapplied = Reapplied::default();
+    let index = vault.blind_index().await?;
+    let pipeline = Pipeline { store, vault, index: &index };
     for user_id in read_ledger(path)? {
+        // No request id: nothing is stored for a retry, and an erased person is refused as erased.
         let call = Call::new(None, Some(format!("erasure-reapply:{user_id}")), None);
-        match (Lifecycle { store, vault }).apply(user_id, Administer::Erase, 0, &None, &call).await {
+        match erase(pipeline, user_id, "erasure-reapply".to_owned(), &call).await {
             Ok(_) => reapplied.erased.push(user_id),
             Err(CommandError::Refused(kiroku_domain::UserError::Erased)) => reapplied.already_erased += 1,
             Err(CommandError::UserNotFound) => reapplied.unknown += 1,

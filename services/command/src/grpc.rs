@@ -18,7 +18,6 @@ use tonic::{Request, Response, Status};
 
 use crate::commands::{Call, Commands};
 use crate::error::CommandError;
-use crate::lifecycle::Administer;
 
 /// The longest deactivation reason kiroku records.
 const MAX_REASON_CHARS: usize = 500;
@@ -152,8 +151,8 @@ impl CommandService for CommandGrpc {
     ) -> Result<Response<DeactivateUserResponse>, Status> {
         let (call, message) = admin_call(request, |m| &m.request_id)?;
         let user = user_id(&message.user_id)?;
-        let what = Administer::Deactivate { reason: reason(&message.reason)? };
-        let changed = self.commands.administer(user, what, message.expected_version, &call).await?;
+        let reason = reason(&message.reason)?;
+        let changed = self.commands.deactivate_user(user, reason, message.expected_version, &call).await?;
         Ok(Response::new(DeactivateUserResponse {
             version: u64::from(changed.version),
             position: changed.position.get(),
@@ -166,7 +165,7 @@ impl CommandService for CommandGrpc {
     ) -> Result<Response<ReactivateUserResponse>, Status> {
         let (call, message) = admin_call(request, |m| &m.request_id)?;
         let user = user_id(&message.user_id)?;
-        let changed = self.commands.administer(user, Administer::Reactivate, message.expected_version, &call).await?;
+        let changed = self.commands.reactivate_user(user, message.expected_version, &call).await?;
         Ok(Response::new(ReactivateUserResponse {
             version: u64::from(changed.version),
             position: changed.position.get(),
@@ -176,7 +175,7 @@ impl CommandService for CommandGrpc {
     async fn erase_user(&self, request: Request<EraseUserRequest>) -> Result<Response<EraseUserResponse>, Status> {
         let (call, message) = admin_call(request, |m| &m.request_id)?;
         let user = user_id(&message.user_id)?;
-        let changed = self.commands.administer(user, Administer::Erase, 0, &call).await?;
+        let changed = self.commands.erase_user(user, &call).await?;
         Ok(Response::new(EraseUserResponse { position: changed.position.get() }))
     }
 }

@@ -3,13 +3,16 @@
 
 mod commands;
 pub mod config;
+mod deactivate_user;
+mod erase_user;
 pub mod erasure;
 mod error;
 mod github;
 mod grpc;
 mod housekeeping;
-mod lifecycle;
 mod limits;
+mod pipeline;
+mod reactivate_user;
 mod register_user;
 mod startup;
 mod sync_github_profile;

@@ -10,11 +10,10 @@ use kiroku_vault::SealingKey;
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 
-use crate::commands::{
-    Admitted, Call, Commands, Idempotency, github_subject, idempotency_record, replayed, rpc, vault_error,
-};
+use crate::commands::{Call, Commands, rpc, vault_error};
 use crate::error::CommandError;
 use crate::github::Fetched;
+use crate::pipeline::{Idempotency, idempotency_record, replayed};
 
 const RPC: &str = rpc::REGISTER_USER;
 
@@ -34,12 +33,13 @@ enum Outcome {
 
 impl Commands {
     pub(crate) async fn register_user(&self, token: &str, call: &Call) -> Result<Registered, CommandError> {
-        // The request asks for nothing besides its subject, which the key already holds.
-        let (subject, key) = match self.admit(token, call, RPC, &[]).await? {
-            Admitted::New { subject, key } => (subject, key),
-            Admitted::Repeat(stored) => return replay(stored),
-        };
-        let subject = github_subject(&subject)?;
+        // Verify the token, then look up the answer stored for (RPC, subject, request id): only then may GitHub be
+        // asked. The request asks for nothing besides its subject, which the key already holds.
+        let (subject, who) = self.signed_in(token).await?;
+        let key = self.pipeline().idempotency(call, RPC, &who, &[]);
+        if let Some(stored) = self.pipeline().stored(&key).await? {
+            return replay(stored);
+        }
         // A subject refused again and again is told to wait, before it costs a read, an audit event or a call. Its
         // place is taken now, before any await, so that concurrent calls cannot all pass; a registration that goes
         // through gives it back.
@@ -61,7 +61,8 @@ impl Commands {
         call: &Call,
     ) -> Result<Registered, CommandError> {
         let subject = subject.clone();
-        let claims: Vec<_> = User::claims(&subject).iter().map(|(kind, value)| self.claim(*kind, value)).collect();
+        let claims: Vec<_> =
+            User::claims(&subject).iter().map(|(kind, value)| self.pipeline().claim(*kind, value)).collect();
         // Who owns the identity is known before GitHub is asked: a registered user who calls again costs kiroku
         // one indexed read, not a share of its GitHub rate limit. (The claims in the append still decide a race.)
         let owned = self.store.first_claimed(&claims).instrument(tracing::info_span!("claims.lookup")).await?;
