@@ -23,13 +23,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tonic::Code;
-use tonic_types::{ErrorDetails, StatusExt};
 use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Instrument;
 
 use crate::access::BoxFuture;
 use crate::auth::{TokenError, TokenVerifier, VerifiedToken};
+use crate::status::{self, reason};
 
 /// How long a verified caller token is trusted without checking its signature again.
 const REMEMBER_FOR: Duration = Duration::from_secs(60);
@@ -46,8 +46,6 @@ pub const WATCH: &str = "kiroku:watch";
 pub const ADMIN: &str = "kiroku:admin";
 /// Every permission, for development tokens.
 pub const ALL: [&str; 4] = [REGISTER, READ, WATCH, ADMIN];
-
-const ERROR_DOMAIN: &str = "kiroku.v1";
 
 /// The `gty` of a token that Auth0 issued to a machine-to-machine client.
 pub const MACHINE_GRANT: &str = "client-credentials";
@@ -110,15 +108,13 @@ impl CallerAuth {
             .ok_or_else(|| unauthenticated("an `authorization: Bearer <token>` header is required"))?;
         let verified =
             self.verify(token).instrument(tracing::info_span!("caller.verify")).await.map_err(|error| match error {
-                TokenError::JwksUnavailable => {
-                    let mut details = ErrorDetails::with_error_info("JWKS_UNAVAILABLE", ERROR_DOMAIN, HashMap::new());
-                    details.set_retry_info(Some(std::time::Duration::from_secs(10)));
-                    tonic::Status::with_error_details(
-                        Code::Unavailable,
-                        "the identity provider's keys cannot be fetched",
-                        details,
-                    )
-                }
+                TokenError::JwksUnavailable => status::refusal(
+                    Code::Unavailable,
+                    reason::JWKS_UNAVAILABLE,
+                    "the identity provider's keys cannot be fetched",
+                )
+                .retry_after(Duration::from_secs(10))
+                .into(),
                 TokenError::Expired => unauthenticated("the caller token has expired"),
                 TokenError::Invalid(why) => {
                     // The reason is for the log only; the token itself never is.
@@ -131,21 +127,17 @@ impl CallerAuth {
         }
         let needed = (self.permission)(path);
         if !verified.permissions.iter().any(|p| p == needed) {
-            let metadata: HashMap<String, String> = [("permission".to_owned(), needed.to_owned())].into();
-            let details = ErrorDetails::with_error_info("PERMISSION_MISSING", ERROR_DOMAIN, metadata);
-            return Err(tonic::Status::with_error_details(
-                Code::PermissionDenied,
-                format!("the caller lacks the permission {needed}"),
-                details,
-            ));
+            let message = format!("the caller lacks the permission {needed}");
+            return Err(status::refusal(Code::PermissionDenied, reason::PERMISSION_MISSING, message)
+                .with("permission", needed)
+                .into());
         }
         Ok(Caller { subject: verified.subject, authorized_party: verified.authorized_party })
     }
 }
 
 fn unauthenticated(message: &str) -> tonic::Status {
-    let details = ErrorDetails::with_error_info("CALLER_UNAUTHENTICATED", ERROR_DOMAIN, HashMap::new());
-    tonic::Status::with_error_details(Code::Unauthenticated, message, details)
+    status::refusal(Code::Unauthenticated, reason::CALLER_UNAUTHENTICATED, message).into()
 }
 
 /// The layer: with no [`CallerAuth`] (the projector, which serves only health), it lets everything through.

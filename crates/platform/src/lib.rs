@@ -15,6 +15,7 @@ pub mod health;
 pub mod metrics;
 pub mod shed;
 mod shutdown;
+pub mod status;
 mod telemetry;
 pub mod tls;
 pub mod trace;

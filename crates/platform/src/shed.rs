@@ -10,20 +10,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
-use tonic::Code;
-use tonic_types::{ErrorDetails, StatusExt};
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::access::BoxFuture;
 use crate::caller::Caller;
-
-/// RESOURCE_EXHAUSTED `LIMIT_REACHED`, retry after `retry_after`.
-pub fn limit_reached(message: impl Into<String>, retry_after: Duration) -> tonic::Status {
-    let mut details = ErrorDetails::with_error_info("LIMIT_REACHED", "kiroku.v1", HashMap::new());
-    details.set_retry_info(Some(retry_after));
-    tonic::Status::with_error_details(Code::ResourceExhausted, message, details)
-}
+use crate::status::limit_reached;
 
 #[derive(Clone)]
 pub struct ShedLayer {

@@ -1,16 +1,12 @@
 //! `CommandError`: every way a command can fail, and its one mapping to a gRPC status (DESIGN.md, "Errors").
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use kiroku_domain::{UserError, UserId, UserStatus};
 use kiroku_event_store::{AppendError, StoreError};
+use kiroku_platform::status::{self, reason};
 use serde::{Deserialize, Serialize};
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
-
-/// The ErrorInfo domain of every kiroku error.
-pub(crate) const ERROR_DOMAIN: &str = "kiroku.v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -61,111 +57,73 @@ pub enum CommandError {
 
 impl From<CommandError> for Status {
     fn from(error: CommandError) -> Status {
-        let info = |reason: &str| ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new());
+        let message = error.to_string();
+        let refusal = |code, reason| status::refusal(code, reason, message.clone());
         match error {
-            CommandError::InvalidArgument { field, ref description } => {
-                let mut details = ErrorDetails::with_bad_request_violation(field, description.clone());
-                details.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, HashMap::new());
-                Status::with_error_details(Code::InvalidArgument, error.to_string(), details)
+            CommandError::InvalidArgument { field, description } => {
+                refusal(Code::InvalidArgument, reason::INVALID_ARGUMENT).violation(field, description)
             }
-            CommandError::RequestIdReused => {
-                let mut details = ErrorDetails::with_bad_request_violation(
-                    "request_id",
-                    "was used for another request (of the same RPC and caller)",
-                );
-                details.set_error_info("REQUEST_ID_REUSED", ERROR_DOMAIN, HashMap::new());
-                Status::with_error_details(Code::InvalidArgument, error.to_string(), details)
-            }
-            CommandError::TokenExpired => {
-                Status::with_error_details(Code::Unauthenticated, error.to_string(), info("TOKEN_EXPIRED"))
-            }
-            CommandError::TokenInvalid => {
-                Status::with_error_details(Code::Unauthenticated, error.to_string(), info("TOKEN_INVALID"))
-            }
+            CommandError::RequestIdReused => refusal(Code::InvalidArgument, reason::REQUEST_ID_REUSED)
+                .violation("request_id", "was used for another request (of the same RPC and caller)"),
+            CommandError::TokenExpired => refusal(Code::Unauthenticated, reason::TOKEN_EXPIRED),
+            CommandError::TokenInvalid => refusal(Code::Unauthenticated, reason::TOKEN_INVALID),
             CommandError::JwksUnavailable => {
-                let mut details = info("JWKS_UNAVAILABLE");
-                details.set_retry_info(Some(Duration::from_secs(10)));
-                Status::with_error_details(Code::Unavailable, error.to_string(), details)
+                refusal(Code::Unavailable, reason::JWKS_UNAVAILABLE).retry_after(Duration::from_secs(10))
             }
-            CommandError::NotAGitHubIdentity => {
-                Status::with_error_details(Code::FailedPrecondition, error.to_string(), info("NOT_A_GITHUB_IDENTITY"))
-            }
-            CommandError::GitHubAccountNotFound => Status::with_error_details(
-                Code::FailedPrecondition,
-                error.to_string(),
-                info("GITHUB_ACCOUNT_NOT_FOUND"),
-            ),
+            CommandError::NotAGitHubIdentity => refusal(Code::FailedPrecondition, reason::NOT_A_GITHUB_IDENTITY),
+            CommandError::GitHubAccountNotFound => refusal(Code::FailedPrecondition, reason::GITHUB_ACCOUNT_NOT_FOUND),
             CommandError::GitHubUnavailable { retry_after } => {
-                let mut details = info("GITHUB_UNAVAILABLE");
-                details.set_retry_info(Some(retry_after));
-                Status::with_error_details(Code::Unavailable, error.to_string(), details)
+                refusal(Code::Unavailable, reason::GITHUB_UNAVAILABLE).retry_after(retry_after)
             }
             CommandError::UserAlreadyExists { user_id } => {
-                let metadata: HashMap<String, String> = [("user_id".to_owned(), user_id.to_string())].into();
-                let details = ErrorDetails::with_error_info("USER_ALREADY_EXISTS", ERROR_DOMAIN, metadata);
-                Status::with_error_details(Code::AlreadyExists, error.to_string(), details)
+                refusal(Code::AlreadyExists, reason::USER_ALREADY_EXISTS).with("user_id", user_id)
             }
-            CommandError::VersionConflict { expected, actual } => {
-                let metadata: HashMap<String, String> = [
-                    ("expected_version".to_owned(), expected.to_string()),
-                    ("actual_version".to_owned(), actual.to_string()),
-                ]
-                .into();
-                let details = ErrorDetails::with_error_info("VERSION_CONFLICT", ERROR_DOMAIN, metadata);
-                Status::with_error_details(Code::Aborted, error.to_string(), details)
-            }
+            CommandError::VersionConflict { expected, actual } => refusal(Code::Aborted, reason::VERSION_CONFLICT)
+                .with("expected_version", expected)
+                .with("actual_version", actual),
             CommandError::UserNotFound | CommandError::Refused(UserError::NotRegistered) => {
-                Status::with_error_details(Code::NotFound, error.to_string(), info("USER_NOT_FOUND"))
+                refusal(Code::NotFound, reason::USER_NOT_FOUND)
             }
             // GitHub answered for the account, but with a profile kiroku cannot record: nothing the caller can
             // fix by retrying.
             CommandError::Refused(UserError::MissingLogin | UserError::InvalidLogin) => {
-                Status::with_error_details(Code::FailedPrecondition, error.to_string(), info("GITHUB_PROFILE_INVALID"))
+                refusal(Code::FailedPrecondition, reason::GITHUB_PROFILE_INVALID)
             }
             CommandError::Refused(UserError::ProfileMismatch { .. }) => {
-                Status::with_error_details(Code::FailedPrecondition, error.to_string(), info("GITHUB_PROFILE_MISMATCH"))
+                refusal(Code::FailedPrecondition, reason::GITHUB_PROFILE_MISMATCH)
             }
             CommandError::Refused(UserError::Deactivated) => {
-                Status::with_error_details(Code::FailedPrecondition, error.to_string(), info("USER_DEACTIVATED"))
+                refusal(Code::FailedPrecondition, reason::USER_DEACTIVATED)
             }
-            CommandError::Refused(UserError::Erased) => {
-                Status::with_error_details(Code::FailedPrecondition, error.to_string(), info("USER_ERASED"))
-            }
+            CommandError::Refused(UserError::Erased) => refusal(Code::FailedPrecondition, reason::USER_ERASED),
             CommandError::Refused(UserError::InvalidState { .. }) => {
-                Status::with_error_details(Code::FailedPrecondition, error.to_string(), info("INVALID_USER_STATE"))
+                refusal(Code::FailedPrecondition, reason::INVALID_USER_STATE)
             }
             // An active user whose data does not open: the store and its keys disagree, a bug or tampering.
             CommandError::Refused(refusal @ UserError::PersonalDataUnavailable) => {
-                CommandError::Internal(refusal.into()).into()
+                return CommandError::Internal(refusal.into()).into();
             }
             CommandError::Refused(UserError::AlreadyRegistered) => {
-                Status::with_error_details(Code::AlreadyExists, error.to_string(), info("USER_ALREADY_EXISTS"))
+                refusal(Code::AlreadyExists, reason::USER_ALREADY_EXISTS)
             }
             CommandError::StoreUnavailable => {
-                let mut details = info("STORE_UNAVAILABLE");
-                details.set_retry_info(Some(Duration::from_secs(1)));
-                Status::with_error_details(Code::Unavailable, error.to_string(), details)
+                refusal(Code::Unavailable, reason::STORE_UNAVAILABLE).retry_after(Duration::from_secs(1))
             }
             CommandError::LedgerUnavailable => {
-                let mut details = info("ERASURE_LEDGER_UNAVAILABLE");
-                details.set_retry_info(Some(Duration::from_secs(1)));
-                Status::with_error_details(Code::Unavailable, error.to_string(), details)
+                refusal(Code::Unavailable, reason::ERASURE_LEDGER_UNAVAILABLE).retry_after(Duration::from_secs(1))
             }
             CommandError::LimitReached { retry_after } => {
-                let mut details = info("LIMIT_REACHED");
-                details.set_retry_info(Some(retry_after));
-                Status::with_error_details(Code::ResourceExhausted, error.to_string(), details)
+                refusal(Code::ResourceExhausted, reason::LIMIT_REACHED).retry_after(retry_after)
             }
             CommandError::StoreFenced => {
-                let mut details = info("STORE_FENCED");
-                details.set_retry_info(Some(Duration::from_secs(60)));
-                Status::with_error_details(Code::Unavailable, error.to_string(), details)
+                refusal(Code::Unavailable, reason::STORE_FENCED).retry_after(Duration::from_secs(60))
             }
             CommandError::Internal(error) => {
                 tracing::error!(error = format!("{error:#}"), "internal error");
-                Status::internal("internal error")
+                return Status::internal("internal error");
             }
         }
+        .into()
     }
 }
 
@@ -260,6 +218,7 @@ impl From<AppendError> for CommandError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic_types::StatusExt;
 
     #[test]
     fn a_duplicate_names_the_existing_user_in_its_error_info() {

@@ -1,11 +1,9 @@
 //! `QueryError` and its one mapping to a gRPC status (DESIGN.md, "Errors").
 
-use std::collections::HashMap;
+use std::time::Duration;
 
+use kiroku_platform::status::{self, reason};
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
-
-pub(crate) const ERROR_DOMAIN: &str = "kiroku.v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -71,44 +69,33 @@ impl From<kiroku_vault::VaultError> for QueryError {
 
 impl From<QueryError> for Status {
     fn from(error: QueryError) -> Status {
-        let info = |reason: &str| ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new());
         let message = error.to_string();
+        let refusal = |code, reason| status::refusal(code, reason, message.clone());
         match error {
             QueryError::InvalidArgument { field, description } => {
-                let mut details = ErrorDetails::with_bad_request_violation(field, description);
-                details.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, HashMap::new());
-                Status::with_error_details(Code::InvalidArgument, message, details)
+                refusal(Code::InvalidArgument, reason::INVALID_ARGUMENT).violation(field, description)
             }
-            QueryError::NotFound(_) => Status::with_error_details(Code::NotFound, message, info("NOT_FOUND")),
+            QueryError::NotFound(_) => refusal(Code::NotFound, reason::NOT_FOUND),
             QueryError::ProjectionBehind(_) => {
-                let mut details = info("PROJECTION_BEHIND");
-                details.set_retry_info(Some(std::time::Duration::from_millis(500)));
-                Status::with_error_details(Code::Unavailable, message, details)
+                refusal(Code::Unavailable, reason::PROJECTION_BEHIND).retry_after(Duration::from_millis(500))
             }
             QueryError::PositionNotFinal(_) => {
-                let mut details = info("POSITION_NOT_FINAL");
-                details.set_retry_info(Some(std::time::Duration::from_millis(500)));
-                Status::with_error_details(Code::Unavailable, message, details)
+                refusal(Code::Unavailable, reason::POSITION_NOT_FINAL).retry_after(Duration::from_millis(500))
             }
-            QueryError::PositionOutOfRange { .. } => {
-                Status::with_error_details(Code::OutOfRange, message, info("POSITION_OUT_OF_RANGE"))
-            }
-            QueryError::ConsumerTooSlow => {
-                Status::with_error_details(Code::ResourceExhausted, message, info("CONSUMER_TOO_SLOW"))
-            }
-            QueryError::ShuttingDown => Status::with_error_details(Code::Unavailable, message, info("SHUTTING_DOWN")),
+            QueryError::PositionOutOfRange { .. } => refusal(Code::OutOfRange, reason::POSITION_OUT_OF_RANGE),
+            QueryError::ConsumerTooSlow => refusal(Code::ResourceExhausted, reason::CONSUMER_TOO_SLOW),
+            QueryError::ShuttingDown => refusal(Code::Unavailable, reason::SHUTTING_DOWN),
             QueryError::LimitReached(_) => {
-                kiroku_platform::shed::limit_reached(message, std::time::Duration::from_secs(5))
+                refusal(Code::ResourceExhausted, reason::LIMIT_REACHED).retry_after(Duration::from_secs(5))
             }
             QueryError::Unavailable => {
-                let mut details = info("STORE_UNAVAILABLE");
-                details.set_retry_info(Some(std::time::Duration::from_secs(1)));
-                Status::with_error_details(Code::Unavailable, message, details)
+                refusal(Code::Unavailable, reason::STORE_UNAVAILABLE).retry_after(Duration::from_secs(1))
             }
             QueryError::Internal(error) => {
                 tracing::error!(error = format!("{error:#}"), "internal error");
-                Status::internal("internal error")
+                return Status::internal("internal error");
             }
         }
+        .into()
     }
 }
