@@ -8,7 +8,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::SCHEMA_VERSION;
+use crate::{SCHEMA_VERSION, UserProfileUpdated, UserRegistered, UserRegistrationFailed};
 
 /// The member of a payload that holds everything personal (schema 2 and later).
 pub const PERSONAL: &str = "personal";
@@ -18,9 +18,9 @@ pub const ERASED: &str = "erased";
 /// The schema-1 members of each event type that are personal, besides `personal` itself.
 fn personal_v1(event_type: &str) -> &'static [&'static str] {
     match event_type {
-        "UserRegistered" => &["auth0_id", "github_id", "github_etag"],
-        "UserProfileUpdated" => &["github_etag"],
-        "UserRegistrationFailed" => &["auth0_id", "github_id"],
+        UserRegistered::EVENT_TYPE => &["auth0_id", "github_id", "github_etag"],
+        UserProfileUpdated::EVENT_TYPE => &["github_etag"],
+        UserRegistrationFailed::EVENT_TYPE => &["auth0_id", "github_id"],
         _ => &[],
     }
 }

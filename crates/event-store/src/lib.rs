@@ -32,7 +32,7 @@ pub use follow::Follower;
 pub use keys::{ClearClaims, ClearDuplicate, Erasure, StoredKey, WrappedKey};
 pub use leader::LeaderLock;
 pub use migrate::{DEFAULT_ROLE_PREFIX, migrate, migrate_with_roles};
-pub use read::{Batch, LAG_COUNT_LIMIT, Lag, LogFilter};
+pub use read::{AUDIT_AGGREGATE_TYPE, Batch, LAG_COUNT_LIMIT, Lag, LogFilter};
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;

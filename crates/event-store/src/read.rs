@@ -9,12 +9,28 @@ use crate::EventStore;
 use crate::error::StoreError;
 use crate::event::{Position, RecordedEvent};
 
-/// One aggregate's events after a version, in version order.
-/// The audit events whose payload names a user as the holder of the identity (by the partial expression index).
-pub(crate) const READ_REFUSALS_NAMING: &str = "SELECT position, id, aggregate_id, aggregate_type, event_type, \
-    event_version, event_data, metadata, occurred_at, created_at FROM events \
-    WHERE aggregate_type = 'UserRegistrationAudit' AND event_data ->> 'duplicate_user_id' = $1 ORDER BY position";
+/// The aggregate type of refused registrations, as a literal: the partial index that finds the refusals naming a
+/// user (migration 05) has it in its predicate, and the planner uses that index only for a query that names the
+/// same literal, never a parameter. The store knows no domain, so the domain's `AuditEvent::AGGREGATE_TYPE` is
+/// checked against [`AUDIT_AGGREGATE_TYPE`] by a test of EraseUser, which reads them and knows both.
+macro_rules! audit_aggregate_type {
+    () => {
+        "UserRegistrationAudit"
+    };
+}
 
+/// The aggregate type that [`EventStore::refusals_naming`] reads.
+pub const AUDIT_AGGREGATE_TYPE: &str = audit_aggregate_type!();
+
+/// The audit events whose payload names a user as the holder of the identity (by the partial expression index).
+pub(crate) const READ_REFUSALS_NAMING: &str = concat!(
+    "SELECT position, id, aggregate_id, aggregate_type, event_type, event_version, event_data, metadata, \
+     occurred_at, created_at FROM events WHERE aggregate_type = '",
+    audit_aggregate_type!(),
+    "' AND event_data ->> 'duplicate_user_id' = $1 ORDER BY position"
+);
+
+/// One aggregate's events after a version, in version order.
 const READ_STREAM: &str = "SELECT position, id, aggregate_id, aggregate_type, event_type, event_version, \
     event_data, metadata, occurred_at, created_at FROM events WHERE aggregate_id = $1 AND event_version > $2 \
     ORDER BY event_version LIMIT $3";

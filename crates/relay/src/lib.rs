@@ -236,7 +236,7 @@ impl Relay {
     async fn scrub(&self, batch: &[RecordedEvent]) -> Result<()> {
         let redacted: std::collections::HashSet<u64> = batch
             .iter()
-            .filter(|e| e.event_type == "UserErased")
+            .filter(|e| e.event_type == kiroku_domain::UserErased::EVENT_TYPE)
             .filter_map(|e| match kiroku_domain::UserEvent::decode(&e.event_type, &e.data) {
                 Some(Ok(kiroku_domain::UserEvent::UserErased(erased))) => Some(erased.redacted_positions),
                 _ => None,

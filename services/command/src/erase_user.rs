@@ -77,3 +77,12 @@ async fn redactions(
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    /// The store finds refusals by a literal aggregate type (its partial index needs one): the domain's.
+    #[test]
+    fn the_store_reads_refusals_under_the_domains_aggregate_type() {
+        assert_eq!(kiroku_event_store::AUDIT_AGGREGATE_TYPE, kiroku_domain::AuditEvent::AGGREGATE_TYPE);
+    }
+}
