@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use kiroku::v1::GetUserRequest;
 use kiroku::v1::query_service_client::QueryServiceClient;
-use kiroku_dev_identity::{ALL_PERMISSIONS, DEV_API_AUDIENCE, DevIdentityProvider};
+use kiroku_dev_identity::{DEV_API_AUDIENCE, DevIdentityProvider};
 use kiroku_platform::Shutdown;
 use kiroku_testkit::{TestDb, TestRedis, with_caller};
 use serde_json::json;
@@ -27,7 +27,7 @@ async fn main() {
         (setting("BENCH_USERS", 10_000), setting("BENCH_CALLS", 20_000), setting("BENCH_CALLERS", 16));
     let db = TestDb::create().await.unwrap();
     let redis = TestRedis::acquire().await.unwrap();
-    let identity = DevIdentityProvider::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let identity = DevIdentityProvider::start("127.0.0.1:0".parse().unwrap(), &kiroku::permissions::ALL).await.unwrap();
 
     // The read model's rows, written directly: this measures reading them, not projecting them.
     let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
@@ -59,7 +59,7 @@ async fn main() {
     let (trigger, shutdown) = Shutdown::new();
     let server = tokio::spawn(app.run_until_stopped(shutdown));
 
-    let caller = identity.mint_caller(&ALL_PERMISSIONS, Duration::from_secs(3600)).unwrap();
+    let caller = identity.mint_caller(&kiroku::permissions::ALL, Duration::from_secs(3600)).unwrap();
     let channel =
         with_caller(Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap(), &caller);
     // Warm up: the first call fetches the JWKS.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use kiroku::v1::RegisterUserRequest;
 use kiroku::v1::command_service_client::CommandServiceClient;
-use kiroku_dev_identity::{ALL_PERMISSIONS, DEV_API_AUDIENCE, DEV_AUDIENCE, DevAccount, DevIdentityProvider};
+use kiroku_dev_identity::{DEV_API_AUDIENCE, DEV_AUDIENCE, DevAccount, DevIdentityProvider};
 use kiroku_platform::Shutdown;
 use kiroku_testkit::{CallerChannel, TestDb, TestRedis, with_caller};
 use serde_json::json;
@@ -41,7 +41,7 @@ async fn main() {
     let mut metrics_installed = false;
     let db = TestDb::create().await.unwrap();
     let redis = TestRedis::acquire().await.unwrap();
-    let identity = DevIdentityProvider::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let identity = DevIdentityProvider::start("127.0.0.1:0".parse().unwrap(), &kiroku::permissions::ALL).await.unwrap();
 
     let env: Vec<(&str, String)> = vec![
         ("DATABASE_URL", db.url.clone()),
@@ -71,7 +71,7 @@ async fn main() {
             identity.mint(&account, Duration::from_secs(3600)).unwrap()
         })
         .collect();
-    let caller = identity.mint_caller(&ALL_PERMISSIONS, Duration::from_secs(3600)).unwrap();
+    let caller = identity.mint_caller(&kiroku::permissions::ALL, Duration::from_secs(3600)).unwrap();
     let mut channels = Vec::new();
     for _ in 0..connections {
         let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();

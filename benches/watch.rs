@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use kiroku::v1::query_service_client::QueryServiceClient;
 use kiroku::v1::{WatchEventsRequest, watch_events_request, watch_events_response};
-use kiroku_dev_identity::{ALL_PERMISSIONS, DEV_API_AUDIENCE, DevIdentityProvider};
+use kiroku_dev_identity::{DEV_API_AUDIENCE, DevIdentityProvider};
 use kiroku_event_store::{AppendOutcome, EventStore};
 use kiroku_testkit::{CallerChannel, ServiceProcess, TestDb, TestRedis, percentile, with_caller};
 use kiroku_vault::{MasterKeys, Vault};
@@ -57,8 +57,8 @@ async fn main() {
     let vault = Vault::new(store.clone(), master);
     let address = "127.0.0.1:50952";
     // The tenant whose keys sign the callers' tokens.
-    let identity = DevIdentityProvider::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let caller = identity.mint_caller(&ALL_PERMISSIONS, Duration::from_secs(3600)).unwrap();
+    let identity = DevIdentityProvider::start("127.0.0.1:0".parse().unwrap(), &kiroku::permissions::ALL).await.unwrap();
+    let caller = identity.mint_caller(&kiroku::permissions::ALL, Duration::from_secs(3600)).unwrap();
     let server = ServiceProcess::spawn(
         "kiroku-query",
         &[

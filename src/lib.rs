@@ -9,6 +9,39 @@ pub mod v1 {
     tonic::include_proto!("kiroku.v1");
 }
 
+/// The permission each RPC needs, declared once, by the `(kiroku.v1.permission)` option of its method in the
+/// protos (`build.rs` reads it): the servers' caller check and `kiroku dev` use this table.
+pub mod permissions {
+    include!(concat!(env!("OUT_DIR"), "/permissions.rs"));
+
+    /// The permission the RPC at `path` needs; `None` for a path that is no kiroku RPC (never a default).
+    pub fn of(path: &str) -> Option<&'static str> {
+        BY_METHOD.iter().find(|(method, _)| *method == path).map(|(_, permission)| *permission)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn every_rpc_has_the_permission_its_proto_declares_and_nothing_else_has_one() {
+            assert_eq!(of("/kiroku.v1.CommandService/RegisterUser"), Some(REGISTER));
+            assert_eq!(of("/kiroku.v1.CommandService/SyncGitHubProfile"), Some(REGISTER));
+            assert_eq!(of("/kiroku.v1.CommandService/EraseUser"), Some(ADMIN));
+            assert_eq!(of("/kiroku.v1.QueryService/GetUser"), Some(READ));
+            assert_eq!(of("/kiroku.v1.QueryService/WatchEvents"), Some(WATCH));
+            assert_eq!(of("/kiroku.v1.CommandService/ChangeDisplayName"), None, "no default for an unknown RPC");
+            assert_eq!(of("/grpc.health.v1.Health/Check"), None);
+            assert_eq!(
+                (REGISTER, READ, WATCH, ADMIN),
+                ("kiroku:register", "kiroku:read", "kiroku:watch", "kiroku:admin")
+            );
+            assert_eq!(BY_METHOD.len(), 12, "five commands and seven queries");
+            assert!(ALL.iter().all(|p| BY_METHOD.iter().any(|(_, q)| q == p)) && ALL.len() == 4);
+        }
+    }
+}
+
 /// The encoded `FileDescriptorSet` of kiroku's protos plus `google/rpc/error_details.proto`, for server
 /// reflection: with it, `grpcurl -format-error` prints error details readably.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kiroku_descriptor.bin"));

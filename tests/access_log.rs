@@ -110,7 +110,7 @@ async fn every_rpc_of_every_service_logs_one_line_with_its_code_and_latency() {
         .await;
     let issuer = format!("{}/", auth0.uri());
     let caller = key
-        .mint_caller(&issuer, "kiroku-callers", "tests", &kiroku_platform::caller::ALL, Duration::from_secs(600))
+        .mint_caller(&issuer, "kiroku-callers", "tests", &kiroku::permissions::ALL, Duration::from_secs(600))
         .unwrap();
     let command = Logged::start("kiroku-command", env(&db, &redis, &issuer));
     let query = Logged::start("kiroku-query", env(&db, &redis, &issuer));
@@ -201,7 +201,7 @@ async fn no_log_line_of_any_service_holds_personal_data() {
     profile("qx-logged-login-6180", "Quill Xanthe-Logwatch", 5).mount(&github).await;
     let issuer = format!("{}/", auth0.uri());
     let caller = key
-        .mint_caller(&issuer, "kiroku-callers", "tests", &kiroku_platform::caller::ALL, Duration::from_secs(600))
+        .mint_caller(&issuer, "kiroku-callers", "tests", &kiroku::permissions::ALL, Duration::from_secs(600))
         .unwrap();
     let token = key.mint(&issuer, "kiroku-tests", GITHUB_ID, Duration::from_secs(600)).unwrap();
     let log = "debug,h2=info,hyper=info,hyper_util=info,tower=info,sqlx=info,fred=info,reqwest=info,rustls=info";
@@ -322,7 +322,7 @@ async fn malformed_requests_are_told_apart_and_echoed_input_is_bounded() {
         .await;
     let issuer = format!("{}/", auth0.uri());
     let caller = key
-        .mint_caller(&issuer, "kiroku-callers", "tests", &kiroku_platform::caller::ALL, Duration::from_secs(600))
+        .mint_caller(&issuer, "kiroku-callers", "tests", &kiroku::permissions::ALL, Duration::from_secs(600))
         .unwrap();
     let metrics = kiroku_testkit::free_address();
     let mut query_env = env(&db, &redis, &issuer);

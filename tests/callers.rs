@@ -5,11 +5,11 @@
 mod common;
 
 use common::{API_AUDIENCE, CommandApp, reason};
+use kiroku::permissions::{READ, REGISTER, WATCH};
 use kiroku::v1::command_service_client::CommandServiceClient;
 use kiroku::v1::query_service_client::QueryServiceClient;
 use kiroku::v1::{ListUsersRequest, RegisterUserRequest, WatchEventsRequest};
 use kiroku_dev_identity::unix_now;
-use kiroku_platform::caller::{READ, REGISTER, WATCH};
 use kiroku_testkit::with_caller;
 use serde_json::json;
 use std::time::Duration;

@@ -223,8 +223,7 @@ fn channel(address: SocketAddr) -> Channel {
 
 /// The callers' token: every permission, for the whole run.
 fn caller_token(key: &SigningKey, issuer: &str) -> String {
-    key.mint_caller(issuer, API_AUDIENCE, "faults", &kiroku_platform::caller::ALL, Duration::from_secs(6 * 3600))
-        .unwrap()
+    key.mint_caller(issuer, API_AUDIENCE, "faults", &kiroku::permissions::ALL, Duration::from_secs(6 * 3600)).unwrap()
 }
 
 async fn serving(address: SocketAddr) -> Option<ServingStatus> {

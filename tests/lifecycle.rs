@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use common::{CommandApp, Commands, Queries, field, get_user, history, reason};
+use kiroku::permissions::{ADMIN, READ, REGISTER, WATCH};
 use kiroku::v1::command_service_client::CommandServiceClient;
 use kiroku::v1::{
     DeactivateUserRequest, DeactivateUserResponse, EraseUserRequest, EraseUserResponse, Event, GetUserAsOfRequest,
@@ -15,7 +16,6 @@ use kiroku::v1::{
     SyncGitHubProfileResponse, User, UserStatus, WatchEventsRequest, get_user_as_of_request, lookup_user_request,
     watch_events_request, watch_events_response,
 };
-use kiroku_platform::caller::{ADMIN, READ, REGISTER, WATCH};
 use kiroku_testkit::{binary_path, eventually};
 use prost_types::value::Kind;
 use serde_json::json;

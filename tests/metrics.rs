@@ -96,7 +96,7 @@ impl System {
                 panic!("{error:#} at {address}; exited: {exited:?}");
             }
         }
-        let caller = key.mint_caller(&issuer, API_AUDIENCE, "tests", &kiroku_platform::caller::ALL, HOUR).unwrap();
+        let caller = key.mint_caller(&issuer, API_AUDIENCE, "tests", &kiroku::permissions::ALL, HOUR).unwrap();
         let commands = CommandServiceClient::new(connect_caller(command_addr, &caller).await.unwrap());
         let queries = QueryServiceClient::new(connect_caller(query_addr, &caller).await.unwrap());
         System {

@@ -85,7 +85,7 @@ async fn tls_client(
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await?;
-    Ok(QueryServiceClient::new(with_caller(channel, &app.caller_token(&kiroku_platform::caller::ALL))))
+    Ok(QueryServiceClient::new(with_caller(channel, &app.caller_token(&kiroku::permissions::ALL))))
 }
 
 #[tokio::test]

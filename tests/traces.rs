@@ -96,7 +96,7 @@ async fn one_registration_is_one_trace_from_grpc_to_the_projector_and_its_logs_c
     let _query = ServiceProcess::spawn_logging_to("kiroku-query", &env(None), &query_log).unwrap();
 
     let caller = key
-        .mint_caller(&issuer, "kiroku-callers", "tests", &kiroku_platform::caller::ALL, Duration::from_secs(600))
+        .mint_caller(&issuer, "kiroku-callers", "tests", &kiroku::permissions::ALL, Duration::from_secs(600))
         .unwrap();
     let mut commands = CommandServiceClient::new(connect_caller(command_addr, &caller).await.unwrap());
     let mut queries = QueryServiceClient::new(connect_caller(query_addr, &caller).await.unwrap());

@@ -129,7 +129,7 @@ impl CommandApp {
         let (trigger, shutdown) = Shutdown::new();
         let server = tokio::spawn(app.run_until_stopped(shutdown));
         let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
-        let caller = caller_token(&key, &format!("{}/", auth0.uri()), &kiroku_platform::caller::ALL);
+        let caller = caller_token(&key, &format!("{}/", auth0.uri()), &kiroku::permissions::ALL);
         CommandApp {
             address,
             client: CommandServiceClient::new(with_caller(channel, &caller)),
@@ -267,7 +267,7 @@ impl CommandApp {
         let (trigger, shutdown) = Shutdown::new();
         let task = tokio::spawn(app.run_until_stopped(shutdown));
         let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
-        let caller = self.caller_token(&kiroku_platform::caller::ALL);
+        let caller = self.caller_token(&kiroku::permissions::ALL);
         (Running { address, trigger, task }, CommandServiceClient::new(with_caller(channel, &caller)))
     }
 
@@ -281,7 +281,7 @@ impl CommandApp {
         let (trigger, shutdown) = Shutdown::new();
         let task = tokio::spawn(app.run_until_stopped(shutdown));
         let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
-        let caller = self.caller_token(&kiroku_platform::caller::ALL);
+        let caller = self.caller_token(&kiroku::permissions::ALL);
         (Running { address, trigger, task }, QueryServiceClient::new(with_caller(channel, &caller)))
     }
 

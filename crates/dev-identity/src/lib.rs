@@ -143,6 +143,8 @@ struct Provider {
     issuer: String,
     key: SigningKey,
     accounts: Mutex<HashMap<u64, String>>,
+    /// Every permission, for the caller tokens it mints unasked (kiroku's protos declare them, not this crate).
+    permissions: Vec<String>,
 }
 
 /// The running development identity provider.
@@ -166,8 +168,9 @@ struct MintRequest {
 }
 
 impl DevIdentityProvider {
-    /// Binds `addr` (loopback only) and serves in the background until the process ends.
-    pub async fn start(addr: SocketAddr) -> Result<DevIdentityProvider> {
+    /// Binds `addr` (loopback only) and serves in the background until the process ends; a caller token that
+    /// names no permissions holds `permissions`.
+    pub async fn start(addr: SocketAddr, permissions: &[&str]) -> Result<DevIdentityProvider> {
         anyhow::ensure!(addr.ip().is_loopback(), "the development identity provider binds loopback addresses only");
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
         let local_addr = listener.local_addr()?;
@@ -175,6 +178,7 @@ impl DevIdentityProvider {
             issuer: format!("http://{local_addr}/"),
             key: SigningKey::generate()?,
             accounts: Mutex::new(HashMap::new()),
+            permissions: permissions.iter().map(|p| (*p).to_owned()).collect(),
         });
         let app = Router::new()
             .route("/.well-known/jwks.json", get(serve_jwks))
@@ -213,9 +217,6 @@ impl DevIdentityProvider {
     }
 }
 
-/// Every permission a kiroku caller can hold (what `kiroku dev` gives its own caller token).
-pub const ALL_PERMISSIONS: [&str; 4] = ["kiroku:register", "kiroku:read", "kiroku:watch", "kiroku:admin"];
-
 fn mint(provider: &Provider, account: &DevAccount, ttl: Duration) -> Result<String> {
     if let Ok(mut accounts) = provider.accounts.lock() {
         accounts.insert(account.github_id, account.login.clone());
@@ -249,7 +250,7 @@ async fn serve_mint(State(provider): State<Arc<Provider>>, Json(request): Json<M
         provider.key.mint_caller(&provider.issuer, DEV_API_AUDIENCE, DEV_CALLER, permissions, ttl)
     };
     let answer = if request.caller {
-        let permissions = request.permissions.unwrap_or_else(|| ALL_PERMISSIONS.map(str::to_owned).to_vec());
+        let permissions = request.permissions.unwrap_or_else(|| provider.permissions.clone());
         let permissions: Vec<&str> = permissions.iter().map(String::as_str).collect();
         caller(&permissions).map(|token| json!({ "token": token }))
     } else {
@@ -260,8 +261,8 @@ async fn serve_mint(State(provider): State<Arc<Provider>>, Json(request): Json<M
             return (StatusCode::BAD_REQUEST, Json(json!({ "message": "login must be 1 to 39 characters" })));
         }
         let account = DevAccount { github_id, login: login.to_owned() };
-        mint(&provider, &account, ttl)
-            .and_then(|token| Ok(json!({ "token": token, "caller_token": caller(&ALL_PERMISSIONS)? })))
+        let all: Vec<&str> = provider.permissions.iter().map(String::as_str).collect();
+        mint(&provider, &account, ttl).and_then(|token| Ok(json!({ "token": token, "caller_token": caller(&all)? })))
     };
     match answer {
         Ok(body) => (StatusCode::OK, Json(body)),

@@ -36,17 +36,6 @@ const REMEMBER_FOR: Duration = Duration::from_secs(60);
 /// Verified caller tokens remembered at most (a few per calling service is the normal case).
 const CACHED_TOKENS: usize = 1024;
 
-/// RegisterUser, SyncGitHubProfile.
-pub const REGISTER: &str = "kiroku:register";
-/// GetUser, LookupUser, ListUsers, GetUserHistory, ListRegistrationFailures, GetUserAsOf.
-pub const READ: &str = "kiroku:read";
-/// WatchEvents.
-pub const WATCH: &str = "kiroku:watch";
-/// DeactivateUser, ReactivateUser, EraseUser.
-pub const ADMIN: &str = "kiroku:admin";
-/// Every permission, for development tokens.
-pub const ALL: [&str; 4] = [REGISTER, READ, WATCH, ADMIN];
-
 /// The `gty` of a token that Auth0 issued to a machine-to-machine client.
 pub const MACHINE_GRANT: &str = "client-credentials";
 
@@ -59,19 +48,18 @@ pub struct Caller {
     pub authorized_party: Option<String>,
 }
 
-/// The caller check of one service: the verifier for caller tokens, and which permission each of its RPCs needs
-/// (given the method's path, `/kiroku.v1.QueryService/GetUser`).
+/// The caller check of one service: the verifier for caller tokens. The permission each RPC needs is the one its
+/// proto declares (`kiroku::permissions`).
 #[derive(Clone)]
 pub struct CallerAuth {
     verifier: Arc<TokenVerifier>,
-    permission: fn(&str) -> &'static str,
     /// Verified tokens, with when to stop trusting them.
     verified: Arc<Mutex<HashMap<String, (VerifiedToken, Instant)>>>,
 }
 
 impl CallerAuth {
-    pub fn new(verifier: TokenVerifier, permission: fn(&str) -> &'static str) -> Self {
-        CallerAuth { verifier: Arc::new(verifier), permission, verified: Arc::default() }
+    pub fn new(verifier: TokenVerifier) -> Self {
+        CallerAuth { verifier: Arc::new(verifier), verified: Arc::default() }
     }
 
     /// `token`, verified: from memory when it verified less than [`REMEMBER_FOR`] ago (and has not expired).
@@ -125,7 +113,10 @@ impl CallerAuth {
         if verified.grant_type.as_deref() != Some(MACHINE_GRANT) {
             return Err(unauthenticated("the caller token is not a machine-to-machine token (gty client-credentials)"));
         }
-        let needed = (self.permission)(path);
+        // A path that is no kiroku RPC needs a permission nobody holds: no default grants one.
+        let Some(needed) = kiroku::permissions::of(path) else {
+            return Err(tonic::Status::unimplemented(format!("{} is not a kiroku RPC", crate::echo::clip(path))));
+        };
         if !verified.permissions.iter().any(|p| p == needed) {
             let message = format!("the caller lacks the permission {needed}");
             return Err(status::refusal(Code::PermissionDenied, reason::PERMISSION_MISSING, message)

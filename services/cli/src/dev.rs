@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use fred::prelude::*;
-use kiroku_dev_identity::{
-    ALL_PERMISSIONS, DEV_API_AUDIENCE, DEV_AUDIENCE, DEV_IDENTITY_ADDR, DevAccount, DevIdentityProvider,
-};
+use kiroku_dev_identity::{DEV_API_AUDIENCE, DEV_AUDIENCE, DEV_IDENTITY_ADDR, DevAccount, DevIdentityProvider};
 use kiroku_platform::config::{ConfigError, Environment, Source};
 use kiroku_platform::{Shutdown, shutdown_signal};
 use sqlx::Connection;
@@ -49,7 +47,7 @@ pub(crate) async fn run() -> Result<()> {
     let database_url = Environment.get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
     create_database_if_missing(&database_url).await?;
 
-    let identity = DevIdentityProvider::start(identity_addr()?).await?;
+    let identity = DevIdentityProvider::start(identity_addr()?, &kiroku::permissions::ALL).await?;
     let users = redis_users().await;
     let user_names: Vec<String> =
         users.iter().flatten().filter_map(|url| url::Url::parse(url).ok().map(|u| u.username().to_owned())).collect();
@@ -78,7 +76,7 @@ pub(crate) async fn run() -> Result<()> {
     let github_id = 90_000_000 + kiroku_dev_identity::unix_now() % 10_000_000;
     let account = DevAccount { github_id, login: format!("dev-{github_id}") };
     let token = identity.mint(&account, Duration::from_secs(24 * 3600))?;
-    let caller = identity.mint_caller(&ALL_PERMISSIONS, Duration::from_secs(24 * 3600))?;
+    let caller = identity.mint_caller(&kiroku::permissions::ALL, Duration::from_secs(24 * 3600))?;
     let command_addr = command.local_addr();
     let query_addr = query.local_addr();
 

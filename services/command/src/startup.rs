@@ -10,7 +10,7 @@ use fred::prelude::*;
 use kiroku::v1::command_service_server::CommandServiceServer;
 use kiroku_event_store::{AppendError, EventStore};
 use kiroku_platform::auth::{Jwks, TokenVerifier, http_client};
-use kiroku_platform::caller::{self, CallerAuth};
+use kiroku_platform::caller::CallerAuth;
 use kiroku_platform::grpc::GrpcServer;
 use kiroku_platform::health::Dependencies;
 use kiroku_platform::metrics::{MetricsEndpoint, sample_pool};
@@ -102,7 +102,7 @@ impl Application {
             .await
             .with_context(|| format!("listen on {}", settings.listen_addr))?;
         let local_addr = listener.local_addr().context("read the bound address")?;
-        let callers = CallerAuth::new(TokenVerifier::new(jwks, issuer, settings.api_audience.clone()), permission);
+        let callers = CallerAuth::new(TokenVerifier::new(jwks, issuer, settings.api_audience.clone()));
         Ok(Application { listener, local_addr, callers, pool, redis, settings, commands: Arc::new(commands), metrics })
     }
 
@@ -140,14 +140,5 @@ impl Application {
         let _ = redis.quit().await;
         tracing::info!("kiroku-command stopped");
         Ok(())
-    }
-}
-
-/// The permission each CommandService RPC needs; anything else is administrative.
-fn permission(path: &str) -> &'static str {
-    match path {
-        "/kiroku.v1.CommandService/RegisterUser" | "/kiroku.v1.CommandService/SyncGitHubProfile" => caller::REGISTER,
-        // DeactivateUser, ReactivateUser, EraseUser.
-        _ => caller::ADMIN,
     }
 }

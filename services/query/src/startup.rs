@@ -8,7 +8,7 @@ use fred::prelude::*;
 use kiroku::v1::query_service_server::QueryServiceServer;
 use kiroku_event_store::EventStore;
 use kiroku_platform::auth::{Jwks, TokenVerifier, http_client};
-use kiroku_platform::caller::{self, CallerAuth};
+use kiroku_platform::caller::CallerAuth;
 use kiroku_platform::grpc::GrpcServer;
 use kiroku_platform::health::Dependencies;
 use kiroku_platform::metrics::{MetricsEndpoint, sample_pool};
@@ -72,20 +72,12 @@ impl Application {
         GrpcServer::new()
             .tls(settings.tls.clone())
             .limits(settings.limits)
-            .callers(CallerAuth::new(verifier, permission))
+            .callers(CallerAuth::new(verifier))
             .add_service(QueryServiceServer::new(queries))
             .serve(listener, Dependencies { postgres: pool.clone(), redis: Some(redis.clone()) }, shutdown)
             .await?;
         pool.close().await;
         let _ = redis.quit().await;
         Ok(())
-    }
-}
-
-/// The permission each QueryService RPC needs: reading, or following the log.
-fn permission(path: &str) -> &'static str {
-    match path {
-        "/kiroku.v1.QueryService/WatchEvents" => caller::WATCH,
-        _ => caller::READ,
     }
 }
