@@ -164,7 +164,7 @@ async fn restore(dump: &[u8]) -> kiroku_testkit::TestDb {
 async fn opened(pool: &sqlx::PgPool, user_id: &str) -> Result<Vec<serde_json::Value>, String> {
     let store = EventStore::new(pool.clone());
     let vault = Vault::new(store.clone(), Arc::new(MasterKeys::parse(TEST_MASTER_KEY, None).unwrap()));
-    let events = store.read_stream(user_id.parse().unwrap(), 0, 100).await.unwrap();
+    let events = store.read_stream(user_id.parse().unwrap(), kiroku_event_store::Version::NONE, 100).await.unwrap();
     vault.open(events).await.map(|events| events.into_iter().map(|e| e.data).collect()).map_err(|e| e.to_string())
 }
 
@@ -263,7 +263,7 @@ async fn a_retired_master_key_takes_the_backups_only_it_opens_with_it() {
     assert!(matches!(&refused, kiroku_vault::VaultError::Retired(id) if *id == old_id), "{refused}");
     let current = Vault::new(store.clone(), Arc::new(MasterKeys::parse(&new, None).unwrap()));
     current.check().await.unwrap();
-    let events = store.read_stream(user.user_id.parse().unwrap(), 0, 10).await.unwrap();
+    let events = store.read_stream(user.user_id.parse().unwrap(), kiroku_event_store::Version::NONE, 10).await.unwrap();
     assert_eq!(current.open(events).await.unwrap()[0].data["personal"]["github_username"], "epoch");
 
     // The backup from before the rotation: its keys are wrapped by the retired key alone.

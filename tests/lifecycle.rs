@@ -790,7 +790,7 @@ async fn get_user_as_of_a_position_answers_only_once_that_position_is_final() {
     let append = Append {
         aggregate_id: user.user_id.parse().unwrap(),
         aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
-        expected: ExpectedVersion::Exact(1),
+        expected: ExpectedVersion::Exact(kiroku_event_store::Version::from(1u16)),
         events: vec![common::direct::new_event(&deactivated)],
         claims: vec![],
         idempotency: None,

@@ -345,7 +345,7 @@ async fn a_forged_stream_entry_creates_no_user_and_skips_nothing() {
             aggregate_id: forged_user,
             aggregate_type: "User".to_owned(),
             event_type: event.event_type.clone(),
-            version: 1,
+            version: kiroku_event_store::Version::from(1u16),
             data: event.data.clone(),
             metadata: serde_json::to_value(&event.metadata).unwrap(),
             occurred_at: event.occurred_at,

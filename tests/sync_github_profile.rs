@@ -68,8 +68,8 @@ async fn an_unchanged_profile_writes_nothing_and_a_changed_one_appends_an_update
     // Stored sealed; opened, only the changed fields (and the new ETag).
     let store = kiroku_event_store::EventStore::new(app.db.pool.clone());
     let user_id: uuid::Uuid = registered.user_id.parse().unwrap();
-    let stored = store.read_stream(user_id, 1, 10).await.unwrap();
-    assert_eq!((stored.len(), stored[0].event_type.as_str(), stored[0].version), (1, "UserProfileUpdated", 2));
+    let stored = store.read_stream(user_id, kiroku_event_store::Version::from(1u16), 10).await.unwrap();
+    assert_eq!((stored.len(), stored[0].event_type.as_str(), stored[0].version.get()), (1, "UserProfileUpdated", 2));
     assert!(stored[0].data.get("sealed").is_some() && stored[0].data.get("personal").is_none(), "{}", stored[0].data);
     let master = kiroku_vault::MasterKeys::parse(kiroku_testkit::TEST_MASTER_KEY, None).unwrap();
     let opened = kiroku_vault::Vault::new(store, std::sync::Arc::new(master)).open(stored).await.unwrap();

@@ -348,9 +348,10 @@ async fn a_filtered_catch_up_sends_progress_through_stretches_it_filters_out() {
     // 12,000 events of one aggregate, in two appends.
     let busy = uuid::Uuid::new_v4();
     let mut last = Position::ZERO;
-    for (round, expected) in
-        [(0u64, kiroku_event_store::ExpectedVersion::NoStream), (1, kiroku_event_store::ExpectedVersion::Exact(6_000))]
-    {
+    for (round, expected) in [
+        (0u64, kiroku_event_store::ExpectedVersion::NoStream),
+        (1, kiroku_event_store::ExpectedVersion::Exact(kiroku_event_store::Version::from(6_000u16))),
+    ] {
         let events = (0..6_000u64)
             .map(|n| kiroku_event_store::NewEvent {
                 event_type: "UserProfileUpdated".to_owned(),

@@ -72,7 +72,7 @@ pub async fn rename(store: &EventStore, id: Uuid, version: u32, login: &str) {
     let append = Append {
         aggregate_id: id,
         aggregate_type: UserEvent::AGGREGATE_TYPE.to_owned(),
-        expected: ExpectedVersion::Exact(version),
+        expected: ExpectedVersion::Exact(version.try_into().unwrap()),
         events: vec![new_event(&event)],
         claims: vec![],
         new_key: None,

@@ -345,7 +345,7 @@ pub async fn open_payloads(
             aggregate_id: uuid::Uuid::nil(),
             aggregate_type: String::new(),
             event_type: event_type.to_owned(),
-            version: 1,
+            version: kiroku_event_store::Version::from(1u16),
             data,
             metadata: json!({ "schema_version": kiroku_domain::SCHEMA_VERSION }),
             occurred_at: chrono::Utc::now(),

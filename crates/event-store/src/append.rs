@@ -1,6 +1,6 @@
-//! Appending to one aggregate: events, claims and the idempotency record in one transaction.
-
-use std::fmt;
+//! Appending to one aggregate: events, claims, a new data key and the idempotency record in one transaction,
+//! always by `kiroku_append` (the migrations define it; the last restatement is the one in force), so that the
+//! order of its steps and its answers exist once.
 
 use sqlx::{PgConnection, Row};
 use tracing::Instrument;
@@ -8,111 +8,11 @@ use ulid::Ulid;
 use uuid::Uuid;
 
 use crate::error::{AppendError, StoreError, is_unique_violation};
-use crate::event::{NewEvent, Position};
+use crate::types::{
+    Append, AppendOutcome, Appended, Claim, ExpectedVersion, IdempotencyKey, IdempotencyRecord, Position,
+    StoredOutcome, Version,
+};
 use crate::{EventStore, MAX_EVENTS_PER_APPEND};
-
-/// The version an append expects its aggregate to be at.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExpectedVersion {
-    /// Whatever it is; only a concurrent append to the same aggregate conflicts.
-    Any,
-    /// The aggregate has no events yet.
-    NoStream,
-    /// Exactly this version (its last event's version).
-    Exact(u32),
-}
-
-impl ExpectedVersion {
-    fn as_sql(self) -> Option<i32> {
-        match self {
-            ExpectedVersion::Any => None,
-            ExpectedVersion::NoStream => Some(0),
-            ExpectedVersion::Exact(v) => Some(i32::try_from(v).unwrap_or(i32::MAX)),
-        }
-    }
-}
-
-impl fmt::Display for ExpectedVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExpectedVersion::Any => f.write_str("any"),
-            ExpectedVersion::NoStream => f.write_str("no stream"),
-            ExpectedVersion::Exact(v) => write!(f, "{v}"),
-        }
-    }
-}
-
-/// A unique key that the appended aggregate takes (e.g. kind `github_id`, value `1234`).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Claim {
-    pub kind: String,
-    pub value: String,
-}
-
-/// Identifies one command of one caller (AIP-155).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct IdempotencyKey {
-    pub caller: String,
-    pub request_id: String,
-}
-
-/// The answer to store with the events, returned to any later append with the same key.
-#[derive(Clone, Debug)]
-pub struct IdempotencyRecord {
-    pub key: IdempotencyKey,
-    pub outcome: serde_json::Value,
-}
-
-/// One append: events to one aggregate, the claims they take, and the command's idempotency record.
-#[derive(Clone, Debug)]
-pub struct Append {
-    pub aggregate_id: Uuid,
-    pub aggregate_type: String,
-    pub expected: ExpectedVersion,
-    pub events: Vec<NewEvent>,
-    pub claims: Vec<Claim>,
-    pub idempotency: Option<IdempotencyRecord>,
-    /// The data key of a new owner, stored with the events sealed under it.
-    pub new_key: Option<crate::keys::WrappedKey>,
-    /// An erasure: its writes commit with its event, or neither does.
-    pub erasure: Option<crate::keys::Erasure>,
-}
-
-/// What a committed append wrote.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Appended {
-    pub aggregate_id: Uuid,
-    /// The aggregate's version after the append.
-    pub version: u32,
-    /// One per event, in order.
-    pub positions: Vec<Position>,
-    pub event_ids: Vec<Ulid>,
-}
-
-impl Appended {
-    /// The position of the last event written: a read-your-writes token.
-    pub fn last_position(&self) -> Position {
-        self.positions.last().copied().unwrap_or(Position::ZERO)
-    }
-}
-
-/// The answer an earlier command with the same idempotency key stored.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StoredOutcome {
-    pub outcome: serde_json::Value,
-    pub aggregate_id: Uuid,
-    pub version: u32,
-    pub position: Position,
-}
-
-/// The result of an append that did not fail.
-#[derive(Clone, Debug, PartialEq)]
-pub enum AppendOutcome {
-    /// The events were committed.
-    Appended(Appended),
-    /// The idempotency key was already used: nothing was written, here is the first answer.
-    Replayed(StoredOutcome),
-}
 
 /// The first of some claims that is taken, and its owner. The LATERAL subquery with its LIMIT cannot be flattened
 /// into a join, so every plan, the generic one a connection caches included, is one primary-key lookup per claim:
@@ -123,48 +23,11 @@ const FIRST_CLAIMED: &str = "SELECT w.kind, w.value, c.owner_id \
      CROSS JOIN LATERAL (SELECT owner_id FROM claims WHERE kind = w.kind AND value = w.value LIMIT 1) c \
      ORDER BY w.ord LIMIT 1";
 
-/// Inserts the events at the aggregate's next versions, if it is at the expected one, and returns the
-/// aggregate's version before the append with the rows written. Positions are `xid8 * 2^16 + index`.
-const INSERT_EVENTS: &str = r#"
-WITH current AS (
-    SELECT coalesce(max(event_version), 0) AS version FROM events WHERE aggregate_id = $1
-), inserted AS (
-    INSERT INTO events (id, aggregate_id, aggregate_type, event_type, event_version, event_data, metadata,
-                        occurred_at, position)
-    SELECT e.id, $1, $2, e.event_type, current.version + e.ord::integer, e.data, e.metadata, e.occurred_at,
-           (pg_current_xact_id()::text::bigint << 16) + (e.ord - 1)
-    FROM current,
-         unnest($4::varchar[], $5::varchar[], $6::jsonb[], $7::jsonb[], $8::timestamptz[])
-             WITH ORDINALITY AS e(id, event_type, data, metadata, occurred_at, ord)
-    WHERE $3::integer IS NULL OR current.version = $3::integer
-    ORDER BY e.ord
-    RETURNING event_version, position
-)
-SELECT current.version AS current_version, inserted.event_version, inserted.position
-FROM current LEFT JOIN inserted ON true
-ORDER BY inserted.position
-"#;
-
-/// The events of a new stream ([`ExpectedVersion::NoStream`]) at versions 1, 2, …: no read of the current version
-/// first, because a stream that exists holds version 1 (versions start at 1, without holes, and are never
-/// deleted), and the unique `(aggregate_id, event_version)` key refuses a second one. The version read cost
-/// ~15 % of a one-event append's server time (pgbench, 16 clients: 12.0–15.3k against 14.7–17.7k per second).
-const INSERT_NEW_STREAM: &str = r#"
-INSERT INTO events (id, aggregate_id, aggregate_type, event_type, event_version, event_data, metadata, occurred_at,
-                    position)
-SELECT e.id, $1, $2, e.event_type, e.ord::integer, e.data, e.metadata, e.occurred_at,
-       (pg_current_xact_id()::text::bigint << 16) + (e.ord - 1)
-FROM unnest($4::varchar[], $5::varchar[], $6::jsonb[], $7::jsonb[], $8::timestamptz[])
-         WITH ORDINALITY AS e(id, event_type, data, metadata, occurred_at, ord)
-WHERE $3::integer = 0
-ORDER BY e.ord
-RETURNING event_version AS version, position AS event_position
-"#;
-
 impl EventStore {
-    /// Appends in one transaction of its own (see [`append_in_transaction`] for the order of its steps).
+    /// Appends: one call of `kiroku_append`, which is its own transaction — or, for an erasure, that call and the
+    /// erasure's writes in one transaction (see [`append_in_transaction`]).
     ///
-    /// The transaction runs in a task of its own: a caller that gives up (a cancelled RPC drops its future) must
+    /// That transaction runs in a task of its own: a caller that gives up (a cancelled RPC drops its future) must
     /// not abandon it half-way, which would leave an open transaction on a pooled connection (sqlx cannot roll
     /// back a `BEGIN` whose answer it never read) for the next user to run inside, uncommitted.
     ///
@@ -195,67 +58,47 @@ impl EventStore {
     async fn append_once(&self, append: &Append) -> Result<AppendOutcome, AppendError> {
         validate(append)?;
         self.ensure_positions_ahead().await?;
-        if append.claims.is_empty()
+        let mut append = std::borrow::Cow::Borrowed(append);
+        let events_only = append.claims.is_empty()
             && append.idempotency.is_none()
             && append.new_key.is_none()
-            && append.erasure.is_none()
-        {
-            // One statement is its own transaction: no BEGIN and COMMIT round trips. Its version read and its
-            // insert share one snapshot, so "any version" needs no resolving.
-            let mut conn = self.pool.acquire().await?;
-            let appended = if append.expected == ExpectedVersion::NoStream {
-                self.insert_new_stream(&mut conn, append).await?
-            } else {
-                insert_events(&mut conn, append).await?
-            };
-            self.announce_commit();
-            return Ok(AppendOutcome::Appended(appended));
-        }
-        let mut append = append.clone();
-        if append.expected == ExpectedVersion::Any {
+            && append.erasure.is_none();
+        if append.expected == ExpectedVersion::Any && !events_only {
             // Resolved before the transaction takes its id: a transaction reading the version after its first
-            // insert could build version N+1 on a version N committed meanwhile by a later transaction, and give
-            // it a lower position. Resolved here, a concurrent append is a conflict instead.
-            append.expected = match self.stream_version(append.aggregate_id).await? {
-                0 => ExpectedVersion::NoStream,
+            // write could build version N+1 on a version N committed meanwhile by a later transaction, and give it
+            // a lower position. Resolved here, a concurrent append is a conflict instead. With events only, the
+            // function's first write is the events' insert, after its read of the version: nothing to resolve.
+            let resolved = match self.stream_version(append.aggregate_id).await? {
+                Version::NONE => ExpectedVersion::NoStream,
                 version => ExpectedVersion::Exact(version),
             };
+            append.to_mut().expected = resolved;
         }
-        if append.erasure.is_none() {
-            // One statement (`kiroku_append`): one round trip, its own transaction, nothing left half-way on the
-            // connection if the caller gives up.
+        let outcome = if append.erasure.is_none() {
+            // One statement: one round trip, its own transaction, nothing left half-way on the connection if the
+            // caller gives up.
             let mut conn = self.pool.acquire().await?;
-            let outcome =
-                append_in_one_statement(&mut conn, &append).instrument(tracing::debug_span!("append.statement")).await;
-            if let Ok(AppendOutcome::Appended(_)) = &outcome {
-                self.announce_commit();
-            }
-            return outcome;
-        }
-        let store = self.clone();
-        tokio::spawn(async move { store.append_transaction(&append).await }).await.map_err(|error| {
-            StoreError::Corrupt { table: "events", detail: format!("the append task failed: {error}") }
-        })?
-    }
-
-    /// A new stream's events, without reading its version first (see [`INSERT_NEW_STREAM`]). On its own
-    /// connection, outside any transaction: a refusal leaves the connection free to read the version found.
-    async fn insert_new_stream(&self, conn: &mut PgConnection, append: &Append) -> Result<Appended, AppendError> {
-        let columns = EventColumns::of(append)?;
-        let rows = match columns.bind(sqlx::query(INSERT_NEW_STREAM)).fetch_all(&mut *conn).await {
-            Ok(rows) => rows,
-            Err(error) if is_unique_violation(&error, "events_aggregate_version_key") => {
-                // The stream exists. Its first append has committed (the insert waited for it), so this read sees it.
-                let actual = self.stream_version(append.aggregate_id).await.ok();
-                return Err(AppendError::Conflict {
-                    aggregate_id: append.aggregate_id,
-                    expected: append.expected,
-                    actual,
-                });
-            }
-            Err(error) => return Err(error.into()),
+            kiroku_append(&mut conn, &append).instrument(tracing::debug_span!("append.statement")).await
+        } else {
+            let store = self.clone();
+            let append = append.into_owned();
+            tokio::spawn(async move { store.append_transaction(&append).await }).await.map_err(|error| {
+                StoreError::Corrupt { table: "events", detail: format!("the append task failed: {error}") }
+            })?
         };
-        written(append, columns.event_ids, &rows, "a new stream's insert")
+        match outcome {
+            Ok(AppendOutcome::Appended(appended)) => {
+                self.announce_commit();
+                Ok(AppendOutcome::Appended(appended))
+            }
+            // The append that took the version has committed (the insert waited for it): its version is visible
+            // to a read now, outside the statement that failed.
+            Err(AppendError::Conflict { aggregate_id, expected, actual: None }) => {
+                let actual = self.stream_version(aggregate_id).await.ok();
+                Err(AppendError::Conflict { aggregate_id, expected, actual })
+            }
+            other => other,
+        }
     }
 
     async fn append_transaction(&self, append: &Append) -> Result<AppendOutcome, AppendError> {
@@ -263,7 +106,6 @@ impl EventStore {
         match append_in_transaction(&mut tx, append).await {
             Ok(AppendOutcome::Appended(appended)) => {
                 tx.commit().instrument(tracing::debug_span!("append.commit")).await?;
-                self.announce_commit();
                 Ok(AppendOutcome::Appended(appended))
             }
             other => {
@@ -311,7 +153,7 @@ impl EventStore {
         &self,
         record: &IdempotencyRecord,
         aggregate_id: Uuid,
-        version: u32,
+        version: Version,
         position: Position,
     ) -> Result<Option<StoredOutcome>, StoreError> {
         let inserted = sqlx::query(
@@ -322,7 +164,7 @@ impl EventStore {
         .bind(&record.key.request_id)
         .bind(&record.outcome)
         .bind(aggregate_id)
-        .bind(i32::try_from(version).unwrap_or(i32::MAX))
+        .bind(version)
         .bind(position)
         .execute(&self.pool)
         .await?
@@ -376,10 +218,10 @@ impl EventStore {
 /// Appends inside the caller's transaction, which must be rolled back unless the result is
 /// [`AppendOutcome::Appended`]. After committing, call [`EventStore::announce_commit`].
 ///
-/// The order matters: the idempotency key first (so a concurrent repeat waits for this transaction and then
-/// replays its answer), then the claims in a fixed order (so two appends cannot deadlock on them), then the
-/// events, then the stored answer. Nothing here calls the network; keep the transaction short, since an open
-/// transaction holds back every reader of the log (see [`EventStore::read_all_after`]).
+/// The same call of `kiroku_append` as [`EventStore::append`], followed by the erasure's writes if the append
+/// carries one: after the event, so that a concurrent append that took the version first makes this a conflict,
+/// with nothing erased. Nothing here calls the network; keep the transaction short, since an open transaction
+/// holds back every reader of the log (see [`EventStore::read_batch`]).
 ///
 /// One append per transaction: positions are `xid · 2^16 + index`, so a second append in the same transaction
 /// would reuse the first's positions (and fail on `events_position_key`). Put all of a transaction's events in
@@ -392,48 +234,18 @@ pub async fn append_in_transaction(tx: &mut PgConnection, append: &Append) -> Re
     if append.expected == ExpectedVersion::Any {
         return Err(AppendError::Invalid("ExpectedVersion::Any inside a caller's transaction; expect a version"));
     }
-    if let Some(record) = &append.idempotency
-        && !reserve_idempotency_key(tx, record, append.aggregate_id).await?
-    {
-        // The key's first user has committed (the insert waited for it), so its answer is visible to this
-        // statement's snapshot.
-        return match stored_outcome(&mut *tx, &record.key).await? {
-            Some(stored) => Ok(AppendOutcome::Replayed(stored)),
-            None => Err(StoreError::Corrupt {
-                table: "idempotency_records",
-                detail: "record not found after a key conflict".to_owned(),
-            }
-            .into()),
-        };
-    }
-    if let Some(refused) = take_claims(tx, append).instrument(tracing::debug_span!("append.claims")).await? {
-        return Err(refused);
-    }
-    if let Some(key) = &append.new_key {
-        crate::keys::insert_key(tx, key).await?;
-    }
-    let appended = insert_events(tx, append).instrument(tracing::debug_span!("append.events")).await?;
-    if let Some(erasure) = &append.erasure {
-        // After the event: a concurrent append that took the version first makes this a conflict, rolled back
-        // with nothing erased.
+    let outcome = kiroku_append(tx, append).instrument(tracing::debug_span!("append.statement")).await?;
+    if let (AppendOutcome::Appended(_), Some(erasure)) = (&outcome, &append.erasure) {
         crate::keys::erase(tx, erasure).await?;
     }
-    if let Some(record) = &append.idempotency {
-        sqlx::query("UPDATE idempotency_records SET version = $3, position = $4 WHERE caller = $1 AND request_id = $2")
-            .bind(&record.key.caller)
-            .bind(&record.key.request_id)
-            .bind(i32::try_from(appended.version).unwrap_or(i32::MAX))
-            .bind(appended.last_position())
-            .execute(&mut *tx)
-            .await?;
-    }
-    Ok(AppendOutcome::Appended(appended))
+    Ok(outcome)
 }
 
-/// The append as one call of `kiroku_append` (migrations/…_append_function.sql): the same steps in the same order
-/// as [`append_in_transaction`], in one statement. Its refusals are errors that roll it back, told apart by
-/// SQLSTATE: KR409 a taken claim, KR412 a version conflict.
-async fn append_in_one_statement(conn: &mut PgConnection, append: &Append) -> Result<AppendOutcome, AppendError> {
+/// One call of `kiroku_append`: the idempotency key first (so a concurrent repeat waits for this transaction
+/// and then replays its answer), then the claims in a fixed order (so two appends cannot deadlock on them), the
+/// new data key, the events at the next versions if the aggregate is at the expected one, and the stored
+/// answer. One row per event written, or one replayed answer.
+async fn kiroku_append(conn: &mut PgConnection, append: &Append) -> Result<AppendOutcome, AppendError> {
     let columns = EventColumns::of(append)?;
     let kinds: Vec<&str> = append.claims.iter().map(|c| c.kind.as_str()).collect();
     let values: Vec<&str> = append.claims.iter().map(|c| c.value.as_str()).collect();
@@ -459,39 +271,35 @@ async fn append_in_one_statement(conn: &mut PgConnection, append: &Append) -> Re
         return Ok(AppendOutcome::Replayed(StoredOutcome {
             outcome: first.try_get("outcome")?,
             aggregate_id: first.try_get("aggregate_id")?,
-            version: u32::try_from(first.try_get::<i32, _>("version")?).unwrap_or(0),
+            version: first.try_get("version")?,
             position: first.try_get("event_position")?,
         }));
     }
-    written(append, columns.event_ids, &rows, "kiroku_append").map(AppendOutcome::Appended)
+    written(append, columns.event_ids, &rows).map(AppendOutcome::Appended)
 }
 
-/// What a statement that returns one row per event written (`version`, `event_position`) appended. Fewer rows
-/// than events cannot happen short of a broken statement (`statement` names it), and is reported as corruption.
-fn written(
-    append: &Append,
-    event_ids: Vec<Ulid>,
-    rows: &[sqlx::postgres::PgRow],
-    statement: &str,
-) -> Result<Appended, AppendError> {
+/// What `kiroku_append` appended, from its rows (`version`, `event_position`), one per event. Fewer rows than
+/// events cannot happen short of a broken function, and is reported as corruption.
+fn written(append: &Append, event_ids: Vec<Ulid>, rows: &[sqlx::postgres::PgRow]) -> Result<Appended, AppendError> {
     let mut positions = Vec::with_capacity(rows.len());
-    let mut version = 0;
+    let mut version = Version::NONE;
     for row in rows {
         positions.push(row.try_get::<Position, _>("event_position")?);
-        version = u32::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0);
+        version = row.try_get("version")?;
     }
     if positions.len() != append.events.len() {
         return Err(StoreError::Corrupt {
             table: "events",
-            detail: format!("{statement} wrote {} of {} events", positions.len(), append.events.len()),
+            detail: format!("kiroku_append wrote {} of {} events", positions.len(), append.events.len()),
         }
         .into());
     }
     Ok(Appended { aggregate_id: append.aggregate_id, version, positions, event_ids })
 }
 
-/// `kiroku_append`'s refusals (and a concurrent append that took the version between its read and its insert),
-/// as the same errors the transaction of separate statements gives.
+/// `kiroku_append`'s refusals, told apart by SQLSTATE: KR409 a taken claim, KR412 a version conflict (the version
+/// found in its detail), and the unique version key a conflict too (a concurrent append took the version between
+/// the function's read and its insert, or a new stream's first version exists).
 fn refusal(append: &Append, error: sqlx::Error) -> AppendError {
     if is_unique_violation(&error, "events_aggregate_version_key") {
         return AppendError::Conflict { aggregate_id: append.aggregate_id, expected: append.expected, actual: None };
@@ -512,7 +320,7 @@ fn refusal(append: &Append, error: sqlx::Error) -> AppendError {
         Some((code, detail)) if code == "KR412" => AppendError::Conflict {
             aggregate_id: append.aggregate_id,
             expected: append.expected,
-            actual: detail.parse().ok(),
+            actual: detail.parse::<u64>().ok().and_then(|v| Version::try_from(v).ok()),
         },
         _ => AppendError::from(error),
     }
@@ -544,88 +352,14 @@ async fn stored_outcome(
         Ok(StoredOutcome {
             outcome: row.try_get("outcome")?,
             aggregate_id: row.try_get("aggregate_id")?,
-            version: u32::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0),
+            version: row.try_get("version")?,
             position: row.try_get("position")?,
         })
     })
     .transpose()
 }
 
-/// Inserts the idempotency key with a placeholder answer. Returns false when the key is already used; if its
-/// first user has not committed yet, PostgreSQL makes us wait for it first.
-async fn reserve_idempotency_key(
-    tx: &mut PgConnection,
-    record: &IdempotencyRecord,
-    aggregate_id: Uuid,
-) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO idempotency_records (caller, request_id, outcome, aggregate_id, version, position) \
-         VALUES ($1, $2, $3, $4, 0, 0) ON CONFLICT DO NOTHING",
-    )
-    .bind(&record.key.caller)
-    .bind(&record.key.request_id)
-    .bind(&record.outcome)
-    .bind(aggregate_id)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    Ok(inserted == 1)
-}
-
-/// Takes every claim of the append for its aggregate, or returns the first one (in sorted order) that another
-/// aggregate holds. A claim this aggregate holds already counts as taken.
-///
-/// `ON CONFLICT DO NOTHING` waits for a concurrent claimant to finish and skips the row only if it committed, so the
-/// claims table decides the race and we learn the winner without aborting the transaction. But the winner's claim
-/// may be released (an erasure) between that insert and the look-up of its owner, which then finds nobody: the
-/// claims are inserted again until each is held by someone, as `kiroku_append` does.
-async fn take_claims(tx: &mut PgConnection, append: &Append) -> Result<Option<AppendError>, sqlx::Error> {
-    if append.claims.is_empty() {
-        return Ok(None);
-    }
-    let mut claims = append.claims.clone();
-    claims.sort();
-    claims.dedup();
-    let kinds: Vec<&str> = claims.iter().map(|c| c.kind.as_str()).collect();
-    let values: Vec<&str> = claims.iter().map(|c| c.value.as_str()).collect();
-    for _ in 0..CLAIM_TRIES {
-        sqlx::query(
-            "INSERT INTO claims (kind, value, owner_id) \
-             SELECT kind, value, $3 FROM unnest($1::varchar[], $2::varchar[]) WITH ORDINALITY AS c(kind, value, ord) \
-             ORDER BY ord ON CONFLICT DO NOTHING",
-        )
-        .bind(&kinds)
-        .bind(&values)
-        .bind(append.aggregate_id)
-        .execute(&mut *tx)
-        .await?;
-        // A fresh snapshot (READ COMMITTED): who holds each claim now, in the claims' order; nobody when released.
-        let holders: Vec<Option<Uuid>> = sqlx::query_scalar(
-            "SELECT c.owner_id FROM unnest($1::varchar[], $2::varchar[]) WITH ORDINALITY AS w(kind, value, ord) \
-             LEFT JOIN claims c ON c.kind = w.kind AND c.value = w.value ORDER BY w.ord",
-        )
-        .bind(&kinds)
-        .bind(&values)
-        .fetch_all(&mut *tx)
-        .await?;
-        if let Some((claim, owner)) = claims
-            .iter()
-            .zip(&holders)
-            .find_map(|(claim, owner)| owner.filter(|o| *o != append.aggregate_id).map(|o| (claim, o)))
-        {
-            return Ok(Some(AppendError::ClaimRefused { kind: claim.kind.clone(), value: claim.value.clone(), owner }));
-        }
-        if holders.iter().all(Option::is_some) {
-            return Ok(None);
-        }
-    }
-    Err(sqlx::Error::Protocol("claims were released and taken again while this append claimed them; retry".to_owned()))
-}
-
-/// How often an append inserts claims that vanished between its insert and its look-up (see [`take_claims`]).
-const CLAIM_TRIES: usize = 10;
-
-/// An append's events as the columns both inserts bind (arrays for `unnest`), with the ids given to them.
+/// An append's events as the columns `kiroku_append` takes (arrays for `unnest`), with the ids given to them.
 struct EventColumns<'a> {
     append: &'a Append,
     event_ids: Vec<Ulid>,
@@ -637,7 +371,7 @@ struct EventColumns<'a> {
 }
 
 impl<'a> EventColumns<'a> {
-    /// Binds $1–$8, which both inserts share: the aggregate, its expected version, and the events' columns.
+    /// Binds $1–$8: the aggregate, its expected version, and the events' columns.
     fn bind<'q>(
         &'q self,
         query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
@@ -669,39 +403,6 @@ impl<'a> EventColumns<'a> {
             occurred: append.events.iter().map(|e| e.occurred_at).collect(),
         })
     }
-}
-
-async fn insert_events(tx: &mut PgConnection, append: &Append) -> Result<Appended, AppendError> {
-    let columns = EventColumns::of(append)?;
-
-    let rows = columns.bind(sqlx::query(INSERT_EVENTS)).fetch_all(&mut *tx).await.map_err(|error| {
-        if is_unique_violation(&error, "events_aggregate_version_key") {
-            // A concurrent append took the same version between our read of the current version and our
-            // insert. Its version is not visible to us yet; report the one we expected to build on.
-            AppendError::Conflict { aggregate_id: append.aggregate_id, expected: append.expected, actual: None }
-        } else {
-            AppendError::from(error)
-        }
-    })?;
-
-    let mut positions = Vec::with_capacity(rows.len());
-    let mut version = 0u32;
-    let mut current = 0i32;
-    for row in &rows {
-        current = row.try_get("current_version")?;
-        if let Some(position) = row.try_get::<Option<Position>, _>("position")? {
-            positions.push(position);
-            version = u32::try_from(row.try_get::<i32, _>("event_version")?).unwrap_or(0);
-        }
-    }
-    if positions.len() != append.events.len() {
-        return Err(AppendError::Conflict {
-            aggregate_id: append.aggregate_id,
-            expected: append.expected,
-            actual: u32::try_from(current).ok(),
-        });
-    }
-    Ok(Appended { aggregate_id: append.aggregate_id, version, positions, event_ids: columns.event_ids })
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use crate::EventStore;
 use crate::error::StoreError;
-use crate::event::Position;
+use crate::types::Position;
 
 impl EventStore {
     /// The checkpoint saved under `name`, or [`Position::ZERO`] when there is none.

@@ -2,8 +2,7 @@
 
 use uuid::Uuid;
 
-use crate::append::ExpectedVersion;
-use crate::event::Position;
+use crate::types::{ExpectedVersion, Position, Version};
 
 /// Why an append wrote nothing.
 #[derive(Debug, thiserror::Error)]
@@ -14,7 +13,7 @@ pub enum AppendError {
         aggregate_id: Uuid,
         expected: ExpectedVersion,
         /// The version found, when the store saw it (a concurrent append may not be visible yet).
-        actual: Option<u32>,
+        actual: Option<Version>,
     },
     /// A unique key is already held by another aggregate.
     #[error("{kind} is already claimed by {owner}")]

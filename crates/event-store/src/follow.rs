@@ -13,8 +13,8 @@ use std::time::Duration;
 use sqlx::postgres::PgListener;
 
 use crate::error::StoreError;
-use crate::event::Position;
 use crate::read::Batch;
+use crate::types::Position;
 use crate::{EVENTS_CHANNEL, EventStore};
 
 /// A reader that follows the log from a position; see the module documentation.

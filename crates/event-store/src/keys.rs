@@ -7,44 +7,8 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use crate::error::StoreError;
-use crate::event::Position;
+use crate::types::{Erasure, StoredKey, WrappedKey};
 use crate::{EventStore, RecordedEvent};
-
-/// A data key as stored: wrapped (encrypted) by the master key named `master_key_id`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct WrappedKey {
-    pub owner: Uuid,
-    pub master_key_id: String,
-    pub wrapped: Vec<u8>,
-}
-
-impl std::fmt::Debug for WrappedKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WrappedKey").field("owner", &self.owner).field("master_key_id", &self.master_key_id).finish()
-    }
-}
-
-/// What the store holds for an owner.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StoredKey {
-    Live(WrappedKey),
-    /// Destroyed by an erasure: whatever was sealed under it can never be opened again.
-    Destroyed,
-}
-
-/// What an erasure does besides appending its event, in the same transaction: destroy the owner's data key
-/// (leaving a tombstone), release every claim the owner holds, forget the stored answers that tie the person to
-/// the owner, and redact events written before encryption.
-#[derive(Clone, Debug)]
-pub struct Erasure {
-    pub owner: Uuid,
-    /// Events (by position) and the payload to store instead (see `kiroku_redact_events`: members may only go).
-    pub redactions: Vec<(Position, serde_json::Value)>,
-    /// Idempotency records whose caller starts with one of these, and whose stored answer names the owner
-    /// (`outcome.user_id`), are deleted: those keyed by the person (a keyed hash of their subject), not by a
-    /// service.
-    pub forget_callers: Vec<String>,
-}
 
 impl EventStore {
     /// The keys stored for `owners` (absent: none was ever made).
@@ -329,17 +293,6 @@ impl EventStore {
             .rows_affected();
         }
     }
-}
-
-/// Stores a new owner's key inside an append's transaction.
-pub(crate) async fn insert_key(tx: &mut PgConnection, key: &WrappedKey) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO data_keys (owner_id, master_key_id, wrapped) VALUES ($1, $2, $3)")
-        .bind(key.owner)
-        .bind(&key.master_key_id)
-        .bind(&key.wrapped)
-        .execute(tx)
-        .await?;
-    Ok(())
 }
 
 /// An erasure's writes, inside its append's transaction.

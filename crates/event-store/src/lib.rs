@@ -14,25 +14,26 @@
 mod append;
 mod checkpoint;
 mod error;
-mod event;
 mod follow;
 mod keys;
 mod leader;
 mod migrate;
 mod notify;
 mod read;
+mod types;
 
-pub use append::{
-    Append, AppendOutcome, Appended, Claim, ExpectedVersion, IdempotencyKey, IdempotencyRecord, StoredOutcome,
-    append_in_transaction,
-};
+pub use append::append_in_transaction;
 pub use error::{AppendError, StoreError, is_transient};
-pub use event::{CallerRef, EventMetadata, NewEvent, Position, RecordedEvent};
 pub use follow::Follower;
-pub use keys::{ClearClaims, ClearDuplicate, Erasure, StoredKey, WrappedKey};
+pub use keys::{ClearClaims, ClearDuplicate};
 pub use leader::LeaderLock;
 pub use migrate::{DEFAULT_ROLE_PREFIX, migrate, migrate_with_roles};
 pub use read::{AUDIT_AGGREGATE_TYPE, Batch, LAG_COUNT_LIMIT, Lag, LogFilter};
+pub use types::{
+    Append, AppendOutcome, Appended, CallerRef, Claim, Erasure, EventMetadata, ExpectedVersion, IdempotencyKey,
+    IdempotencyRecord, NewEvent, NotAVersion, Position, RecordedEvent, StoredKey, StoredOutcome, Version,
+    VersionOutOfRange, WrappedKey,
+};
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;

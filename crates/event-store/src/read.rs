@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::EventStore;
 use crate::error::StoreError;
-use crate::event::{Position, RecordedEvent};
+use crate::types::{Position, RecordedEvent, Version};
 
 /// The aggregate type of refused registrations, as a literal: the partial index that finds the refusals naming a
 /// user (migration 05) has it in its predicate, and the planner uses that index only for a query that names the
@@ -154,12 +154,12 @@ impl EventStore {
     pub async fn read_stream(
         &self,
         aggregate_id: Uuid,
-        after_version: u32,
+        after_version: Version,
         limit: u32,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let rows = sqlx::query(READ_STREAM)
             .bind(aggregate_id)
-            .bind(i64::from(after_version))
+            .bind(after_version)
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
@@ -315,13 +315,12 @@ impl EventStore {
     }
 
     /// The current version of an aggregate (0 when it has no events).
-    pub async fn stream_version(&self, aggregate_id: Uuid) -> Result<u32, StoreError> {
-        let version: i32 =
-            sqlx::query_scalar("SELECT coalesce(max(event_version), 0) FROM events WHERE aggregate_id = $1")
-                .bind(aggregate_id)
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(u32::try_from(version).unwrap_or(0))
+    pub async fn stream_version(&self, aggregate_id: Uuid) -> Result<Version, StoreError> {
+        let version = sqlx::query_scalar("SELECT coalesce(max(event_version), 0) FROM events WHERE aggregate_id = $1")
+            .bind(aggregate_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(version)
     }
 }
 
@@ -336,7 +335,7 @@ pub(crate) fn decode(row: &PgRow) -> Result<RecordedEvent, StoreError> {
         aggregate_id: row.try_get("aggregate_id")?,
         aggregate_type: row.try_get("aggregate_type")?,
         event_type: row.try_get("event_type")?,
-        version: u32::try_from(row.try_get::<i32, _>("event_version")?).unwrap_or(0),
+        version: row.try_get("event_version")?,
         data: row.try_get("event_data")?,
         metadata: row.try_get("metadata")?,
         occurred_at: row.try_get("occurred_at")?,

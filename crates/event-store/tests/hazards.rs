@@ -95,14 +95,14 @@ async fn an_append_at_any_version_never_gives_a_later_version_a_lower_position()
         AppendOutcome::Appended(appended) => appended,
         replayed => panic!("{replayed:?}"),
     };
-    assert_eq!(other.version, 1);
+    assert_eq!(other.version.get(), 1);
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
 
     // The waiting append either conflicts or lands after, in version order and in position order alike.
     match waiting.await.unwrap() {
         Err(AppendError::Conflict { .. }) => {}
         Ok(AppendOutcome::Appended(late)) => {
-            assert_eq!(late.version, 2);
+            assert_eq!(late.version.get(), 2);
             assert!(
                 late.positions[0] > other.positions[0],
                 "version 2 at position {} is below version 1 at {}: readers would apply them out of order",

@@ -85,14 +85,22 @@ async fn appended_events_read_back_in_version_and_position_order_with_their_meta
             .await
             .unwrap(),
     );
-    let second =
-        appended(store.append(&append_to(id, ExpectedVersion::Exact(2), vec![event("Renamed", 3)])).await.unwrap());
-    assert_eq!(first.version, 2);
-    assert_eq!(second.version, 3);
+    let second = appended(
+        store
+            .append(&append_to(
+                id,
+                ExpectedVersion::Exact(kiroku_event_store::Version::from(2u16)),
+                vec![event("Renamed", 3)],
+            ))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(first.version.get(), 2);
+    assert_eq!(second.version.get(), 3);
     assert!(first.positions[0] < first.positions[1] && first.positions[1] < second.positions[0]);
 
-    let stream = store.read_stream(id, 0, 100).await.unwrap();
-    assert_eq!(stream.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2, 3]);
+    let stream = store.read_stream(id, kiroku_event_store::Version::NONE, 100).await.unwrap();
+    assert_eq!(stream.iter().map(|e| e.version.get()).collect::<Vec<_>>(), [1, 2, 3]);
     assert_eq!(stream.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(), ["Created", "Renamed", "Renamed"]);
     assert_eq!(stream[0].data, json!({ "n": 1 }));
     assert_eq!(stream[0].aggregate_type, "Thing");
@@ -102,8 +110,8 @@ async fn appended_events_read_back_in_version_and_position_order_with_their_meta
     );
     assert_eq!(stream[0].event_id, first.event_ids[0]);
     assert_eq!(stream.iter().map(|e| e.event_id).collect::<HashSet<_>>().len(), 3, "event ids are unique");
-    assert_eq!(store.read_stream(id, 2, 100).await.unwrap().len(), 1);
-    assert_eq!(store.stream_version(id).await.unwrap(), 3);
+    assert_eq!(store.read_stream(id, kiroku_event_store::Version::from(2u16), 100).await.unwrap().len(), 1);
+    assert_eq!(store.stream_version(id).await.unwrap().get(), 3);
 
     let all = read_everything(&store).await;
     assert_eq!(all, stream, "the global read returns the same events in the same order");
@@ -118,10 +126,16 @@ async fn an_append_at_a_stale_version_is_a_conflict_and_writes_nothing() {
     store.append(&append_to(id, ExpectedVersion::NoStream, vec![event("Created", 1)])).await.unwrap();
 
     let again = store.append(&append_to(id, ExpectedVersion::NoStream, vec![event("Created", 2)])).await;
-    assert!(matches!(again, Err(AppendError::Conflict { actual: Some(1), .. })), "{again:?}");
-    let ahead = store.append(&append_to(id, ExpectedVersion::Exact(5), vec![event("Renamed", 3)])).await;
-    assert!(matches!(ahead, Err(AppendError::Conflict { actual: Some(1), .. })), "{ahead:?}");
-    assert_eq!(store.read_stream(id, 0, 100).await.unwrap().len(), 1);
+    assert!(matches!(again, Err(AppendError::Conflict { actual: Some(v), .. }) if v.get() == 1), "{again:?}");
+    let ahead = store
+        .append(&append_to(
+            id,
+            ExpectedVersion::Exact(kiroku_event_store::Version::from(5u16)),
+            vec![event("Renamed", 3)],
+        ))
+        .await;
+    assert!(matches!(ahead, Err(AppendError::Conflict { actual: Some(v), .. }) if v.get() == 1), "{ahead:?}");
+    assert_eq!(store.read_stream(id, kiroku_event_store::Version::NONE, 100).await.unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -136,14 +150,20 @@ async fn of_two_concurrent_appenders_at_one_expected_version_exactly_one_wins() 
             let (store, barrier) = (store.clone(), barrier.clone());
             tokio::spawn(async move {
                 barrier.wait().await;
-                store.append(&append_to(id, ExpectedVersion::Exact(1), vec![event("Renamed", n)])).await
+                store
+                    .append(&append_to(
+                        id,
+                        ExpectedVersion::Exact(kiroku_event_store::Version::from(1u16)),
+                        vec![event("Renamed", n)],
+                    ))
+                    .await
             })
         });
         let results = futures::future::join_all(racers).await;
         let wins = results.iter().filter(|r| matches!(r, Ok(Ok(AppendOutcome::Appended(_))))).count();
         let conflicts = results.iter().filter(|r| matches!(r, Ok(Err(AppendError::Conflict { .. })))).count();
         assert_eq!((wins, conflicts), (1, 1), "round {round}: {results:?}");
-        assert_eq!(store.stream_version(id).await.unwrap(), 2);
+        assert_eq!(store.stream_version(id).await.unwrap().get(), 2);
     }
 }
 
@@ -167,19 +187,23 @@ async fn of_concurrent_appenders_that_expect_no_stream_exactly_one_wins() {
         let results: Vec<_> = futures::future::join_all(racers).await.into_iter().map(Result::unwrap).collect();
         let winner: Vec<u32> = results
             .iter()
-            .filter_map(|r| if let Ok(AppendOutcome::Appended(a)) = r { Some(a.version) } else { None })
+            .filter_map(|r| if let Ok(AppendOutcome::Appended(a)) = r { Some(a.version.get()) } else { None })
             .collect();
         assert_eq!(winner.len(), 1, "round {round}: {results:?}");
         for result in &results {
             if let Err(error) = result {
                 assert!(
-                    matches!(error, AppendError::Conflict { actual: Some(v), .. } if *v == winner[0]),
+                    matches!(error, AppendError::Conflict { actual: Some(v), .. } if v.get() == winner[0]),
                     "round {round}: {results:?}"
                 );
             }
         }
-        assert_eq!(store.stream_version(id).await.unwrap(), winner[0]);
-        assert_eq!(store.read_stream(id, 0, 100).await.unwrap().len() as u32, winner[0], "only the winner's events");
+        assert_eq!(store.stream_version(id).await.unwrap().get(), winner[0]);
+        assert_eq!(
+            store.read_stream(id, kiroku_event_store::Version::NONE, 100).await.unwrap().len() as u32,
+            winner[0],
+            "only the winner's events"
+        );
     }
 }
 
@@ -365,7 +389,10 @@ async fn the_same_idempotency_key_twice_writes_one_set_of_events_and_answers_the
         panic!("the repeat must replay");
     };
     assert_eq!(replay.outcome, json!({ "answer": "first" }));
-    assert_eq!((replay.aggregate_id, replay.version, replay.position), (first.aggregate_id, 1, first.last_position()));
+    assert_eq!(
+        (replay.aggregate_id, replay.version.get(), replay.position),
+        (first.aggregate_id, 1, first.last_position())
+    );
     assert_eq!(store.stored_outcome(&key).await.unwrap(), Some(replay));
 
     // Concurrent repeats of a fresh key: one writes, the rest wait for it and replay its answer.
@@ -507,7 +534,11 @@ async fn a_claim_released_between_an_appends_insert_and_its_look_up_is_taken_nev
         store
             .append(&Append {
                 erasure: Some(erasure),
-                ..append_to(owner, ExpectedVersion::Exact(1), vec![event("Erased", 2)])
+                ..append_to(
+                    owner,
+                    ExpectedVersion::Exact(kiroku_event_store::Version::from(1u16)),
+                    vec![event("Erased", 2)],
+                )
             })
             .await
             .unwrap();

@@ -203,7 +203,7 @@ mod tests {
             aggregate_id: uuid::Uuid::new_v4(),
             aggregate_type: "User".to_owned(),
             event_type: "UserRegistered".to_owned(),
-            version: 3,
+            version: kiroku_event_store::Version::from(3u16),
             data: serde_json::json!({ "personal": { "github_username": "octocat" } }),
             metadata: serde_json::json!({ "correlation_id": "c", "schema_version": 1 }),
             occurred_at: at,

@@ -48,7 +48,7 @@ async fn register(store: &EventStore, vault: &Vault, owner: Uuid, personal: serd
 async fn stored(store: &EventStore, owners: &[Uuid]) -> Vec<kiroku_event_store::RecordedEvent> {
     let mut events = Vec::new();
     for owner in owners {
-        events.extend(store.read_stream(*owner, 0, 100).await.unwrap());
+        events.extend(store.read_stream(*owner, kiroku_event_store::Version::NONE, 100).await.unwrap());
     }
     events
 }
@@ -98,7 +98,7 @@ async fn an_erased_owner_opens_as_erased_and_gets_no_new_key() {
     let erase = Append {
         aggregate_id: gone,
         aggregate_type: "User".to_owned(),
-        expected: ExpectedVersion::Exact(1),
+        expected: ExpectedVersion::Exact(kiroku_event_store::Version::from(1u16)),
         events: vec![NewEvent { event_type: "UserErased".to_owned(), data: json!({}), ..event(json!({})) }],
         claims: vec![],
         idempotency: None,
@@ -108,7 +108,7 @@ async fn an_erased_owner_opens_as_erased_and_gets_no_new_key() {
     store.append(&erase).await.unwrap();
 
     let opened = vault.open(stored(&store, &[gone, kept]).await).await.unwrap();
-    let by_owner = |owner: Uuid| opened.iter().find(|e| e.aggregate_id == owner && e.version == 1).unwrap();
+    let by_owner = |owner: Uuid| opened.iter().find(|e| e.aggregate_id == owner && e.version.get() == 1).unwrap();
     assert_eq!(by_owner(gone).data, json!({ "registered_at": "2026-11-27T06:00:00Z", "erased": true }));
     assert_eq!(by_owner(kept).data["personal"]["github_username"], "kept");
     // A write about the erased person after the fact cannot make them a fresh key: it is written erased.

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use kiroku_domain::{Auth0Subject, EncodeError, SCHEMA_VERSION, User, UserEvent, UserId};
-use kiroku_event_store::{CallerRef, EventMetadata, EventStore, NewEvent, RecordedEvent};
+use kiroku_event_store::{CallerRef, EventMetadata, EventStore, NewEvent, RecordedEvent, Version};
 use kiroku_platform::auth::{TokenError, TokenVerifier};
 use kiroku_platform::caller::Caller;
 use kiroku_vault::{BlindIndex, Vault};
@@ -166,7 +166,7 @@ pub(crate) async fn load_user(
     vault: &Vault,
     user_id: UserId,
 ) -> Result<(User, Vec<RecordedEvent>), CommandError> {
-    let stored = store.read_stream(user_id.as_uuid(), 0, u32::MAX).await?;
+    let stored = store.read_stream(user_id.as_uuid(), Version::NONE, u32::MAX).await?;
     let opened = vault.open(stored.clone()).await.map_err(vault_error)?;
     let events = opened
         .iter()

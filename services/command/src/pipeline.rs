@@ -10,7 +10,7 @@ use std::future::Future;
 use kiroku_domain::{Auth0Subject, ClaimKind, User, UserCommand, UserEvent, UserId};
 use kiroku_event_store::{
     Append, AppendError, AppendOutcome, Claim, Erasure, EventStore, ExpectedVersion, IdempotencyKey, Position,
-    RecordedEvent, StoredOutcome,
+    RecordedEvent, StoredOutcome, Version,
 };
 use kiroku_vault::{BlindIndex, Vault};
 use serde::{Deserialize, Serialize};
@@ -56,8 +56,16 @@ pub(crate) struct Order {
     /// What else the request asks (each field, in a fixed order), for the request's digest.
     pub(crate) content: Vec<String>,
     pub(crate) target: Target,
-    /// 0 means "whatever version the user is at".
+    /// As the request gives it (see [`Order::expects`]).
     pub(crate) expected_version: u64,
+}
+
+impl Order {
+    /// The version the caller expects the user at, if any: in the API, 0 is "whatever version the user is at".
+    /// The one place that reads the convention.
+    fn expects(&self) -> Option<u64> {
+        (self.expected_version != 0).then_some(self.expected_version)
+    }
 }
 
 /// What a use case prepared: the domain command to decide, and an erasure's writes.
@@ -70,7 +78,7 @@ pub(crate) struct Prepared {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Answer {
     pub(crate) user_id: UserId,
-    pub(crate) version: u32,
+    pub(crate) version: Version,
     pub(crate) position: Position,
     /// False when the command changed nothing (a sync that found the same profile).
     pub(crate) changed: bool,
@@ -109,12 +117,12 @@ impl Pipeline<'_> {
         if let Some(stored) = self.stored(&key).await? {
             return answer(stored);
         }
-        let explicit = order.expected_version != 0;
+        let explicit = order.expects().is_some();
         let changed = self.change(call, &key, order, intent, prepare).await;
         let Err(error) = changed else { return changed };
         let Some(refusal) = error.final_refusal(explicit) else { return Err(error) };
         let stored = Stored { user_id: UserId::from_uuid(uuid::Uuid::nil()), changed: false, refused: Some(refusal) };
-        match self.record_answer(&key, &stored, uuid::Uuid::nil(), 0, Position::ZERO).await? {
+        match self.record_answer(&key, &stored, uuid::Uuid::nil(), Version::NONE, Position::ZERO).await? {
             Some(first) => answer(first),
             None => Err(error),
         }
@@ -132,17 +140,19 @@ impl Pipeline<'_> {
         P: FnOnce(User, Vec<RecordedEvent>, UserCommand) -> F,
         F: Future<Output = Result<Prepared, CommandError>>,
     {
-        let user_id = match order.target {
-            Target::User(user_id) => user_id,
+        let user_id = match &order.target {
+            Target::User(user_id) => *user_id,
             Target::HolderOf(subject) => {
                 let claim = self.claim(ClaimKind::Auth0Subject, &subject.to_string());
                 UserId::from_uuid(self.store.claim_owner(&claim).await?.ok_or(CommandError::UserNotFound)?)
             }
         };
         let (user, recorded) = load_user(self.store, self.vault, user_id).await?;
-        let at = user.version;
-        if order.expected_version != 0 && order.expected_version != u64::from(at) {
-            return Err(CommandError::VersionConflict { expected: order.expected_version, actual: u64::from(at) });
+        let at = recorded.last().map_or(Version::NONE, |e| e.version);
+        if let Some(expected) = order.expects()
+            && expected != u64::from(at)
+        {
+            return Err(CommandError::VersionConflict { expected, actual: u64::from(at) });
         }
         User::admits(Some(&user), &intent)?;
         let latest = recorded.last().map_or(Position::ZERO, |e| e.position);
@@ -179,8 +189,8 @@ impl Pipeline<'_> {
             Ok(AppendOutcome::Replayed(stored)) => answer(replayed(key, stored)?),
             // What the caller expected, or (for "any") the version this call read and built on.
             Err(AppendError::Conflict { actual, .. }) => Err(CommandError::VersionConflict {
-                expected: if order.expected_version != 0 { order.expected_version } else { u64::from(at) },
-                actual: u64::from(actual.unwrap_or(at + 1)),
+                expected: order.expects().unwrap_or(u64::from(at)),
+                actual: actual.map_or(u64::from(at) + 1, u64::from),
             }),
             Err(error) => Err(error.into()),
         }
@@ -215,7 +225,7 @@ impl Pipeline<'_> {
         key: &Option<Idempotency>,
         outcome: &impl Serialize,
         aggregate_id: uuid::Uuid,
-        version: u32,
+        version: Version,
         position: Position,
     ) -> Result<Option<StoredOutcome>, CommandError> {
         let (Some(record), Some(idempotency)) = (idempotency_record(key, outcome)?, key) else { return Ok(None) };

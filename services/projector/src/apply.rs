@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use kiroku_domain::{
     AuditEvent, UserErased, UserEvent, UserProfileUpdated, UserRegistered, UserRegistrationFailed, UserStatus,
 };
-use kiroku_event_store::RecordedEvent;
+use kiroku_event_store::{Position, RecordedEvent, Version};
 use sqlx::PgConnection;
 
 /// Why an event could not be applied: retried while transient, dead-lettered after enough other failures.
@@ -17,7 +17,7 @@ pub(crate) enum ApplyError {
     #[error("unknown event type {event_type} for aggregate type {aggregate_type}")]
     UnknownEventType { aggregate_type: String, event_type: String },
     #[error("user {0} is missing the predecessor of version {1}")]
-    MissingPredecessor(uuid::Uuid, u32),
+    MissingPredecessor(uuid::Uuid, Version),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -139,8 +139,8 @@ struct UserRows {
     names: Vec<Option<String>>,
     avatars: Vec<Option<String>>,
     at: Vec<DateTime<Utc>>,
-    versions: Vec<i32>,
-    positions: Vec<i64>,
+    versions: Vec<Version>,
+    positions: Vec<Position>,
 }
 
 impl UserRows {
@@ -155,8 +155,8 @@ impl UserRows {
         self.names.push(personal.map(|p| p.display_name.clone()));
         self.avatars.push(personal.and_then(|p| p.avatar_url.clone()));
         self.at.push(registered.registered_at);
-        self.versions.push(i32::try_from(event.version).unwrap_or(i32::MAX));
-        self.positions.push(i64::try_from(event.position.get()).unwrap_or(i64::MAX));
+        self.versions.push(event.version);
+        self.positions.push(event.position);
     }
 
     /// One insert for all the rows (none: nothing to do).
@@ -205,7 +205,7 @@ struct FailureRows {
     reasons: Vec<String>,
     at: Vec<DateTime<Utc>>,
     duplicates: Vec<Option<uuid::Uuid>>,
-    positions: Vec<i64>,
+    positions: Vec<Position>,
 }
 
 impl FailureRows {
@@ -217,7 +217,7 @@ impl FailureRows {
         self.reasons.push(refusal_name(failed));
         self.at.push(failed.attempted_at);
         self.duplicates.push(failed.duplicate_user_id.map(|id| id.as_uuid()));
-        self.positions.push(i64::try_from(event.position.get()).unwrap_or(i64::MAX));
+        self.positions.push(event.position);
     }
 
     /// One insert for all the rows (none: nothing to do).
@@ -287,7 +287,7 @@ async fn profile_updated(
     )
     .bind(generation)
     .bind(event.aggregate_id)
-    .bind(i32::try_from(event.version).unwrap_or(i32::MAX))
+    .bind(event.version)
     .bind(&changes.github_username)
     .bind(&changes.display_name)
     .bind(&changes.avatar_url)
@@ -307,12 +307,12 @@ async fn next_version_applied(
     event: &RecordedEvent,
     changed: u64,
 ) -> Result<(), ApplyError> {
-    let version = i32::try_from(event.version).unwrap_or(i32::MAX);
+    let version = event.version;
     if changed == 1 {
         return Ok(());
     }
     // Not applied: either it already was (redelivery) or its predecessor is missing (never in position order).
-    let current: Option<i32> =
+    let current: Option<Version> =
         sqlx::query_scalar("SELECT version FROM users_read_rows WHERE generation = $1 AND id = $2")
             .bind(generation)
             .bind(event.aggregate_id)
@@ -348,7 +348,7 @@ async fn status_changed(
     )
     .bind(generation)
     .bind(event.aggregate_id)
-    .bind(i32::try_from(event.version).unwrap_or(i32::MAX))
+    .bind(event.version)
     .bind(status.as_str())
     .bind(at)
     .bind(event.position)
@@ -373,7 +373,7 @@ async fn erased(conn: &mut PgConnection, event: &RecordedEvent, at: DateTime<Utc
          WHERE id = $1",
     )
     .bind(event.aggregate_id)
-    .bind(i32::try_from(event.version).unwrap_or(i32::MAX))
+    .bind(event.version)
     .bind(at)
     .bind(event.position)
     .execute(&mut *conn)

@@ -677,7 +677,7 @@ mod tests {
                 aggregate_id: uuid::Uuid::nil(),
                 aggregate_type: "User".into(),
                 event_type: "UserRegistered".into(),
-                version: 1,
+                version: kiroku_event_store::Version::from(1u16),
                 data: serde_json::Value::Null,
                 metadata: serde_json::Value::Null,
                 occurred_at: Utc::now(),

@@ -10,7 +10,7 @@ use kiroku::v1::{
     lookup_user_request,
 };
 use kiroku_domain::{Auth0Subject, UserEvent, UserId};
-use kiroku_event_store::{EventStore, Position, RecordedEvent};
+use kiroku_event_store::{EventStore, Position, RecordedEvent, Version};
 use kiroku_platform::caller::Caller;
 use kiroku_vault::Vault;
 use tonic::{Request, Response, Status};
@@ -127,7 +127,7 @@ pub(crate) async fn log_head(store: &EventStore) -> Result<Position, QueryError>
 impl QueryGrpc {
     /// Whether `id` is a user's: its stream starts with a User's event.
     async fn is_user(&self, id: Uuid) -> Result<bool, QueryError> {
-        let first = self.store.read_stream(id, 0, 1).await?;
+        let first = self.store.read_stream(id, Version::NONE, 1).await?;
         Ok(first.first().is_some_and(|e| e.aggregate_type == UserEvent::AGGREGATE_TYPE))
     }
 }
@@ -206,7 +206,7 @@ impl QueryService for QueryGrpc {
         let message = request.into_inner();
         let id = user_id("user_id", &message.user_id)?;
         let limit = page_size(message.page_size)?;
-        let after: u32 = decode_token("history", &message.user_id, &message.page_token)?.unwrap_or(0);
+        let after: Version = decode_token("history", &message.user_id, &message.page_token)?.unwrap_or(Version::NONE);
         let mut events = self
             .store
             .read_stream(id, after, u32::try_from(limit + 1).unwrap_or(u32::MAX))
@@ -216,7 +216,7 @@ impl QueryService for QueryGrpc {
         let another_aggregate = events.first().is_some_and(|e| e.aggregate_type != UserEvent::AGGREGATE_TYPE);
         // A page past the end is empty; but the page token of an id that is no user's (tokens are the client's to
         // send) is NOT_FOUND, as its first page is.
-        let unknown = events.is_empty() && (after == 0 || !self.is_user(id).await?);
+        let unknown = events.is_empty() && (after == Version::NONE || !self.is_user(id).await?);
         if another_aggregate || unknown {
             return Err(QueryError::NotFound("user").into());
         }
@@ -259,7 +259,7 @@ impl QueryService for QueryGrpc {
             }
             None => return Err(QueryError::invalid("as_of", "one of as_of_time, as_of_position is required").into()),
         };
-        let events = self.store.read_stream(id, 0, u32::MAX).await.map_err(QueryError::from)?;
+        let events = self.store.read_stream(id, Version::NONE, u32::MAX).await.map_err(QueryError::from)?;
         if events.first().is_some_and(|e| e.aggregate_type != UserEvent::AGGREGATE_TYPE) {
             return Err(QueryError::NotFound("user").into());
         }

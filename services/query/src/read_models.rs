@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use kiroku::v1::{RegistrationFailure, User, UserStatus};
-use kiroku_event_store::Position;
+use kiroku_event_store::{Position, Version};
 use kiroku_platform::Shutdown;
 use sqlx::postgres::{PgListener, PgRow};
 use sqlx::{PgPool, Row};
@@ -208,6 +208,6 @@ fn user(row: &PgRow) -> Result<User, QueryError> {
         erased: status == "erased",
         created_at: Some(timestamp(created)),
         updated_at: Some(timestamp(updated)),
-        version: u64::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0),
+        version: u64::from(row.try_get::<Version, _>("version")?),
     })
 }
